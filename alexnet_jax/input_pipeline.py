@@ -1,0 +1,235 @@
+"""tf.data input: TFDS datasets, the paper's augmentation (Sec. 4.1), padded evaluation.
+
+All images are float32 RGB on the 0-255 pixel scale until `normalize`. Random ops
+are stateless, seeded by (config.seed, example index), so a resumed run sees
+exactly the batches an uninterrupted one would.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import resource as tfds_resource
+
+# Sec. 4.1 PCA ("fancy PCA") lighting: eigen-decomposition of the ImageNet RGB pixel
+# covariance, as published with fb.resnet.torch (pixels scaled to [0, 1]).
+IMAGENET_EIGVALS = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVECS = ((-0.5675, 0.7192, 0.4009),
+                    (-0.5808, -0.0045, -0.8140),
+                    (-0.5836, -0.6948, 0.4203))
+
+FASHION_MNIST_FILES_HELP = (
+    'Fashion-MNIST is read from its original IDX files (train-images-idx3-ubyte.gz, '
+    'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). '
+    'On Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` puts them in '
+    '/usr/share/datasets/fashion-mnist; elsewhere download them from '
+    'https://github.com/zalandoresearch/fashion-mnist and pass '
+    '--config.manual_dir=DIR.')
+
+
+# --------------------------------------------------------------------------------------
+# Augmentation (per example, float32 [H, W, 3] in 0-255).
+
+
+def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Bilinear resize so the shorter side is `size` pixels (Sec. 2: 256 for ImageNet)."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = size / tf.reduce_min(shape)
+  new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+  return tf.image.resize(image, tf.maximum(new_shape, size), antialias=True)
+
+
+def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The central `size`×`size` patch."""
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  top, left = (h - size) // 2, (w - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def random_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+  """A uniformly placed `size`×`size` patch (Sec. 4.1: 224×224 of 256×256)."""
+  return tf.image.stateless_random_crop(image, (size, size, 3), seed=seed)
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Horizontal reflection with probability 1/2 (Sec. 4.1)."""
+  return tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def pca_lighting(image: tf.Tensor, stddev: float, seed: tf.Tensor) -> tf.Tensor:
+  """Adds V · (α ∘ λ) to every pixel, α ~ N(0, stddev) per image (Sec. 4.1, 0.1).
+
+  λ, V: `IMAGENET_EIGVALS` (scaled to 0-255 here) and `IMAGENET_EIGVECS` (columns).
+  """
+  alpha = tf.random.stateless_normal([3], seed=seed, stddev=stddev)
+  eigvals = tf.constant(IMAGENET_EIGVALS) * 255.0
+  offset = tf.linalg.matvec(tf.constant(IMAGENET_EIGVECS), alpha * eigvals)
+  return image + offset
+
+
+def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
+  """(image - mean) / std per channel; the paper (Sec. 2) subtracts the mean only."""
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """PNG/JPEG bytes → float32 [H, W, 3]; grayscale is replicated to RGB."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  return tf.cast(image, tf.float32)
+
+
+def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """Decode, resize, random crop, flip, PCA lighting, normalize; `seed` int [2]."""
+  crop_seed, flip_seed, light_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+  image = resize_shorter_side(decode(encoded), config.resize_size)
+  image = central_crop(image, config.resize_size)
+  image = random_crop(image, config.image_size, crop_seed)
+  if config.augment.flip:
+    image = random_flip(image, flip_seed)
+  if config.augment.pca_lighting_stddev > 0:
+    image = pca_lighting(image, config.augment.pca_lighting_stddev, light_seed)
+  return normalize(image, config.pixel_mean, config.pixel_std)
+
+
+def preprocess_eval(encoded, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """Decode, resize, central crop, normalize."""
+  image = resize_shorter_side(decode(encoded), config.resize_size)
+  image = central_crop(image, config.image_size)
+  return normalize(image, config.pixel_mean, config.pixel_std)
+
+
+# --------------------------------------------------------------------------------------
+# Datasets.
+
+
+def prepare_fashion_mnist(data_dir: str | None, manual_dir: str) -> tfds.core.DatasetBuilder:
+  """Builds TFDS `fashion_mnist` from local IDX files, without network access.
+
+  TFDS's registered checksums do not match Debian's re-gzipped files, so the files
+  are placed in the builder's download cache (with the `.INFO` record TFDS writes
+  after a download) and the decoded data is checked instead.
+
+  Raises:
+    FileNotFoundError: if a file is missing from `manual_dir`.
+    ValueError: if the prepared data are not Fashion-MNIST's 60,000 + 10,000
+      28×28×1 uint8 images with labels 0-9.
+  """
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  download_dir = os.path.join(builder.data_dir_root, 'downloads')
+  os.makedirs(download_dir, exist_ok=True)
+  for url, info in builder.url_infos.items():
+    source = os.path.join(manual_dir, info.filename)
+    if not os.path.exists(source):
+      raise FileNotFoundError(f'{source} not found. {FASHION_MNIST_FILES_HELP}')
+    target = os.path.join(
+        download_dir, tfds_resource.get_dl_fname(url, info.checksum))
+    shutil.copyfile(source, target)
+    with open(target + '.INFO', 'w') as f:
+      json.dump({'urls': [url], 'original_fname': info.filename}, f)
+  builder.download_and_prepare(download_dir=download_dir)
+  _check_fashion_mnist(builder)
+  return builder
+
+
+def _check_fashion_mnist(builder: tfds.core.DatasetBuilder):
+  for split, expected in (('train', 60_000), ('test', 10_000)):
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    images, labels = data['image'], data['label']
+    if (images.shape != (expected, 28, 28, 1) or images.dtype != np.uint8
+        or set(np.unique(labels)) != set(range(10))):
+      raise ValueError(
+          f'Prepared fashion_mnist {split} split is wrong: images {images.shape} '
+          f'{images.dtype}, labels {sorted(set(np.unique(labels)))}. Delete '
+          f'{builder.data_dir} and check the source files. {FASHION_MNIST_FILES_HELP}')
+
+
+def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  if config.dataset == 'fashion_mnist':
+    return prepare_fashion_mnist(config.data_dir, config.manual_dir)
+  builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=config.manual_dir))
+  except AssertionError as e:  # TFDS's way of reporting missing manual files.
+    raise FileNotFoundError(
+        f'Cannot prepare TFDS dataset {config.dataset!r} from manual_dir='
+        f'{config.manual_dir!r}: {e}') from e
+  return builder
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """Sizes and batch iterators of one dataset's train and test splits.
+
+  Batches are numpy dicts: 'image' float32 [B, S, S, 3], 'label' int32 [B];
+  test batches also carry 'mask' [B] (0 on padding; the last batch is padded).
+  """
+  num_train_examples: int
+  num_test_examples: int
+  train_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
+  test_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
+
+
+def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
+  """Prepares `config.dataset` if needed and returns its input pipelines.
+
+  Raises:
+    FileNotFoundError: if the dataset's source files are missing.
+  """
+  builder = _builder(config)
+  skip_decoding = {'image': tfds.decode.SkipDecoding()}
+  train = builder.as_dataset(split=config.train_split, decoders=skip_decoding)
+  test = builder.as_dataset(split=config.test_split, decoders=skip_decoding)
+  options = tf.data.Options()
+  options.deterministic = True
+
+  def train_batches(start_step: int = 0):
+    """Endless batches from step `start_step` on; the same for a given config.seed."""
+    ds = train.map(lambda ex: (ex['image'], ex['label']))
+    if config.cache:
+      ds = ds.cache()
+    ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    # Skip still-encoded examples, so resuming costs no decoding.
+    ds = ds.repeat().enumerate().skip(start_step * config.batch_size)
+
+    def preprocess(index, example):
+      encoded, label = example
+      seed = tf.stack([tf.constant(config.seed, tf.int64), index])
+      return {'image': preprocess_train(encoded, seed, config),
+              'label': tf.cast(label, tf.int32)}
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(options).as_numpy_iterator()
+
+  def test_batches():
+    """Every test example once, in order, the last batch padded and masked."""
+    ds = test.map(lambda ex: {'image': preprocess_eval(ex['image'], config),
+                              'label': tf.cast(ex['label'], tf.int32)},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(config.eval_batch_size).prefetch(tf.data.AUTOTUNE)
+    for batch in ds.with_options(options).as_numpy_iterator():
+      yield pad_batch(batch, config.eval_batch_size)
+
+  return Datasets(
+      num_train_examples=int(train.cardinality()),
+      num_test_examples=int(test.cardinality()),
+      train_batches=train_batches, test_batches=test_batches)
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads every array to `size` rows with zeros and adds 'mask' (1 = real example)."""
+  n = len(batch['label'])
+  padded = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()}
+  padded['mask'] = (np.arange(size) < n).astype(np.float32)
+  return padded

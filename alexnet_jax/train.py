@@ -1,0 +1,291 @@
+"""Training loop: state, jitted `train_step` / `eval_step`, checkpoints, metrics.
+
+Importing this module needs no TensorFlow (the input pipeline and clu's writers are
+imported inside `train_and_evaluate`), so the steps run where only JAX is installed.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from alexnet_jax import models
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds; data order and dropout keys derive from `step`."""
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
+  return models.AlexNet(
+      config.num_classes, image_size=config.image_size,
+      dropout_rate=config.dropout_rate, init=config.init,
+      dtype=jnp.dtype(config.dtype), rngs=rngs)
+
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
+) -> optax.Schedule:
+  """Learning rate per step, from `config.lr_schedule`.
+
+  'step' is the paper's (Sec. 5): the rate divided by 10 at fixed epochs
+  (`config.lr_decay_epochs`), standing in for "when the validation error rate
+  stopped improving". 'cosine' warms up linearly for `config.warmup_steps`, then
+  decays to 0 at `num_steps`. 'constant' is the base rate throughout.
+
+  Raises:
+    ValueError: for an unknown schedule name.
+  """
+  base = config.learning_rate
+  if config.lr_schedule == 'constant':
+    return optax.constant_schedule(base)
+  if config.lr_schedule == 'step':
+    return optax.piecewise_constant_schedule(
+        base, {int(e * steps_per_epoch): config.lr_decay_factor
+               for e in config.lr_decay_epochs})
+  if config.lr_schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, base, config.warmup_steps, max(num_steps, config.warmup_steps + 1))
+  raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}: "
+                   "use 'step', 'cosine' or 'constant'.")
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum and weight decay, coupled as in the paper's update (Sec. 5).
+
+  v <- momentum * v - lr * (grad + weight_decay * w);  w <- w + v. The decay
+  applies to every parameter, biases included, as the paper's rule does.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(schedule, momentum=config.momentum))
+
+
+def create_train_state(config, tx, rng: jax.Array) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+  """Initial state and the train/eval graph definitions of the model.
+
+  Returns:
+    (train_graphdef, eval_graphdef, state); the graphdefs differ only in dropout.
+  """
+  model = create_model(config, nnx.Rngs(params=rng))
+  model.train()
+  train_graphdef, params = nnx.split(model)
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params))
+  return train_graphdef, eval_graphdef, state
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy, `[N]` float32, from integer labels `[N]`."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest logits, `[N]` float32."""
+  _, topk = jax.lax.top_k(logits, k)
+  return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on `batch` = {'image': [N, H, W, 3] float32, 'label': [N] int32}.
+
+  Returns the new state and the batch's mean loss, top-1 and top-5 accuracy.
+  """
+  dropout_key = jax.random.fold_in(dropout_rng, state.step)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch['image'], rngs=nnx.Rngs(dropout=dropout_key))
+    return cross_entropy_loss(logits, batch['label']).mean(), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': loss,
+      'top1': correct_topk(logits, batch['label'], 1).mean(),
+      'top5': correct_topk(logits, batch['label'], 5).mean(),
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef
+              ) -> dict[str, jax.Array]:
+  """Sums of loss, top-1 and top-5 hits and the example count over a padded batch.
+
+  `batch['mask']` `[N]` is 1 for real examples and 0 for padding.
+  """
+  logits = nnx.merge(graphdef, params)(batch['image'])
+  mask = batch['mask'].astype(jnp.float32)
+  return {
+      'loss': jnp.sum(cross_entropy_loss(logits, batch['label']) * mask),
+      'top1': jnp.sum(correct_topk(logits, batch['label'], 1) * mask),
+      'top5': jnp.sum(correct_topk(logits, batch['label'], 5) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def evaluate(eval_fn, params: nnx.State, batches) -> dict[str, float]:
+  """Mean loss, top-1 and top-5 over every (unpadded) example of `batches`."""
+  totals = None
+  for batch in batches:
+    sums = eval_fn(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
+          'top5': float(totals['top5']) / count, 'count': int(count)}
+
+
+def _num_steps(config, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def _every(value: int, steps_per_epoch: int) -> int:
+  """Config periods: a positive number of steps, or <= 0 for once per epoch."""
+  return value if value > 0 else steps_per_epoch
+
+
+class _MetricsLog:
+  """The workdir's `metrics.jsonl`: one JSON object per logged step."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    # A resumed run logs again what came after its checkpoint: drop the old lines.
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if json.loads(line)['step'] <= resume_step]
+    with open(path, 'w') as f:
+      f.writelines(kept)
+
+  def write(self, step: int, metrics: dict[str, float]):
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **metrics}) + '\n')
+
+
+def _check_finite(step: int, metrics: dict[str, float], checkpoint_dir: str):
+  if not np.isfinite(metrics['train_loss']):
+    raise FloatingPointError(
+        f'Training loss is {metrics["train_loss"]} at step {step}. Lower '
+        '--config.learning_rate (or check the input data); a rerun resumes from '
+        f'the last finite checkpoint in {checkpoint_dir}.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates and checkpoints in `workdir`; resumes from its latest checkpoint.
+
+  Writes `metrics.jsonl`, TensorBoard events, `checkpoints/` and, at the end,
+  `results.json` (see README). Returns the contents of `results.json`.
+
+  Raises:
+    FloatingPointError: if the training loss becomes NaN or infinite.
+  """
+  # Imported here: both import TensorFlow, which the steps above do not need.
+  from clu import metric_writers, periodic_actions
+  from alexnet_jax import input_pipeline
+
+  start_time = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  data = input_pipeline.create_datasets(config)
+  steps_per_epoch = data.num_train_examples // config.batch_size
+  num_steps = _num_steps(config, steps_per_epoch)
+  eval_every = _every(config.eval_every_steps, steps_per_epoch)
+  schedule = create_learning_rate_schedule(config, steps_per_epoch, num_steps)
+  tx = create_optimizer(config, schedule)
+  params_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  train_graphdef, eval_graphdef, state = create_train_state(config, tx, params_rng)
+
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  checkpoints = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
+      save_interval_steps=_every(config.checkpoint_every_steps, steps_per_epoch),
+      max_to_keep=config.keep_checkpoints))
+  if checkpoints.latest_step() is not None:
+    state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(state))
+    logging.info('Resumed from step %d in %s.', int(state.step), checkpoint_dir)
+  initial_step = int(state.step)
+
+  p_train_step = jax.jit(
+      functools.partial(train_step, graphdef=train_graphdef, tx=tx), donate_argnums=0)
+  p_eval_step = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), initial_step)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps)
+  if initial_step == 0:
+    writer.write_hparams(config.to_dict())
+
+  train_iter = data.train_batches(start_step=initial_step)
+  window, window_start, train_time, train_images = [], time.time(), 0.0, 0
+  for step in range(initial_step + 1, num_steps + 1):
+    state, step_metrics = p_train_step(state, next(train_iter), dropout_rng)
+    window.append(step_metrics)
+    report_progress(step)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      summary = {f'train_{k}': float(v) for k, v in
+                 jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *window)).items()}
+      elapsed = time.time() - window_start
+      if step - len(window) > initial_step:  # The first window includes compilation.
+        train_time += elapsed
+        train_images += len(window) * config.batch_size
+      summary['train_images_per_sec'] = len(window) * config.batch_size / elapsed
+      summary['learning_rate'] = float(schedule(step - 1))
+      summary['epoch'] = step / steps_per_epoch
+      _check_finite(step, summary, checkpoint_dir)
+      writer.write_scalars(step, summary)
+      metrics_log.write(step, summary)
+      window, window_start = [], time.time()
+    if step % eval_every == 0 or step == num_steps:
+      eval_start = time.time()
+      with report_progress.timed('eval'):
+        test = evaluate(p_eval_step, state.params, data.test_batches())
+      test_metrics = {f'test_{k}': v for k, v in test.items() if k != 'count'}
+      writer.write_scalars(step, test_metrics)
+      metrics_log.write(step, {'epoch': step / steps_per_epoch, **test_metrics})
+      logging.info('step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f', step,
+                   step / steps_per_epoch, test['top1'], test['top5'], test['loss'])
+      window_start += time.time() - eval_start  # Keep eval out of train img/s.
+    checkpoints.save(step, args=ocp.args.StandardSave(state), force=step == num_steps)
+  checkpoints.wait_until_finished()
+
+  if initial_step >= num_steps:  # Nothing left to train: evaluate what was restored.
+    test = evaluate(p_eval_step, state.params, data.test_batches())
+  results = {
+      'step': int(state.step),
+      'epoch': int(state.step) / steps_per_epoch,
+      'test_top1': test['top1'],
+      'test_top5': test['top5'],
+      'test_loss': test['loss'],
+      'n_test_examples': test['count'],
+      'train_images_per_sec': train_images / train_time if train_time else None,
+      'wall_seconds': time.time() - start_time,
+  }
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  writer.flush()
+  return results

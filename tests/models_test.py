@@ -1,0 +1,133 @@
+"""Tests of the AlexNet module and LRN against independent references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from flax import nnx
+
+from alexnet_jax import models
+
+
+def lrn_numpy_loop(a, size=5, k=2.0, alpha=1e-4, beta=0.75):
+  """The paper's Sec. 3.3 formula written out channel by channel."""
+  n_channels = a.shape[-1]
+  b = np.empty_like(a)
+  for i in range(n_channels):
+    lo, hi = max(0, i - size // 2), min(n_channels - 1, i + size // 2)
+    b[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo:hi + 1] ** 2, axis=-1)) ** beta
+  return b
+
+
+@pytest.mark.parametrize('scale', [1.0, 30.0])
+def test_lrn_matches_numpy_and_tensorflow(scale):
+  x = np.random.RandomState(0).randn(2, 5, 5, 48).astype(np.float32) * scale
+  ours = np.asarray(models.local_response_norm(jnp.asarray(x)))
+  tf_lrn = tf.nn.local_response_normalization(
+      x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75).numpy()
+  np.testing.assert_allclose(ours, lrn_numpy_loop(x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours, tf_lrn, rtol=1e-5, atol=1e-6)
+  if scale > 1:  # Large activations: the squared sum visibly matters.
+    assert not np.allclose(ours, x / 2.0 ** 0.75, rtol=1e-3)
+
+
+def test_lrn_rejects_even_size():
+  with pytest.raises(ValueError, match='odd'):
+    models.local_response_norm(jnp.ones((1, 4)), size=4)
+
+
+def abstract_params(**kwargs):
+  model = nnx.eval_shape(lambda: models.AlexNet(rngs=nnx.Rngs(0), **kwargs))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_parameter_count_and_caffe_shapes():
+  params = abstract_params()
+  assert sum(x.size for x in jax.tree.leaves(params)) == 60_965_224
+  kernels = {name: layer['kernel'].shape for name, layer in params.items()}
+  assert kernels == {
+      'conv1': (11, 11, 3, 96), 'conv2': (5, 5, 48, 256), 'conv3': (3, 3, 256, 384),
+      'conv4': (3, 3, 192, 384), 'conv5': (3, 3, 192, 256), 'fc6': (9216, 4096),
+      'fc7': (4096, 4096), 'fc8': (4096, 1000)}
+  assert all(params[n]['bias'].shape == (s[-1],) for n, s in kernels.items())
+
+
+def test_activation_shapes_at_227():
+  model = models.AlexNet(10, image_size=227, rngs=nnx.Rngs(0))
+  model.eval()
+  images = jnp.zeros((1, 227, 227, 3))
+  conv1 = jax.eval_shape(model.conv1, [images])
+  assert [t.shape for t in conv1] == [(1, 55, 55, 48)] * 2
+  assert jax.eval_shape(model.features, images).shape == (1, 6, 6, 256)
+  assert jax.eval_shape(model, images).shape == (1, 10)
+
+
+@pytest.mark.parametrize('image_size, expected', [(227, 6), (224, 5), (67, 1), (99, 2)])
+def test_pool5_size(image_size, expected):
+  assert models.pool5_size(image_size) == expected
+
+
+def test_too_small_image_raises():
+  with pytest.raises(ValueError, match='at least 67'):
+    models.AlexNet(10, image_size=63, rngs=nnx.Rngs(0))
+
+
+def test_paper_init_statistics():
+  params = nnx.to_pure_dict(nnx.state(
+      models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0)), nnx.Param))
+  for name in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8'):
+    assert abs(float(jnp.std(params[name]['kernel'])) - 0.01) < 1e-3, name
+    bias = 1.0 if name in ('conv2', 'conv4', 'conv5', 'fc6', 'fc7') else 0.0
+    np.testing.assert_array_equal(params[name]['bias'], bias)
+
+
+def test_tower_local_conv_ignores_the_other_tower():
+  model = models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(1)
+  tower0, tower1 = (jnp.asarray(rng.randn(2, 7, 7, 48), jnp.float32) for _ in range(2))
+  out0, out1 = model.conv2([tower0, tower1])
+  new0, new1 = model.conv2([tower0, tower1 + 1.0])
+  np.testing.assert_array_equal(out0, new0)
+  assert not np.allclose(out1, new1)
+
+
+def test_cross_tower_conv_reads_both_towers():
+  model = models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(2)
+  tower0, tower1 = (jnp.asarray(rng.randn(2, 3, 3, 128), jnp.float32) for _ in range(2))
+  out0, _ = model.conv3([tower0, tower1])
+  new0, _ = model.conv3([tower0, tower1 + 1.0])
+  assert not np.allclose(out0, new0)
+
+
+def test_towers_equal_caffe_grouped_convolution():
+  """Per-tower convs == one conv with feature_group_count=2 on the Caffe kernel."""
+  model = models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.RandomState(3).randn(2, 7, 7, 96), jnp.float32)
+  towers = model.conv2(jnp.split(x, 2, axis=-1))
+  grouped = jax.lax.conv_general_dilated(
+      x, model.conv2.kernel[...], (1, 1), [(2, 2), (2, 2)],
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=2) + model.conv2.bias[...]
+  np.testing.assert_allclose(jnp.concatenate(towers, -1), grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_train_mode():
+  model = models.AlexNet(10, image_size=67, init='he', rngs=nnx.Rngs(0))
+  images = jnp.asarray(np.random.RandomState(4).randn(2, 67, 67, 3), jnp.float32)
+  model.eval()
+  np.testing.assert_array_equal(model(images), model(images))
+  model.train()
+  a = model(images, rngs=nnx.Rngs(dropout=0))
+  b = model(images, rngs=nnx.Rngs(dropout=1))
+  assert not np.allclose(a, b)
+
+
+def test_bfloat16_compute_gives_float32_logits():
+  model = models.AlexNet(10, image_size=67, init='he', dtype=jnp.bfloat16,
+                         rngs=nnx.Rngs(0))
+  model.eval()
+  logits = model(jnp.ones((1, 67, 67, 3)))
+  assert logits.dtype == jnp.float32
+  assert model.conv1.kernel[...].dtype == jnp.float32

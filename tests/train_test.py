@@ -1,0 +1,150 @@
+"""Tests of the train step, schedules, checkpoint resume and the whole loop on mock data."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from alexnet_jax import input_pipeline
+from alexnet_jax import train
+from configs import fashion_mnist
+from configs import imagenet
+
+
+@pytest.fixture(autouse=True)
+def skip_fashion_mnist_preparation(monkeypatch):
+  """Under mock data, use the builder as is (its preparation is tested on real files)."""
+  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
+                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+
+
+def small_config(**overrides):
+  """The Fashion-MNIST config shrunk for mock data: 64 examples, batch 8."""
+  config = fashion_mnist.get_config()
+  config.batch_size = 8
+  config.eval_batch_size = 12  # 64 test examples: the last batch is padded.
+  config.shuffle_buffer = 64
+  config.num_train_steps = 6
+  config.log_every_steps = 1
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  config.keep_checkpoints = 5
+  config.update(overrides)
+  return config
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+  config = small_config(learning_rate=0.01, lr_schedule='constant')
+  tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
+  graphdef, _, state = train.create_train_state(config, tx, jax.random.key(0))
+  rng = np.random.RandomState(0)
+  batch = {'image': jnp.asarray(rng.randn(16, 67, 67, 3), jnp.float32),
+           'label': jnp.asarray(rng.randint(0, 10, 16), jnp.int32)}
+  step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(1),
+                                               graphdef=graphdef, tx=tx))
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 8
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_weight_decay_and_momentum_follow_the_paper_update():
+  """v <- 0.9 v - lr (g + wd w); w <- w + v, on a toy quadratic."""
+  config = small_config(learning_rate=0.1, momentum=0.9, weight_decay=0.01)
+  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+  w = jnp.array([1.0, -2.0])
+  opt_state = tx.init(w)
+  v, w_ref = np.zeros(2), np.array([1.0, -2.0])
+  for _ in range(3):
+    g = 2 * w  # Gradient of |w|^2.
+    updates, opt_state = tx.update(g, opt_state, w)
+    w = optax.apply_updates(w, updates)
+    v = 0.9 * v - 0.1 * (2 * w_ref + 0.01 * w_ref)
+    w_ref = w_ref + v
+  np.testing.assert_allclose(w, w_ref, rtol=1e-6)
+
+
+def test_step_schedule_divides_by_ten_at_the_given_epochs():
+  config = imagenet.get_config()
+  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
+  np.testing.assert_allclose(
+      [schedule(s) for s in (0, 299, 300, 599, 600, 800)],
+      [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5], rtol=1e-5)
+
+
+def test_unknown_schedule_raises():
+  with pytest.raises(ValueError, match='lr_schedule'):
+    train.create_learning_rate_schedule(small_config(lr_schedule='linear'), 10, 100)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore_params(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    return manager.restore(step)['params']
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+  config = small_config()
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  with tfds.testing.mock_data(num_examples=64):
+    results = train.train_and_evaluate(config, full)
+    # A run killed after step 3: only that checkpoint exists.
+    shutil.copytree(os.path.join(full, 'checkpoints', '3'),
+                    os.path.join(resumed, 'checkpoints', '3'))
+    resumed_results = train.train_and_evaluate(config, resumed)
+
+  assert results['step'] == resumed_results['step'] == 6
+  assert results['n_test_examples'] == 64
+  for key in ('test_top1', 'test_top5', 'test_loss'):
+    assert results[key] == pytest.approx(resumed_results[key], rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               restore_params(full, 6), restore_params(resumed, 6))
+  after_3 = lambda rows: [r for r in rows if r['step'] > 3 and 'train_loss' in r]
+  full_rows, resumed_rows = after_3(read_metrics(full)), after_3(read_metrics(resumed))
+  assert [r['step'] for r in full_rows] == [4, 5, 6]
+  for a, b in zip(full_rows, resumed_rows):
+    assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-6)
+
+
+def test_results_json_is_written_with_fractions(tmp_path):
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(small_config(num_train_steps=2), str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
+  assert set(results) == {'step', 'epoch', 'test_top1', 'test_top5', 'test_loss',
+                          'n_test_examples', 'train_images_per_sec', 'wall_seconds'}
+  assert 0 <= results['test_top1'] <= results['test_top5'] <= 1
+  assert results['step'] == 2 and results['n_test_examples'] == 64
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(FloatingPointError, match='learning_rate'):
+      train.train_and_evaluate(
+          small_config(learning_rate=1e30, lr_schedule='constant'), str(tmp_path))
+
+
+def test_imagenet_config_trains_on_mock_data(tmp_path):
+  config = imagenet.get_config()
+  config.batch_size = 2
+  config.eval_batch_size = 2
+  config.shuffle_buffer = 4
+  config.num_train_steps = 2
+  config.log_every_steps = 1
+  with tfds.testing.mock_data(num_examples=3):
+    results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 2 and results['n_test_examples'] == 3
+  assert np.isfinite(results['test_loss'])
