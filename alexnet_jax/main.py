@@ -4,7 +4,9 @@ Any config key can be overridden, e.g. `--config.batch_size=64`.
 """
 
 import difflib
+import importlib.util
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -13,13 +15,15 @@ import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
+from alexnet_jax import sharding
 from alexnet_jax import train
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, metrics and results; a rerun '
     'resumes from it. Default: runs/<config file name>.')
+_DEFAULT_CONFIG = 'configs/fashion_mnist.py'
 config_flags.DEFINE_config_file(
-    'config', 'configs/fashion_mnist.py', 'Training configuration file.', lock_config=True)
+    'config', _DEFAULT_CONFIG, 'Training configuration file.', lock_config=True)
 
 
 def config_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
@@ -33,19 +37,38 @@ def config_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str
   return keys
 
 
+def _load_config(argv: list[str]) -> ml_collections.ConfigDict:
+  """The config file named by `--config=PATH` in argv (or the default), un-overridden."""
+  path = _DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      path = arg.removeprefix('--config=')
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+  spec = importlib.util.spec_from_file_location('config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, naming the valid keys when a `--config.KEY` is unknown."""
+  """absl flag parsing that names the valid keys when a `--config.KEY` is unknown.
+
+  Exits with status 1 and a message on stderr for bad flags, as absl's own parser.
+  """
   try:
     return flags.FLAGS(argv)
-  except flags.UnrecognizedFlagError as e:
-    if not e.flagname.startswith('config.'):
-      raise
-    key = e.flagname.removeprefix('config.')
-    valid = config_keys(flags.FLAGS['config'].value)
-    close = difflib.get_close_matches(key, valid, n=3)
-    hint = f' Did you mean {", ".join(close)}?' if close else ''
-    raise flags.Error(f'Unknown config key {key!r} (--{e.flagname}).{hint} Valid keys: '
-                      f'{", ".join(valid)}.') from e
+  except (flags.Error, AttributeError, KeyError) as e:
+    valid = config_keys(_load_config(argv))
+    given = [arg.removeprefix('--config.').split('=')[0]
+             for arg in argv if arg.startswith('--config.')]
+    unknown = [key for key in given if key not in valid]
+    if unknown:
+      close = difflib.get_close_matches(unknown[0], valid, n=3)
+      hint = f' Did you mean {", ".join(close)}?' if close else ''
+      e = f'Unknown config key {unknown[0]!r}.{hint} Valid keys: {", ".join(valid)}.'
+    sys.stderr.write(f'FATAL Flags parsing error: {e}\n')
+    sys.exit(1)
 
 
 def main(argv):
@@ -53,6 +76,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # tf.data only: keep TensorFlow off any accelerator so JAX has all of its memory.
   tf.config.experimental.set_visible_devices([], 'GPU')
+  sharding.initialize_distributed()
   config = flags.FLAGS.config
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
