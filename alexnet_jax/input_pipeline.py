@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 
+import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -170,11 +171,11 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 class Datasets:
   """Sizes and batch iterators of one dataset's train and test splits.
 
-  Batches are numpy dicts: 'image' float32 [B, S, S, 3], 'label' int32 [B];
+  Batches hold this process's rows (all of them in a single-process run), numpy: 'image' float32 [B, S, S, 3], 'label' int32 [B];
   test batches also carry 'mask' [B] (0 on padding; the last batch is padded).
   """
-  num_train_examples: int
-  num_test_examples: int
+  num_train_examples: int  # Over all processes.
+  num_test_examples: int  # This process's.
   train_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
   test_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
 
@@ -187,8 +188,13 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
   """
   builder = _builder(config)
   skip_decoding = {'image': tfds.decode.SkipDecoding()}
-  train = builder.as_dataset(split=config.train_split, decoders=skip_decoding)
-  test = builder.as_dataset(split=config.test_split, decoders=skip_decoding)
+  # Each process reads its own part of the data and makes its rows of each batch.
+  train = builder.as_dataset(split=tfds.split_for_jax_process(config.train_split),
+                             decoders=skip_decoding)
+  test = builder.as_dataset(split=tfds.split_for_jax_process(config.test_split),
+                            decoders=skip_decoding)
+  batch_size = config.batch_size // jax.process_count()
+  eval_batch_size = config.eval_batch_size // jax.process_count()
   options = tf.data.Options()
   options.deterministic = True
 
@@ -199,7 +205,7 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
       ds = ds.cache()
     ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
     # Skip still-encoded examples, so resuming costs no decoding.
-    ds = ds.repeat().enumerate().skip(start_step * config.batch_size)
+    ds = ds.repeat().enumerate().skip(start_step * batch_size)
 
     def preprocess(index, example):
       encoded, label = example
@@ -208,7 +214,7 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
               'label': tf.cast(label, tf.int32)}
 
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(options).as_numpy_iterator()
 
   def test_batches():
@@ -216,12 +222,12 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
     ds = test.map(lambda ex: {'image': preprocess_eval(ex['image'], config),
                               'label': tf.cast(ex['label'], tf.int32)},
                   num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(config.eval_batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(eval_batch_size).prefetch(tf.data.AUTOTUNE)
     for batch in ds.with_options(options).as_numpy_iterator():
-      yield pad_batch(batch, config.eval_batch_size)
+      yield pad_batch(batch, eval_batch_size)
 
   return Datasets(
-      num_train_examples=int(train.cardinality()),
+      num_train_examples=int(train.cardinality()) * jax.process_count(),
       num_test_examples=int(test.cardinality()),
       train_batches=train_batches, test_batches=test_batches)
 

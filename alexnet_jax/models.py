@@ -5,6 +5,7 @@ output channels are split in two halves, computed as separate per-tower convolut
 """
 
 from collections.abc import Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,15 +81,37 @@ def _initializers(init: str, name: str):
   raise ValueError(f"Unknown init {init!r}: use 'paper' (Sec. 5) or 'he'.")
 
 
+def _axis_size(axis_name: str | None) -> int:
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _axis_index(axis_name: str | None) -> jax.Array | int:
+  return 0 if axis_name is None else jax.lax.axis_index(axis_name)
+
+
+def gather_towers(towers: Sequence[jax.Array], model_axis: str | None = None) -> jax.Array:
+  """All maps of both towers, concatenated on the last axis (tower 0 first).
+
+  This is where the paper's GPUs "communicate only in certain layers" (Sec. 3.2):
+  inside `shard_map` with the towers on `model_axis`, an all-gather over it. Its
+  result is the same on both towers ('invarying'), so what follows from it alone
+  (fc8's logits) is computed once per tower pair, not summed over the towers.
+  """
+  x = jnp.concatenate(towers, axis=-1)
+  if model_axis is None:
+    return x
+  return jax.lax.all_gather(x, model_axis, axis=x.ndim - 1, tiled=True, to='invarying')
+
+
 class TowerConv(nnx.Module):
   """A convolution whose output maps are split over the two towers (Sec. 3.2).
 
   The kernel is stored as Caffe's grouped `bvlc_alexnet` layout, HWIO with
   I = the input channels one tower sees; output channels `[:out // 2]` belong to
-  tower 0. A `tower_local` layer connects each tower only to its own input maps
-  (conv2, conv4, conv5); otherwise each tower reads all input maps (conv1, conv3).
-
-  Call it on a sequence of per-tower NHWC inputs; it returns one output per tower.
+  tower 0. A `tower_local` layer (conv2, conv4, conv5) takes one input per tower
+  and connects each tower only to its own maps; otherwise (conv1, conv3) it takes
+  all input maps as one array. It returns one NHWC output per tower held here:
+  two on one device, one per device when the kernel is sharded over the towers.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
@@ -100,25 +123,57 @@ class TowerConv(nnx.Module):
     kernel_init, bias_init = _initializers(init, name)
     self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, jnp.float32))
     self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), jnp.float32))
+    self.tower_features = out_features // NUM_TOWERS
     self.strides = strides
     self.padding = padding
     self.tower_local = tower_local
     self.dtype = dtype
 
-  def __call__(self, towers: Sequence[jax.Array]) -> list[jax.Array]:
-    kernels = jnp.split(self.kernel[...].astype(self.dtype), NUM_TOWERS, axis=-1)
-    biases = jnp.split(self.bias[...].astype(self.dtype), NUM_TOWERS)
-    if self.tower_local:
-      inputs = towers
-    else:
-      inputs = [jnp.concatenate(towers, axis=-1)] * NUM_TOWERS
+  def __call__(self, inputs: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
+    # The kernel here is the whole layer, or this device's shard of it.
+    num_towers = self.kernel.shape[-1] // self.tower_features
+    kernels = jnp.split(self.kernel[...].astype(self.dtype), num_towers, axis=-1)
+    biases = jnp.split(self.bias[...].astype(self.dtype), num_towers)
+    if not self.tower_local:
+      inputs = [inputs] * num_towers
     return [
         jax.lax.conv_general_dilated(
             x.astype(self.dtype), w, (self.strides, self.strides),
             [(self.padding, self.padding)] * 2,
             dimension_numbers=_DIMENSION_NUMBERS) + b
-        for x, w, b in zip(inputs, kernels, biases)
+        for x, w, b in zip(inputs, kernels, biases, strict=True)
     ]
+
+
+class Dropout(nnx.Module):
+  """Dropout (Sec. 4.2) that drops the same units however the arrays are sharded.
+
+  The keep mask is drawn for the global `[batch, units]` array and this device's
+  block is sliced from it, so a run on any mesh equals the one-device run.
+  `model.train()` / `model.eval()` switch it via `deterministic`.
+  """
+
+  def __init__(self, rate: float):
+    self.rate = rate
+    self.deterministic = False
+
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None,
+               data_axis: str | None = None, model_axis: str | None = None) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if rngs is None:
+      raise ValueError('AlexNet in train mode needs rngs=nnx.Rngs(dropout=...); '
+                       'call model.eval() for inference.')
+    block = x.shape
+    shape = (block[0] * _axis_size(data_axis), block[1] * _axis_size(model_axis))
+    start = (_axis_index(data_axis) * block[0], _axis_index(model_axis) * block[1])
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.rate, shape)
+    keep = jax.lax.dynamic_slice(keep, start, block)
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
+def _relu(towers: Sequence[jax.Array]) -> list[jax.Array]:
+  return [jax.nn.relu(x) for x in towers]
 
 
 def _max_pool(towers: Sequence[jax.Array]) -> list[jax.Array]:
@@ -126,7 +181,7 @@ def _max_pool(towers: Sequence[jax.Array]) -> list[jax.Array]:
   return [nnx.max_pool(x, (3, 3), strides=(2, 2)) for x in towers]
 
 
-def _lrn_relu(towers: Sequence[jax.Array]) -> list[jax.Array]:
+def _relu_lrn(towers: Sequence[jax.Array]) -> list[jax.Array]:
   # Sec. 3.3: LRN after the ReLU, normalising within each tower's own maps.
   return [local_response_norm(jax.nn.relu(x)) for x in towers]
 
@@ -155,6 +210,9 @@ class AlexNet(nnx.Module):
   → fc8. Dropout 0.5 on the fc6 and fc7 outputs, as Caffe does (Sec. 4.2: "in
   the first two fully-connected layers"). At 227 px and 1000 classes this is
   60,965,224 parameters; Caffe's `bvlc_alexnet` weights map one-to-one.
+
+  The same module runs on one device (both towers here) or per device inside
+  `shard_map` with its parameters split over the towers (see `sharding.py`).
 
   Args:
     num_classes: size of fc8.
@@ -185,30 +243,37 @@ class AlexNet(nnx.Module):
     self.fc6 = dense('fc6', flat, 4096)
     self.fc7 = dense('fc7', 4096, 4096)
     self.fc8 = dense('fc8', 4096, num_classes)
-    self.dropout = nnx.Dropout(dropout_rate)
-    self.dtype = dtype
+    self.dropout = Dropout(dropout_rate)
 
-  def features(self, images: jax.Array) -> jax.Array:
-    """pool5 maps `[N, s, s, 256]` (s = 6 at 227 px), towers concatenated."""
-    x = _max_pool(_lrn_relu(self.conv1([images])))
-    x = _max_pool(_lrn_relu(self.conv2(x)))
-    x = [jax.nn.relu(t) for t in self.conv3(x)]
-    x = [jax.nn.relu(t) for t in self.conv4(x)]
-    x = _max_pool([jax.nn.relu(t) for t in self.conv5(x)])
-    return jnp.concatenate(x, axis=-1)
+  def features(self, images: jax.Array, *, model_axis: str | None = None) -> jax.Array:
+    """pool5 maps `[N, s, s, 256]` (s = 6 at 227 px) of both towers, tower 0 first."""
+    towers = _max_pool(_relu_lrn(self.conv1(images)))
+    towers = _max_pool(_relu_lrn(self.conv2(towers)))
+    towers = _relu(self.conv3(gather_towers(towers, model_axis)))
+    towers = _relu(self.conv4(towers))
+    towers = _max_pool(_relu(self.conv5(towers)))
+    return gather_towers(towers, model_axis)
 
-  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None,
+               data_axis: str | None = None, model_axis: str | None = None) -> jax.Array:
     """Logits for a batch.
 
     Args:
       images: `[N, image_size, image_size, 3]` float, mean-subtracted (Sec. 2).
       rngs: `nnx.Rngs` with a `dropout` stream; needed in train mode only.
+      data_axis, model_axis: inside `shard_map`, the mesh axes that split the
+        batch and the towers; None on one device.
 
     Returns:
       float32 logits `[N, num_classes]`.
+
+    Raises:
+      ValueError: in train mode without `rngs`.
     """
-    x = self.features(images)
+    dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis,
+                                model_axis=model_axis)
+    x = self.features(images, model_axis=model_axis)
     x = x.reshape(x.shape[0], -1)  # (h, w, c) order, as Caffe's fc6.
-    x = self.dropout(jax.nn.relu(self.fc6(x)), rngs=rngs)
-    x = self.dropout(jax.nn.relu(self.fc7(x)), rngs=rngs)
-    return self.fc8(x).astype(jnp.float32)
+    x = dropout(jax.nn.relu(self.fc6(x)))
+    x = dropout(jax.nn.relu(self.fc7(gather_towers([x], model_axis))))
+    return self.fc8(gather_towers([x], model_axis)).astype(jnp.float32)

@@ -21,15 +21,19 @@ import optax
 import orbax.checkpoint as ocp
 
 from alexnet_jax import models
+from alexnet_jax import sharding
 
 Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a checkpoint holds; data order and dropout keys derive from `step`."""
+  """Everything a checkpoint holds; data order and dropout keys derive from `step`.
+
+  `params` is a plain dict, e.g. params['conv2']['kernel'] of shape (5, 5, 48, 256).
+  """
   step: jax.Array
-  params: nnx.State
+  params: dict[str, Any]
   opt_state: optax.OptState
 
 
@@ -79,20 +83,29 @@ def create_optimizer(config: ml_collections.ConfigDict,
       optax.sgd(schedule, momentum=config.momentum))
 
 
-def create_train_state(config, tx, rng: jax.Array) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-  """Initial state and the train/eval graph definitions of the model.
+def create_train_state(config, tx, rng: jax.Array, mesh: jax.sharding.Mesh
+                       ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+  """Initial state, created directly with its shardings on `mesh`.
+
+  The initial values do not depend on the mesh (JAX's random bits are
+  sharding-invariant), so runs on different meshes start from the same weights.
 
   Returns:
     (train_graphdef, eval_graphdef, state); the graphdefs differ only in dropout.
   """
-  model = create_model(config, nnx.Rngs(params=rng))
+  model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(params=rng)))
   model.train()
-  train_graphdef, params = nnx.split(model)
+  train_graphdef = nnx.graphdef(model)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=tx.init(params))
-  return train_graphdef, eval_graphdef, state
+
+  def init():
+    params = nnx.to_pure_dict(nnx.state(create_model(config, nnx.Rngs(params=rng))))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
+
+  shardings = sharding.named_shardings(mesh, jax.eval_shape(init))
+  return train_graphdef, eval_graphdef, jax.jit(init, out_shardings=shardings)()
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -107,17 +120,18 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
-               graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+               apply_fn, tx: optax.GradientTransformation
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on `batch` = {'image': [N, H, W, 3] float32, 'label': [N] int32}.
 
-  Returns the new state and the batch's mean loss, top-1 and top-5 accuracy.
+  `apply_fn(params, images, dropout_key) -> logits` is the model in train mode,
+  e.g. `sharding.sharded_apply(train_graphdef, ...)`. Returns the new state and
+  the batch's mean loss, top-1 and top-5 accuracy.
   """
   dropout_key = jax.random.fold_in(dropout_rng, state.step)
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params)
-    logits = model(batch['image'], rngs=nnx.Rngs(dropout=dropout_key))
+    logits = apply_fn(params, batch['image'], dropout_key)
     return cross_entropy_loss(logits, batch['label']).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -131,13 +145,13 @@ def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef
-              ) -> dict[str, jax.Array]:
+def eval_step(params, batch: Batch, *, apply_fn) -> dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 hits and the example count over a padded batch.
 
+  `apply_fn` is the model in eval mode (its dropout key is unused);
   `batch['mask']` `[N]` is 1 for real examples and 0 for padding.
   """
-  logits = nnx.merge(graphdef, params)(batch['image'])
+  logits = apply_fn(params, batch['image'], jax.random.key(0))
   mask = batch['mask'].astype(jnp.float32)
   return {
       'loss': jnp.sum(cross_entropy_loss(logits, batch['label']) * mask),
@@ -147,7 +161,25 @@ def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef
   }
 
 
-def evaluate(eval_fn, params: nnx.State, batches) -> dict[str, float]:
+def jit_steps(mesh: jax.sharding.Mesh, train_graphdef: nnx.GraphDef,
+              eval_graphdef: nnx.GraphDef, state: TrainState,
+              tx: optax.GradientTransformation):
+  """`train_step(state, batch, dropout_rng)` and `eval_step(params, batch)`, jitted
+  for `mesh`: the state keeps its `sharding.PARTITION_RULES` placement (and is
+  donated), batches are split over 'data', metrics come back replicated."""
+  state_shardings = sharding.named_shardings(mesh, state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
+  eval_apply = sharding.sharded_apply(eval_graphdef, state.params, mesh)
+  p_train_step = jax.jit(
+      functools.partial(train_step, apply_fn=train_apply, tx=tx),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  p_eval_step = jax.jit(functools.partial(eval_step, apply_fn=eval_apply),
+                        out_shardings=replicated)
+  return p_train_step, p_eval_step
+
+
+def evaluate(eval_fn, params, batches) -> dict[str, float]:
   """Mean loss, top-1 and top-5 over every (unpadded) example of `batches`."""
   totals = None
   for batch in batches:
@@ -212,6 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_time = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.create_mesh(config.mesh)
+  logging.info('Mesh: %s', dict(mesh.shape))
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % mesh.shape[sharding.DATA_AXIS]:
+      raise ValueError(f'config.{name}={config[name]} must be divisible by the '
+                       f'{mesh.shape[sharding.DATA_AXIS]} devices of the mesh\'s data axis.')
   data = input_pipeline.create_datasets(config)
   steps_per_epoch = data.num_train_examples // config.batch_size
   num_steps = _num_steps(config, steps_per_epoch)
@@ -219,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = create_learning_rate_schedule(config, steps_per_epoch, num_steps)
   tx = create_optimizer(config, schedule)
   params_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  train_graphdef, eval_graphdef, state = create_train_state(config, tx, params_rng)
+  train_graphdef, eval_graphdef, state = create_train_state(config, tx, params_rng, mesh)
 
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   checkpoints = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
@@ -230,9 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('Resumed from step %d in %s.', int(state.step), checkpoint_dir)
   initial_step = int(state.step)
 
-  p_train_step = jax.jit(
-      functools.partial(train_step, graphdef=train_graphdef, tx=tx), donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, graphdef=eval_graphdef))
+  p_train_step, p_eval_step = jit_steps(mesh, train_graphdef, eval_graphdef, state, tx)
+  test_batches = lambda: (sharding.global_batch(mesh, b) for b in data.test_batches())
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), initial_step)
   report_progress = periodic_actions.ReportProgress(
@@ -243,7 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = data.train_batches(start_step=initial_step)
   window, window_start, train_time, train_images = [], time.time(), 0.0, 0
   for step in range(initial_step + 1, num_steps + 1):
-    state, step_metrics = p_train_step(state, next(train_iter), dropout_rng)
+    state, step_metrics = p_train_step(
+        state, sharding.global_batch(mesh, next(train_iter)), dropout_rng)
     window.append(step_metrics)
     report_progress(step)
     if step % config.log_every_steps == 0 or step == num_steps:
@@ -263,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step % eval_every == 0 or step == num_steps:
       eval_start = time.time()
       with report_progress.timed('eval'):
-        test = evaluate(p_eval_step, state.params, data.test_batches())
+        test = evaluate(p_eval_step, state.params, test_batches())
       test_metrics = {f'test_{k}': v for k, v in test.items() if k != 'count'}
       writer.write_scalars(step, test_metrics)
       metrics_log.write(step, {'epoch': step / steps_per_epoch, **test_metrics})
@@ -274,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints.wait_until_finished()
 
   if initial_step >= num_steps:  # Nothing left to train: evaluate what was restored.
-    test = evaluate(p_eval_step, state.params, data.test_batches())
+    test = evaluate(p_eval_step, state.params, test_batches())
   results = {
       'step': int(state.step),
       'epoch': int(state.step) / steps_per_epoch,

@@ -47,6 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 90
   config.num_train_steps = -1  # > 0 overrides num_epochs (smoke runs).
 
+  # Devices (see alexnet_jax/sharding.py): 'model' = 2 puts the paper's two towers
+  # on two devices, 1 keeps both on each; None: 2 if the device count is even.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all remaining devices.
+  config.mesh.model = ml_collections.config_dict.placeholder(int)
+
   # Bookkeeping; periods in steps, <= 0 meaning once per epoch.
   config.seed = 0
   config.log_every_steps = 100

@@ -1,9 +1,13 @@
-"""Shared test setup: quiet TensorFlow, fast compiles, the repo root importable."""
+"""Shared test setup: 4 simulated CPU devices, fast compiles, the repo root importable."""
 
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Before JAX starts: 4 CPU devices for the ('data', 'model') = (2, 2) mesh tests.
+# Runs without an explicit mesh (train_and_evaluate) then use that mesh too.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_force_host_platform_device_count=4')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top

@@ -57,7 +57,7 @@ def test_activation_shapes_at_227():
   model = models.AlexNet(10, image_size=227, rngs=nnx.Rngs(0))
   model.eval()
   images = jnp.zeros((1, 227, 227, 3))
-  conv1 = jax.eval_shape(model.conv1, [images])
+  conv1 = jax.eval_shape(model.conv1, images)
   assert [t.shape for t in conv1] == [(1, 55, 55, 48)] * 2
   assert jax.eval_shape(model.features, images).shape == (1, 6, 6, 256)
   assert jax.eval_shape(model, images).shape == (1, 10)
@@ -96,8 +96,8 @@ def test_cross_tower_conv_reads_both_towers():
   model = models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0))
   rng = np.random.RandomState(2)
   tower0, tower1 = (jnp.asarray(rng.randn(2, 3, 3, 128), jnp.float32) for _ in range(2))
-  out0, _ = model.conv3([tower0, tower1])
-  new0, _ = model.conv3([tower0, tower1 + 1.0])
+  out0, _ = model.conv3(jnp.concatenate([tower0, tower1], -1))
+  new0, _ = model.conv3(jnp.concatenate([tower0, tower1 + 1.0], -1))
   assert not np.allclose(out0, new0)
 
 

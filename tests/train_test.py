@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from alexnet_jax import input_pipeline
+from alexnet_jax import sharding
 from alexnet_jax import train
 from configs import fashion_mnist
 from configs import imagenet
@@ -43,15 +44,16 @@ def small_config(**overrides):
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
   config = small_config(learning_rate=0.01, lr_schedule='constant')
   tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
-  graphdef, _, state = train.create_train_state(config, tx, jax.random.key(0))
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  graphdef, eval_graphdef, state = train.create_train_state(
+      config, tx, jax.random.key(0), mesh)
   rng = np.random.RandomState(0)
-  batch = {'image': jnp.asarray(rng.randn(16, 67, 67, 3), jnp.float32),
-           'label': jnp.asarray(rng.randint(0, 10, 16), jnp.int32)}
-  step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(1),
-                                               graphdef=graphdef, tx=tx))
+  batch = {'image': rng.randn(16, 67, 67, 3).astype(np.float32),
+           'label': rng.randint(0, 10, 16).astype(np.int32)}
+  step, _ = train.jit_steps(mesh, graphdef, eval_graphdef, state, tx)
   losses = []
   for _ in range(8):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, sharding.global_batch(mesh, batch), jax.random.key(1))
     losses.append(float(metrics['loss']))
   assert int(state.step) == 8
   assert losses[-1] < 0.5 * losses[0], losses

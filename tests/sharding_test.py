@@ -1,0 +1,165 @@
+"""Tests of the tower × data mesh against the single-device run (4 simulated CPUs)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from alexnet_jax import sharding
+from alexnet_jax import train
+from configs import fashion_mnist
+
+
+def mesh_of(data, model):
+  return sharding.create_mesh(ml_collections.ConfigDict({'data': data, 'model': model}),
+                              devices=jax.devices()[:data * model])
+
+
+def setup(mesh, config=None):
+  config = config or fashion_mnist.get_config()
+  tx = train.create_optimizer(config, optax.constant_schedule(0.01))
+  train_graphdef, eval_graphdef, state = train.create_train_state(
+      config, tx, jax.random.key(0), mesh)
+  train_fn, eval_fn = train.jit_steps(mesh, train_graphdef, eval_graphdef, state, tx)
+  return state, train_fn, eval_fn, eval_graphdef
+
+
+def fixed_batch(n=8):
+  rng = np.random.RandomState(0)
+  return {'image': rng.randn(n, 67, 67, 3).astype(np.float32),
+          'label': rng.randint(0, 10, n).astype(np.int32),
+          'mask': np.ones(n, np.float32)}
+
+
+def one_step(data, model):
+  mesh = mesh_of(data, model)
+  state, train_fn, eval_fn, _ = setup(mesh)
+  batch = sharding.global_batch(mesh, fixed_batch())
+  state, metrics = train_fn(state, batch, jax.random.key(1))
+  return jax.device_get((state, metrics, eval_fn(state.params, batch)))
+
+
+@pytest.fixture(scope='module')
+def single_device_step():
+  return one_step(1, 1)
+
+
+@pytest.mark.parametrize('data, model', [(1, 2), (2, 2), (2, 1)])
+def test_sharded_step_equals_single_device(single_device_step, data, model):
+  """Same loss, gradients (the first momentum) and parameters, dropout included."""
+  state, metrics, evals = one_step(data, model)
+  ref_state, ref_metrics, ref_evals = single_device_step
+  assert float(metrics['loss']) == pytest.approx(float(ref_metrics['loss']), rel=1e-5)
+  assert float(evals['loss']) == pytest.approx(float(ref_evals['loss']), rel=1e-5)
+  momentum = lambda s: s.opt_state[1][0].trace  # = grads + weight decay after step 1.
+  for got, want in ((state.params, ref_state.params), (momentum(state), momentum(ref_state))):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+                 got, want)
+  assert not np.allclose(momentum(state)['fc6']['kernel'], 0)
+
+
+def test_create_mesh_checks_the_device_count():
+  with pytest.raises(ValueError, match='must equal the 4 devices'):
+    sharding.create_mesh(ml_collections.ConfigDict({'data': 3, 'model': 2}))
+  with pytest.raises(ValueError, match='two towers'):
+    sharding.create_mesh(ml_collections.ConfigDict({'data': 1, 'model': 4}))
+  auto = sharding.create_mesh(ml_collections.ConfigDict({'data': -1, 'model': None}))
+  assert dict(auto.shape) == {'data': 2, 'model': 2}
+
+
+def test_each_device_holds_its_own_tower():
+  mesh = mesh_of(1, 2)
+  state, _, _, _ = setup(mesh)
+  params = state.params
+  total = sum(x.nbytes for x in jax.tree.leaves(params))
+  on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(params)
+                   for s in x.addressable_shards if s.device == mesh.devices.flat[0])
+  # Every layer but fc8 (4096×10 + 10 here) is split in two.
+  assert on_device0 / total == pytest.approx(0.5, abs=0.01)
+  kernel = params['conv2']['kernel']
+  for shard in kernel.addressable_shards:
+    tower = list(mesh.devices.flat).index(shard.device)
+    assert shard.data.shape == (5, 5, 48, 128)
+    np.testing.assert_array_equal(shard.data, kernel[..., tower * 128:(tower + 1) * 128])
+
+
+def test_partition_rules_cover_optimizer_state():
+  mesh = mesh_of(1, 2)
+  state, _, _, _ = setup(mesh)
+  assert state.opt_state[1][0].trace['conv4']['kernel'].sharding.spec == P(
+      None, None, None, 'model')
+  assert state.params['fc8']['kernel'].sharding.spec == P()
+
+
+def collectives(hlo_text):
+  ops = re.findall(r'= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|'
+                   r'collective-permute)(?:-start)?\(', hlo_text)
+  return {op: ops.count(op) for op in set(ops)}
+
+
+def tower_local_hlo(mesh, fn, params, x):
+  """Compiled HLO of `fn(params, x)` run per device with its tower's parameters."""
+  specs = sharding.partition_specs(params)
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P(None, None, None, 'model')),
+                         out_specs=P(None, None, None, 'model'))
+  return jax.jit(mapped).lower(params, x).compile().as_text()
+
+
+def test_collectives_only_where_the_towers_communicate():
+  mesh = mesh_of(2, 2)
+  state, train_fn, _, _ = setup(mesh)
+  batch = sharding.global_batch(mesh, fixed_batch())
+  step_ops = collectives(train_fn.lower(state, batch, jax.random.key(1)).compile().as_text())
+  # Forward gathers for conv3, fc6, fc7, fc8 inputs; gradient sums over 'data'.
+  assert step_ops.get('all-gather', 0) >= 4 and step_ops.get('all-reduce', 0) >= 1, step_ops
+
+  model = nnx.eval_shape(lambda: train.create_model(fashion_mnist.get_config(), nnx.Rngs(0)))
+  params = state.params
+
+  def conv4_conv5(p, x):
+    m = nnx.merge(nnx.graphdef(model), p)
+    return jnp.concatenate(m.conv5([jax.nn.relu(t) for t in m.conv4([x])]), -1)
+
+  def conv1_conv2(p, images):
+    m = nnx.merge(nnx.graphdef(model), p)
+    return jnp.concatenate(m.conv2(m.conv1(images[..., :3])), -1)
+
+  def conv3(p, x):
+    m = nnx.merge(nnx.graphdef(model), p)
+    from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+    return jnp.concatenate(m.conv3(models.gather_towers([x], 'model')), -1)
+
+  assert collectives(tower_local_hlo(mesh, conv4_conv5, params, jnp.ones((2, 3, 3, 384)))) == {}
+  assert collectives(tower_local_hlo(mesh, conv1_conv2, params, jnp.ones((2, 67, 67, 6)))) == {}
+  assert 'all-gather' in collectives(tower_local_hlo(mesh, conv3, params, jnp.ones((2, 3, 3, 256))))
+
+
+def test_checkpoint_from_two_devices_restores_on_one(tmp_path):
+  batch = fixed_batch()
+  mesh2 = mesh_of(1, 2)
+  state2, train_fn, _, eval_graphdef = setup(mesh2)
+  state2, _ = train_fn(state2, sharding.global_batch(mesh2, batch), jax.random.key(1))
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.save(1, args=ocp.args.StandardSave(state2))
+  mesh1 = mesh_of(1, 1)
+  target, _, _, _ = setup(mesh1)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    state1 = manager.restore(1, args=ocp.args.StandardRestore(target))
+
+  assert int(state1.step) == 1
+  assert state1.params['conv2']['kernel'].sharding.mesh.size == 1
+  logits1 = sharding.sharded_apply(eval_graphdef, state1.params, mesh1)(
+      state1.params, sharding.global_batch(mesh1, batch)['image'], jax.random.key(0))
+  logits2 = sharding.sharded_apply(eval_graphdef, state2.params, mesh2)(
+      state2.params, sharding.global_batch(mesh2, batch)['image'], jax.random.key(0))
+  np.testing.assert_allclose(logits1, logits2, rtol=1e-5, atol=1e-6)
+  # And the plain, unsharded module gives the same.
+  model = nnx.merge(eval_graphdef, jax.device_get(state1.params))
+  np.testing.assert_allclose(model(jnp.asarray(batch['image'])), logits1, rtol=1e-5, atol=1e-6)
