@@ -220,12 +220,12 @@ class _MetricsLog:
       f.write(json.dumps({'step': step, **metrics}) + '\n')
 
 
-def _check_finite(step: int, metrics: dict[str, float], checkpoint_dir: str):
-  if not np.isfinite(metrics['train_loss']):
+def _check_finite(step: int, loss: float, checkpoint_dir: str):
+  if not np.isfinite(loss):
     raise FloatingPointError(
-        f'Training loss is {metrics["train_loss"]} at step {step}. Lower '
-        '--config.learning_rate (or check the input data); a rerun resumes from '
-        f'the last finite checkpoint in {checkpoint_dir}.')
+        f'Training loss is {loss} at step {step}. Lower --config.learning_rate (or '
+        'check the input data); a rerun resumes from the last checkpoint in '
+        f'{checkpoint_dir}, which is finite.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -294,11 +294,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       summary['train_images_per_sec'] = len(window) * config.batch_size / elapsed
       summary['learning_rate'] = float(schedule(step - 1))
       summary['epoch'] = step / steps_per_epoch
-      _check_finite(step, summary, checkpoint_dir)
+      _check_finite(step, summary['train_loss'], checkpoint_dir)
       writer.write_scalars(step, summary)
       metrics_log.write(step, summary)
       window, window_start = [], time.time()
     if step % eval_every == 0 or step == num_steps:
+      jax.block_until_ready(state)  # Train steps still in flight count as training.
       eval_start = time.time()
       with report_progress.timed('eval'):
         test = evaluate(p_eval_step, state.params, test_batches())
@@ -308,7 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f', step,
                    step / steps_per_epoch, test['top1'], test['top5'], test['loss'])
       window_start += time.time() - eval_start  # Keep eval out of train img/s.
-    checkpoints.save(step, args=ocp.args.StandardSave(state), force=step == num_steps)
+    if checkpoints.should_save(step) or step == num_steps:
+      _check_finite(step, float(step_metrics['loss']), checkpoint_dir)  # Never save NaNs.
+      checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
   checkpoints.wait_until_finished()
 
   if initial_step >= num_steps:  # Nothing left to train: evaluate what was restored.

@@ -1,0 +1,103 @@
+"""Times the jitted AlexNet train step on synthetic batches: img/s, GFLOP/s, peak memory.
+
+  python -m benchmarks.train_throughput --batch_size=64 --image_size=227
+
+Needs no TensorFlow. FLOPs per step come from XLA's cost analysis of the compiled
+step; the machine's peak is measured in the same run with a large matmul. The last
+line is machine-readable: images_per_sec=… gflops_per_sec=… peak_fraction=…
+"""
+
+import resource
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from alexnet_jax import sharding
+from alexnet_jax import train
+
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch size.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 227, 'Input side in pixels.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed window.')
+_WINDOWS = flags.DEFINE_integer('windows', 3, 'Timed windows; the median is reported.')
+_DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype; default: the config\'s.')
+config_flags.DEFINE_config_file('config', 'configs/imagenet.py', 'Model settings.')
+
+
+def matmul_peak_gflops(dtype, n: int = 4096, repeats: int = 5) -> float:
+  """Best GFLOP/s of an n×n×n matmul on the default device."""
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e9
+
+
+def peak_memory_gib() -> float:
+  """Peak device memory (accelerators) or peak resident host memory (CPU), GiB."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2 ** 30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux.
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  config.batch_size = _BATCH_SIZE.value
+  config.image_size = _IMAGE_SIZE.value
+  if _DTYPE.value:
+    config.dtype = _DTYPE.value
+  mesh = sharding.create_mesh(config.mesh)
+  tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
+  train_graphdef, eval_graphdef, state = train.create_train_state(
+      config, tx, jax.random.key(0), mesh)
+  train_step, _ = train.jit_steps(mesh, train_graphdef, eval_graphdef, state, tx)
+  rng = np.random.RandomState(0)
+  batch = sharding.global_batch(mesh, {
+      'image': rng.randn(config.batch_size, config.image_size, config.image_size,
+                         3).astype(np.float32),
+      'label': rng.randint(0, config.num_classes, config.batch_size).astype(np.int32)})
+  dropout_rng = jax.random.key(1)
+
+  compiled = train_step.lower(state, batch, dropout_rng).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_step = float(cost['flops'])
+  state, _ = train_step(state, batch, dropout_rng)  # Warm-up.
+  jax.block_until_ready(state)
+  seconds = []
+  for _ in range(_WINDOWS.value):
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+      state, metrics = train_step(state, batch, dropout_rng)
+    jax.block_until_ready((state, metrics))
+    seconds.append((time.perf_counter() - start) / _STEPS.value)
+
+  step_time = statistics.median(seconds)
+  images_per_sec = config.batch_size / step_time
+  gflops_per_sec = flops_per_step / step_time / 1e9
+  peak = matmul_peak_gflops(jnp.dtype(config.dtype)) * len(jax.devices())
+  print(f'devices: {jax.device_count()} × {jax.devices()[0].device_kind}, mesh '
+        f'{dict(mesh.shape)}, batch {config.batch_size}, {config.image_size} px, '
+        f'{config.dtype}')
+  print(f'step: {step_time * 1e3:.1f} ms median of {_WINDOWS.value}×{_STEPS.value} '
+        f'(windows {", ".join(f"{s * 1e3:.1f}" for s in seconds)} ms); '
+        f'{flops_per_step / config.batch_size / 1e9:.2f} GFLOP per image (XLA cost analysis)')
+  print(f'matmul peak: {peak:.0f} GFLOP/s; peak memory: {peak_memory_gib():.2f} GiB')
+  print(f'images_per_sec={images_per_sec:.2f} gflops_per_sec={gflops_per_sec:.1f} '
+        f'peak_fraction={gflops_per_sec / peak:.3f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
