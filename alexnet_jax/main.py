@@ -5,10 +5,12 @@ Any config key can be overridden, e.g. `--config.batch_size=64`.
 
 import difflib
 import os
+import signal
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
@@ -53,6 +55,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # tf.data only: keep TensorFlow off any accelerator so JAX has all of its memory.
   tf.config.experimental.set_visible_devices([], 'GPU')
+  # Set by launch/sweep.py's SLURM script for multi-node runs; process ids come from srun.
+  if 'JAX_COORDINATOR_ADDRESS' in os.environ:
+    jax.distributed.initialize()
+  # Preemption (SLURM sends SIGTERM first): checkpoint, then exit non-zero to requeue.
+  signal.signal(signal.SIGTERM, train.request_stop)
   config = flags.FLAGS.config
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
