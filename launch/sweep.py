@@ -205,14 +205,16 @@ def slurm_script(runs: Sequence[Run], commands: Sequence[Sequence[str]], *,
   `jax.distributed.initialize()` (process count and ids come from srun).
 
   Args:
+    gpus_per_node: GPUs each node asks for; 0 asks for none (CPU clusters).
     sbatch_options: extra `#SBATCH` options without the dashes, e.g. 'partition=gpu'.
   """
   cases = '\n'.join(f'  {i}) cmd=({shlex.join(cmd)}) ;;  # {run.name}'
                     for i, (run, cmd) in enumerate(zip(runs, commands)))
   options = [f'job-name={job_name}', f'array=0-{len(runs) - 1}', f'nodes={nodes}',
-             'ntasks-per-node=1', f'gpus-per-node={gpus_per_node}',
-             f'output={log_dir}/%A_%a.out', 'open-mode=append', 'requeue',
-             'signal=B:TERM@120', *sbatch_options]
+             'ntasks-per-node=1', f'output={log_dir}/%A_%a.out', 'open-mode=append',
+             'requeue', 'signal=B:TERM@120', *sbatch_options]
+  if gpus_per_node:
+    options.insert(4, f'gpus-per-node={gpus_per_node}')
   distributed = ''
   if nodes > 1:
     distributed = (
@@ -249,7 +251,8 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs and commands; run
 _BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'slurm'],
                              'local: subprocesses here; slurm: an sbatch job array.')
 _NODES = flags.DEFINE_integer('slurm_nodes', 1, 'Nodes per run (slurm).', lower_bound=1)
-_GPUS = flags.DEFINE_integer('slurm_gpus_per_node', 1, 'GPUs per node (slurm).')
+_GPUS = flags.DEFINE_integer('slurm_gpus_per_node', 1, 'GPUs per node (slurm); 0: none.',
+                             lower_bound=0)
 _SBATCH = flags.DEFINE_multi_string(
     'sbatch', [], "Extra #SBATCH option (slurm), e.g. 'partition=gpu', 'time=24:00:00'.")
 

@@ -169,6 +169,8 @@ def test_slurm_script_has_one_array_task_per_run(tmp_path):
     assert case.strip().startswith(f'{i}) cmd=(') and 'alexnet_jax.main' in case
   assert 'srun "${cmd[@]}" &' in lines
   assert 'JAX_COORDINATOR_ADDRESS' not in script  # One process: no jax.distributed.
+  cpu_only = sweep.slurm_script(runs, commands, job_name='lr', log_dir='/l', gpus_per_node=0)
+  assert 'gpus-per-node' not in cpu_only
   subprocess.run(['bash', '-n'], input=script, text=True, check=True)
 
 
