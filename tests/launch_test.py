@@ -229,24 +229,33 @@ def mock_fashion_mnist(monkeypatch):
 def test_sigterm_checkpoints_stops_and_the_rerun_resumes(tmp_path, monkeypatch,
                                                          mock_fashion_mnist):
   config = fashion_mnist.get_config()
-  config.update(batch_size=8, eval_batch_size=16, shuffle_buffer=32, num_train_steps=3,
+  config.update(batch_size=8, eval_batch_size=16, shuffle_buffer=32, num_train_steps=4,
                 log_every_steps=1, checkpoint_every_steps=100)
   monkeypatch.setattr(train, '_STOP', threading.Event())
+  write = train._MetricsLog.write
+
+  def write_then_preempt(self, step, metrics):  # A real SIGTERM during step 2.
+    write(self, step, metrics)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train._MetricsLog, 'write', write_then_preempt)
   previous = signal.signal(signal.SIGTERM, train.request_stop)  # As main.py does.
   try:
-    os.kill(os.getpid(), signal.SIGTERM)  # Arrives before step 1 ends.
-    with pytest.raises(train.Preempted, match='after step 1'):
+    with pytest.raises(train.Preempted, match='after step 2'):
       train.train_and_evaluate(config, str(tmp_path))
   finally:
     signal.signal(signal.SIGTERM, previous)
-  assert os.listdir(tmp_path / 'checkpoints') == ['1']  # Not a periodic save.
+  # Orbax saves the first step of a fresh run; step 2 is the forced save.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
   assert not (tmp_path / 'results.json').exists()
 
   monkeypatch.setattr(train, '_STOP', threading.Event())
-  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 3
+  monkeypatch.setattr(train._MetricsLog, 'write', write)
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 4
   with open(tmp_path / 'metrics.jsonl') as f:
     steps = [row['step'] for row in map(json.loads, f) if 'train_loss' in row]
-  assert steps == [1, 2, 3]
+  assert steps == [1, 2, 3, 4]
 
 
 def write_run(workdir, overrides, test_top1s, finished=True):
