@@ -291,15 +291,15 @@ def main(argv):
       prepare(run)
     log_dir = os.path.join(sweep_workdir, 'slurm')
     os.makedirs(log_dir, exist_ok=True)
-    path = os.path.join(sweep_workdir, 'sweep.sbatch')
-    with open(path, 'w') as f:
+    script = os.path.join(sweep_workdir, 'sweep.sbatch')
+    with open(script, 'w') as f:
       f.write(slurm_script(todo, commands, job_name=os.path.basename(sweep_workdir),
                            log_dir=log_dir, nodes=_NODES.value, gpus_per_node=_GPUS.value,
                            sbatch_options=_SBATCH.value))
     if shutil.which('sbatch'):
-      subprocess.run(['sbatch', path], check=True)
+      subprocess.run(['sbatch', script], check=True)
     else:
-      print(f'No sbatch here: wrote {path}; submit it with `sbatch {path}`.')
+      print(f'No sbatch here: wrote {script}; submit it with `sbatch {script}`.')
     return
 
   statuses = run_local(todo, commands, _PARALLEL.value)

@@ -184,6 +184,25 @@ def test_multi_node_slurm_script_sets_the_jax_coordinator(tmp_path):
   subprocess.run(['bash', '-n'], input=script, text=True, check=True)
 
 
+def test_slurm_backend_writes_the_script_for_the_unfinished_runs(tmp_path):
+  (tmp_path / 'learning_rate=0.01').mkdir()
+  (tmp_path / 'learning_rate=0.01' / 'results.json').write_text('{}')
+  env = {**os.environ, 'PATH': os.path.dirname(sys.executable)}  # No sbatch on it.
+  result = subprocess.run(
+      [sys.executable, '-m', 'launch.sweep', f'--config={FASHION_MNIST}',
+       f'--workdir={tmp_path}', '--backend=slurm', '--sbatch=partition=gpu'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  script = tmp_path / 'sweep.sbatch'
+  assert f'wrote {script}' in result.stdout
+  text = script.read_text()
+  assert '#SBATCH --array=0-1' in text and '#SBATCH --partition=gpu' in text
+  assert 'learning_rate=0.01' not in text
+  for lr in ('0.02', '0.04'):
+    with open(tmp_path / f'learning_rate={lr}' / 'overrides.json') as f:
+      assert json.load(f) == {'learning_rate': float(lr)}
+
+
 def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
   """Runs array task 1 with stand-ins for srun and scontrol, then preempts it."""
   bin_dir = tmp_path / 'bin'
