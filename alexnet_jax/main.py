@@ -6,6 +6,7 @@ Any config key can be overridden, e.g. `--config.batch_size=64`.
 import difflib
 import importlib.util
 import os
+import signal
 import sys
 
 from absl import app
@@ -77,12 +78,18 @@ def main(argv):
   # tf.data only: keep TensorFlow off any accelerator so JAX has all of its memory.
   tf.config.experimental.set_visible_devices([], 'GPU')
   sharding.initialize_distributed()
+  # Preemption (SLURM sends SIGTERM first): checkpoint, then exit non-zero to requeue.
+  signal.signal(signal.SIGTERM, train.request_stop)
   config = flags.FLAGS.config
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
   logging.info('Config:\n%s', config)
   logging.info('Workdir: %s', workdir)
-  results = train.train_and_evaluate(config, workdir)
+  try:
+    results = train.train_and_evaluate(config, workdir)
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(1)  # Non-zero, so a cluster requeues the job.
   logging.info('Results: %s', results)
 
 

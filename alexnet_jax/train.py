@@ -7,6 +7,7 @@ imported inside `train_and_evaluate`), so the steps run where only JAX is instal
 import functools
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -24,6 +25,19 @@ from alexnet_jax import models
 from alexnet_jax import sharding
 
 Batch = dict[str, jax.Array]
+
+# Set by `request_stop` (main.py's SIGTERM handler: clusters send SIGTERM before they
+# preempt a job); the loop then checkpoints the current step and raises `Preempted`.
+_STOP = threading.Event()
+
+
+class Preempted(Exception):
+  """Training stopped early on request, after checkpointing; a rerun resumes."""
+
+
+def request_stop(*unused_signal_args):
+  """Asks the running loop to checkpoint and stop after its current step."""
+  _STOP.set()
 
 
 @flax.struct.dataclass
@@ -232,10 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains, evaluates and checkpoints in `workdir`; resumes from its latest checkpoint.
 
   Writes `metrics.jsonl`, TensorBoard events, `checkpoints/` and, at the end,
-  `results.json` (see README). Returns the contents of `results.json`.
+  `results.json` and `plots/` (see README). Returns the contents of `results.json`.
 
   Raises:
     FloatingPointError: if the training loss becomes NaN or infinite.
+    Preempted: after `request_stop` (SIGTERM), once the current step is checkpointed.
   """
   # Imported here: both import TensorFlow, which the steps above do not need.
   from clu import metric_writers, periodic_actions
@@ -309,9 +324,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f', step,
                    step / steps_per_epoch, test['top1'], test['top5'], test['loss'])
       window_start += time.time() - eval_start  # Keep eval out of train img/s.
-    if checkpoints.should_save(step) or step == num_steps:
+    stop = _STOP.is_set() and step < num_steps
+    if checkpoints.should_save(step) or stop or step == num_steps:
       _check_finite(step, float(step_metrics['loss']), checkpoint_dir)  # Never save NaNs.
       checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+    if stop:
+      checkpoints.wait_until_finished()
+      raise Preempted(f'Stopped on request (SIGTERM) after step {step}, checkpointed in '
+                      f'{checkpoint_dir}; rerun the same command to resume.')
   checkpoints.wait_until_finished()
 
   if initial_step >= num_steps:  # Nothing left to train: evaluate what was restored.
@@ -328,5 +348,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   }
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
+  if jax.process_index() == 0:
+    try:  # Pictures are a convenience: never lose a finished run to a plotting error.
+      from alexnet_jax import plots  # pylint: disable=g-import-not-at-top
+      plots.write_all(config, workdir)
+    except Exception:  # pylint: disable=broad-except
+      logging.warning('Could not write the plots to %s.', workdir, exc_info=True)
   writer.flush()
   return results

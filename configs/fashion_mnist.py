@@ -36,3 +36,9 @@ def get_config():
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
   return config
+
+
+def sweep(add):
+  """Learning rates around the default (`python -m launch.sweep`, see README)."""
+  for learning_rate in (0.01, 0.02, 0.04):
+    add(learning_rate=learning_rate)

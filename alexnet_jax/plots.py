@@ -1,0 +1,285 @@
+"""Pictures of a run: learning curves, conv1 filters (paper Fig. 3), predictions, confusion.
+
+`python -m alexnet_jax.plots --workdir=DIR --config=CONFIG` redraws them all from the
+workdir's metrics and latest checkpoint; training writes them to `DIR/plots/` at the end.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+import jax
+from matplotlib.figure import Figure
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from alexnet_jax import models
+from alexnet_jax import sharding
+from alexnet_jax import train
+
+DPI = 100  # Figure sizes are in inches: pixels = inches * DPI.
+# Larger confusion matrices are unreadable; ImageNet's would be 1000×1000.
+MAX_CONFUSION_CLASSES = 20
+GRID_ROWS, GRID_COLS = 4, 8  # Prediction grid.
+
+
+def _save(fig: Figure, path: str) -> str:
+  """Writes `fig` as a PNG of exactly figsize * DPI pixels (Agg, no display needed)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=DPI, format='png')
+  return path
+
+
+def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
+  """The train and the test lines of `workdir/metrics.jsonl`, in file order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return ([r for r in rows if 'train_loss' in r], [r for r in rows if 'test_loss' in r])
+
+
+def plot_learning_curves(workdir: str, path: str) -> str:
+  """Train and test loss (left) and top-1 (right) vs epoch; 1200×450 px."""
+  train_rows, test_rows = read_metrics(workdir)
+  fig = Figure(figsize=(12, 4.5))
+  for ax, metric, title in zip(fig.subplots(1, 2), ('loss', 'top1'),
+                               ('cross-entropy loss', 'top-1 accuracy')):
+    for rows, split, style in ((train_rows, 'train', '-'), (test_rows, 'test', 'o-')):
+      if rows:
+        ax.plot([r['epoch'] for r in rows], [r[f'{split}_{metric}'] for r in rows],
+                style, label=split)
+    ax.set(xlabel='epoch', title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def conv1_mosaic(kernel: np.ndarray, gap: int = 1, tower_gap: int = 4) -> np.ndarray:
+  """Lays out conv1's kernels as in the paper's Fig. 3.
+
+  Args:
+    kernel: `[k, k, 3, C]` (AlexNet: 11, 11, 3, 96); output channels `[:C // 2]`
+      are tower 0, shown in the top half, tower 1's in the bottom half.
+    gap: background pixels between kernels.
+    tower_gap: background pixels between the two towers' blocks.
+
+  Returns:
+    float32 RGB `[H, W, 3]` in [0, 1]: each tower's kernels in rows of 12, row by
+    row, each contrast-normalised to its own min..max; background 1 (white).
+
+  Raises:
+    ValueError: if `kernel` is not `[k, k, 3, C]` with C divisible by 2 × 12.
+  """
+  k, _, channels, count = kernel.shape
+  cols = 12
+  if kernel.shape[1] != k or channels != 3 or count % (models.NUM_TOWERS * cols):
+    raise ValueError(f'Expected a [k, k, 3, C] kernel with C a multiple of '
+                     f'{models.NUM_TOWERS * cols}, got {kernel.shape}.')
+  rows = count // models.NUM_TOWERS // cols  # Per tower.
+  kernel = np.asarray(kernel, np.float32)
+  low = kernel.min(axis=(0, 1, 2), keepdims=True)
+  high = kernel.max(axis=(0, 1, 2), keepdims=True)
+  kernel = (kernel - low) / np.maximum(high - low, 1e-12)
+  cell = k + gap
+  tower_height = rows * cell + gap
+  mosaic = np.ones((models.NUM_TOWERS * tower_height + tower_gap, cols * cell + gap, 3),
+                   np.float32)
+  for index in range(count):
+    tower, within = divmod(index, count // models.NUM_TOWERS)
+    row, col = divmod(within, cols)
+    top = tower * (tower_height + tower_gap) + gap + row * cell
+    left = gap + col * cell
+    mosaic[top:top + k, left:left + k] = kernel[..., index]
+  return mosaic
+
+
+def plot_conv1_filters(kernel: np.ndarray, path: str, title: str = '') -> str:
+  """conv1's kernels `[11, 11, 3, 96]` as in Fig. 3, tower 0 on top; 1200×900 px."""
+  mosaic = conv1_mosaic(kernel)
+  fig = Figure(figsize=(12, 9))
+  ax = fig.add_axes((0.08, 0.02, 0.9, 0.9))
+  ax.imshow(mosaic, interpolation='nearest')
+  ax.set_xticks([])
+  half = mosaic.shape[0] / 2
+  ax.set_yticks([half / 2, half * 1.5], ['tower 0\n(GPU 1)', 'tower 1\n(GPU 2)'])
+  for side in ax.spines.values():
+    side.set_visible(False)
+  fig.suptitle(title or f'conv1: {kernel.shape[-1]} kernels of '
+               f'{kernel.shape[0]}×{kernel.shape[1]}×3, each contrast-normalised')
+  return _save(fig, path)
+
+
+def plot_predictions(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                     class_names: list[str], path: str) -> str:
+  """The first 4 × 8 test images with predicted and true labels; 1600×900 px.
+
+  Args:
+    images: uint8 `[N, H, W, 3]`.
+    labels: int `[N]` true classes.
+    probs: float `[N, num_classes]` softmax outputs.
+    class_names: one name per class.
+    path: PNG to write.
+
+  Wrong predictions have a red title and frame.
+  """
+  fig = Figure(figsize=(16, 9))
+  for ax, image, label, p in zip(fig.subplots(GRID_ROWS, GRID_COLS).flat,
+                                 images, labels, probs):
+    predicted = int(np.argmax(p))
+    color = 'tab:green' if predicted == label else 'red'
+    ax.imshow(image, interpolation='nearest')
+    ax.set_title(f'{class_names[predicted]} ({p[predicted]:.2f})\n'
+                 f'true: {class_names[label]}', color=color, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ax.spines.values():
+      side.set(color=color, linewidth=1 if predicted == label else 3)
+  fig.suptitle('predicted (probability) / true label; wrong in red')
+  # Room for the two-line titles: tight_layout lets them touch the row above.
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.1, hspace=0.35)
+  return _save(fig, path)
+
+
+def confusion_counts(labels: np.ndarray, predictions: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """int64 `[num_classes, num_classes]`: row = true class, column = predicted class."""
+  counts = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(counts, (labels, predictions), 1)
+  return counts
+
+
+def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
+                          class_names: list[str], path: str) -> str:
+  """Counts, coloured by each true class's fraction; 900×800 px.
+
+  Raises:
+    ValueError: for more than `MAX_CONFUSION_CLASSES` classes.
+  """
+  n = len(class_names)
+  if n > MAX_CONFUSION_CLASSES:
+    raise ValueError(f'{n} classes: a confusion matrix is drawn for at most '
+                     f'{MAX_CONFUSION_CLASSES}.')
+  counts = confusion_counts(labels, predictions, n)
+  fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  fig = Figure(figsize=(9, 8))
+  ax = fig.subplots()
+  ax.imshow(fractions, cmap='Blues', vmin=0, vmax=1)
+  for (i, j), count in np.ndenumerate(counts):
+    ax.text(j, i, str(count), ha='center', va='center', fontsize=8,
+            color='white' if fractions[i, j] > 0.5 else 'black')
+  ax.set_xticks(range(n), class_names, rotation=45, ha='right')
+  ax.set_yticks(range(n), class_names)
+  ax.set(xlabel='predicted', ylabel='true',
+         title=f'confusion on {counts.sum()} test images, '
+               f'top-1 {np.trace(counts) / max(counts.sum(), 1):.4f}')
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str
+                   ) -> tuple[nnx.GraphDef, nnx.State, int]:
+  """(eval graphdef, params, step) from the latest checkpoint in `workdir/checkpoints`.
+
+  Raises:
+    FileNotFoundError: if there is no checkpoint.
+  """
+  # The schedule's value does not change the optimizer state's structure.
+  tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
+  mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': 1, 'model': 1}),
+                              devices=jax.devices()[:1])
+  _, eval_graphdef, abstract_state = jax.eval_shape(
+      lambda: train.create_train_state(config, tx, jax.random.key(0), mesh))
+  checkpoint_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  with ocp.CheckpointManager(checkpoint_dir) as checkpoints:
+    step = checkpoints.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {checkpoint_dir}.')
+    state = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  return eval_graphdef, state.params, step
+
+
+def predict(config: ml_collections.ConfigDict, eval_graphdef: nnx.GraphDef,
+            params: nnx.State, max_examples: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Eval-mode predictions on the test split, in order.
+
+  Returns:
+    (images uint8 `[N, S, S, 3]` as the model saw them, before normalisation;
+    labels int32 `[N]`; softmax probabilities float32 `[N, num_classes]`), for the
+    first `max_examples` test examples, or all of them if None.
+  """
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  probabilities = jax.jit(
+      lambda p, x: jax.nn.softmax(nnx.merge(eval_graphdef, p)(x)))
+  mean, std = np.asarray(config.pixel_mean), np.asarray(config.pixel_std)
+  images, labels, probs, seen = [], [], [], 0
+  for batch in input_pipeline.create_datasets(config).test_batches():
+    real = batch['mask'] > 0
+    images.append(np.clip(batch['image'][real] * std + mean, 0, 255).astype(np.uint8))
+    labels.append(batch['label'][real])
+    probs.append(np.asarray(probabilities(params, batch['image']))[real])
+    seen += int(real.sum())
+    if max_examples is not None and seen >= max_examples:
+      break
+  stop = max_examples if max_examples is not None else seen
+  return (np.concatenate(images)[:stop], np.concatenate(labels)[:stop],
+          np.concatenate(probs)[:stop])
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+  """Label names from the TFDS metadata, e.g. Fashion-MNIST's 'T-shirt/top'."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  return list(builder.info.features['label'].names)
+
+
+def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Writes every picture of the run in `workdir` to `workdir/plots/`; returns the paths.
+
+  The confusion matrix needs a pass over the whole test split and is drawn only for
+  at most `MAX_CONFUSION_CLASSES` classes; the prediction grid reads one batch.
+  """
+  out = os.path.join(workdir, 'plots')
+  paths = [plot_learning_curves(workdir, os.path.join(out, 'learning_curves.png'))]
+  eval_graphdef, params, step = restore_params(config, workdir)
+  paths.append(plot_conv1_filters(
+      np.asarray(params['conv1']['kernel'][...]), os.path.join(out, 'conv1_filters.png'),
+      title=f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), '
+            'each contrast-normalised'))
+  names = class_names(config)
+  full = len(names) <= MAX_CONFUSION_CLASSES
+  images, labels, probs = predict(config, eval_graphdef, params,
+                                  None if full else GRID_ROWS * GRID_COLS)
+  paths.append(plot_predictions(images, labels, probs, names,
+                                os.path.join(out, 'predictions.png')))
+  if full:
+    paths.append(plot_confusion_matrix(labels, probs.argmax(-1), names,
+                                       os.path.join(out, 'confusion_matrix.png')))
+  for path in paths:
+    logging.info('Wrote %s', path)
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
+  write_all(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  # Defined here only: train.py imports this module next to main.py's flags of these names.
+  flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
+  config_flags.DEFINE_config_file(
+      'config', 'configs/fashion_mnist.py', "The run's training configuration file.",
+      lock_config=True)
+  app.run(main)

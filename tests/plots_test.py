@@ -1,0 +1,168 @@
+"""Tests of the pictures: layouts against hand-computed positions, PNG sizes, a tiny workdir."""
+
+import itertools
+import json
+import os
+
+import jax
+import matplotlib.image
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from alexnet_jax import input_pipeline
+from alexnet_jax import plots
+from alexnet_jax import sharding
+from alexnet_jax import train
+from configs import fashion_mnist
+
+
+def png_size(path):
+  """(height, width) of a non-empty PNG."""
+  assert os.path.getsize(path) > 0
+  return matplotlib.image.imread(path).shape[:2]
+
+
+def red_pixels(path):
+  image = matplotlib.image.imread(path)
+  return int(np.sum((image[..., 0] > 0.9) & (image[..., 1] < 0.1) & (image[..., 2] < 0.1)))
+
+
+def write_metrics(workdir, epochs=3):
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for e in range(1, epochs + 1):
+      f.write(json.dumps({'step': 10 * e, 'epoch': e, 'train_loss': 2 / e, 'train_top1': 0.3 * e,
+                          'train_top5': 0.9, 'train_images_per_sec': 1.0,
+                          'learning_rate': 0.1}) + '\n')
+      f.write(json.dumps({'step': 10 * e, 'epoch': e, 'test_loss': 2.5 / e,
+                          'test_top1': 0.25 * e, 'test_top5': 0.8}) + '\n')
+
+
+def test_read_metrics_splits_train_and_test_lines(tmp_path):
+  write_metrics(tmp_path)
+  train_rows, test_rows = plots.read_metrics(str(tmp_path))
+  assert [r['train_loss'] for r in train_rows] == [2.0, 1.0, 2 / 3]
+  assert [r['test_top1'] for r in test_rows] == [0.25, 0.5, 0.75]
+
+
+def test_learning_curves_png(tmp_path):
+  write_metrics(tmp_path)
+  path = plots.plot_learning_curves(str(tmp_path), str(tmp_path / 'curves.png'))
+  assert png_size(path) == (450, 1200)
+
+
+def test_conv1_mosaic_puts_tower_0_on_top_and_normalises_each_kernel():
+  ramp = np.arange(121, dtype=np.float32).reshape(11, 11) / 120  # 0..1.
+  kernel = np.zeros((11, 11, 3, 96), np.float32)
+  for c in range(96):
+    # Tower 0 red, tower 1 blue; each kernel at its own scale and offset.
+    kernel[..., 0 if c < 48 else 2, c] = (c + 1) * ramp
+    kernel[..., c] -= 5.0 * c
+  mosaic = plots.conv1_mosaic(kernel)
+  # 4 rows of 12 kernels per tower, 11 px + 1 px gap each, 4 px between the towers.
+  assert mosaic.shape == (2 * (4 * 12 + 1) + 4, 12 * 12 + 1, 3)
+  red = np.stack([ramp, 0 * ramp, 0 * ramp], -1)
+  blue = np.stack([0 * ramp, 0 * ramp, ramp], -1)
+  tower1_top = 4 * 12 + 1 + 4 + 1
+  for c, top, left, expected in [(0, 1, 1, red), (13, 13, 13, red), (47, 37, 133, red),
+                                 (48, tower1_top, 1, blue),
+                                 (95, tower1_top + 36, 133, blue)]:
+    np.testing.assert_allclose(mosaic[top:top + 11, left:left + 11], expected, atol=1e-6,
+                               err_msg=f'kernel {c}')
+  np.testing.assert_array_equal(mosaic[0], 1.0)  # White gap rows.
+  np.testing.assert_array_equal(mosaic[tower1_top - 5:tower1_top], 1.0)
+
+
+def test_conv1_mosaic_rejects_other_shapes():
+  with pytest.raises(ValueError, match='kernel'):
+    plots.conv1_mosaic(np.zeros((11, 11, 3, 50)))
+
+
+def test_conv1_filters_png(tmp_path):
+  kernel = np.random.RandomState(0).randn(11, 11, 3, 96).astype(np.float32)
+  path = plots.plot_conv1_filters(kernel, str(tmp_path / 'filters.png'))
+  assert png_size(path) == (900, 1200)
+
+
+def fake_predictions(num_wrong):
+  rng = np.random.RandomState(0)
+  labels = rng.randint(0, 10, 32)
+  predicted = labels.copy()
+  predicted[:num_wrong] = (labels[:num_wrong] + 1) % 10
+  probs = np.full((32, 10), 0.02, np.float32)
+  probs[np.arange(32), predicted] = 0.82
+  grey = rng.randint(0, 256, (32, 67, 67, 1)).astype(np.uint8).repeat(3, axis=-1)
+  return grey, labels, probs
+
+
+def test_prediction_grid_png_marks_wrong_predictions_in_red(tmp_path):
+  names = [f'class {i}' for i in range(10)]
+  right = plots.plot_predictions(*fake_predictions(0), names, str(tmp_path / 'right.png'))
+  wrong = plots.plot_predictions(*fake_predictions(3), names, str(tmp_path / 'wrong.png'))
+  assert png_size(right) == png_size(wrong) == (900, 1600)
+  assert red_pixels(right) == 0
+  assert red_pixels(wrong) > 3 * 4 * 100  # Three thick frames, at least.
+
+
+def test_confusion_counts():
+  counts = plots.confusion_counts(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
+  np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+
+
+def test_confusion_matrix_png_and_its_class_limit(tmp_path):
+  labels = np.random.RandomState(0).randint(0, 10, 200)
+  path = plots.plot_confusion_matrix(labels, labels[::-1], [str(i) for i in range(10)],
+                                     str(tmp_path / 'confusion.png'))
+  assert png_size(path) == (800, 900)
+  with pytest.raises(ValueError, match='at most 20'):
+    plots.plot_confusion_matrix(labels, labels, [str(i) for i in range(21)],
+                                str(tmp_path / 'big.png'))
+
+
+@pytest.fixture
+def tiny_workdir(tmp_path, monkeypatch):
+  """Fake metrics and a real (untrained) checkpoint at step 7, under mock Fashion-MNIST."""
+  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
+                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+  config = fashion_mnist.get_config()
+  config.eval_batch_size = 16
+  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  _, _, state = train.create_train_state(config, tx, jax.random.key(3), mesh)
+  state = state.replace(step=state.step + 7)
+  with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as manager:
+    manager.save(7, args=ocp.args.StandardSave(state))
+  write_metrics(tmp_path)
+  with tfds.testing.mock_data(num_examples=40):
+    yield config, str(tmp_path), state
+
+
+def test_write_all_draws_every_picture_from_a_workdir(tiny_workdir):
+  config, workdir, state = tiny_workdir
+  _, params, step = plots.restore_params(config, workdir)
+  assert step == 7
+  np.testing.assert_array_equal(params['conv1']['kernel'][...],
+                                state.params['conv1']['kernel'][...])
+
+  paths = plots.write_all(config, workdir)
+  names = ['learning_curves', 'conv1_filters', 'predictions', 'confusion_matrix']
+  assert paths == [os.path.join(workdir, 'plots', f'{n}.png') for n in names]
+  assert [png_size(p) for p in paths] == [(450, 1200), (900, 1200), (900, 1600), (800, 900)]
+
+
+def test_predict_returns_the_test_images_as_the_model_saw_them(tiny_workdir):
+  config, workdir, _ = tiny_workdir
+  graphdef, params, _ = plots.restore_params(config, workdir)
+  images, labels, probs = plots.predict(config, graphdef, params, max_examples=20)
+  assert images.shape == (20, 67, 67, 3) and images.dtype == np.uint8
+  assert labels.shape == (20,)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  batches = list(itertools.islice(input_pipeline.create_datasets(config).test_batches(), 2))
+  first_32 = {k: np.concatenate([b[k] for b in batches]) for k in ('image', 'label')}
+  expected = first_32['image'][:20] * np.asarray(config.pixel_std) + np.asarray(config.pixel_mean)
+  np.testing.assert_allclose(images, np.clip(expected, 0, 255), atol=1.0)
+  np.testing.assert_array_equal(labels, first_32['label'][:20])
+  _, _, all_probs = plots.predict(config, graphdef, params)
+  assert len(all_probs) == 40
