@@ -157,13 +157,14 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if config.dataset == 'fashion_mnist':
     return prepare_fashion_mnist(config.data_dir, config.manual_dir)
   builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  manual_dir = config.manual_dir and os.path.expanduser(config.manual_dir)
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=config.manual_dir))
+        manual_dir=manual_dir))
   except AssertionError as e:  # TFDS's way of reporting missing manual files.
     raise FileNotFoundError(
         f'Cannot prepare TFDS dataset {config.dataset!r} from manual_dir='
-        f'{config.manual_dir!r}: {e}') from e
+        f'{manual_dir!r} (set --config.manual_dir): {e}') from e
   return builder
 
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from alexnet_jax import input_pipeline
 from configs import fashion_mnist
+from configs import imagenet
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
@@ -87,3 +88,11 @@ def test_pad_batch_masks_padding():
   assert padded['image'].shape == (5, 2, 2, 3)
   np.testing.assert_array_equal(padded['mask'], [1, 1, 1, 0, 0])
   np.testing.assert_array_equal(padded['label'], [0, 1, 2, 0, 0])
+
+
+def test_missing_imagenet_tars_name_the_files(tmp_path):
+  config = imagenet.get_config()
+  config.data_dir = str(tmp_path / 'tfds')
+  config.manual_dir = str(tmp_path / 'manual')
+  with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
+    input_pipeline.create_datasets(config)
