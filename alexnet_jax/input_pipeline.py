@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -79,6 +80,29 @@ def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+  """Random-resized crop (Szegedy et al. 2015): 8-100% of the area, aspect 3/4-4/3.
+
+  Not the paper's augmentation; torchvision's AlexNet recipe uses it, the original
+  (and Caffe's bvlc_alexnet) use `random_crop` of the 256² image. JPEGs are decoded
+  only inside the crop window.
+  """
+  is_jpeg = tf.io.is_jpeg(encoded)
+  shape = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(encoded),
+                  lambda: tf.shape(tf.io.decode_image(encoded, channels=3,
+                                                      expand_animations=False)))
+  top_left, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  window = tf.stack([top_left[0], top_left[1], crop_size[0], crop_size[1]])
+  image = tf.cond(
+      is_jpeg, lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
+      lambda: tf.slice(tf.io.decode_image(encoded, channels=3, expand_animations=False),
+                       top_left, crop_size))
+  return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
+
+
 def decode(encoded: tf.Tensor) -> tf.Tensor:
   """PNG/JPEG bytes → float32 [H, W, 3]; grayscale is replicated to RGB."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -86,12 +110,21 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Decode, resize, random crop, flip, PCA lighting, normalize; `seed` int [2]."""
+  """Decode, crop (`config.augment.crop`), flip, PCA lighting, normalize; `seed` int [2].
+
+  Raises (inside tf.data): InvalidArgumentError for undecodable bytes.
+  """
   crop_seed, flip_seed, light_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
-  image = resize_shorter_side(decode(encoded), config.resize_size)
-  image = central_crop(image, config.resize_size)
-  image = random_crop(image, config.image_size, crop_seed)
+  if config.augment.crop == 'inception':
+    image = inception_crop(encoded, config.image_size, crop_seed)
+  elif config.augment.crop == 'paper':
+    image = resize_shorter_side(decode(encoded), config.resize_size)
+    image = central_crop(image, config.resize_size)
+    image = random_crop(image, config.image_size, crop_seed)
+  else:
+    raise ValueError(f"Unknown augment.crop {config.augment.crop!r}: use 'paper' or "
+                     "'inception'.")
   if config.augment.flip:
     image = random_flip(image, flip_seed)
   if config.augment.pca_lighting_stddev > 0:
@@ -156,6 +189,15 @@ def _check_fashion_mnist(builder: tfds.core.DatasetBuilder):
 def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if config.dataset == 'fashion_mnist':
     return prepare_fashion_mnist(config.data_dir, config.manual_dir)
+  if config.dataset == 'image_folder':
+    # <manual_dir>/<split>/<class name>/<image>, e.g. Imagenette's train/ and val/.
+    root = os.path.expanduser(config.manual_dir or '')
+    if not os.path.isdir(root):
+      raise FileNotFoundError(
+          f'dataset=image_folder needs --config.manual_dir=DIR holding one folder per '
+          f'split (e.g. train/, val/), each with one sub-folder of images per class; '
+          f'{root!r} is not a directory.')
+    return tfds.ImageFolder(root)
   builder = tfds.builder(config.dataset, data_dir=config.data_dir)
   manual_dir = config.manual_dir and os.path.expanduser(config.manual_dir)
   try:
@@ -166,6 +208,20 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         f'Cannot prepare TFDS dataset {config.dataset!r} from manual_dir='
         f'{manual_dir!r} (set --config.manual_dir): {e}') from e
   return builder
+
+
+def _read_process_part(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+  """This process's part of `split` (all of it in a single-process run), images encoded.
+
+  Each process then makes its own rows of every global batch.
+  """
+  decoders = {'image': tfds.decode.SkipDecoding()}
+  if jax.process_count() == 1:
+    return builder.as_dataset(split=split, decoders=decoders)
+  if isinstance(builder, tfds.ImageFolder):  # It has no sub-splits.
+    return builder.as_dataset(split=split, decoders=decoders).shard(
+        jax.process_count(), jax.process_index())
+  return builder.as_dataset(split=tfds.split_for_jax_process(split), decoders=decoders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,14 +242,15 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
 
   Raises:
     FileNotFoundError: if the dataset's source files are missing.
+    ValueError: if the dataset's class count differs from `config.num_classes`.
   """
   builder = _builder(config)
-  skip_decoding = {'image': tfds.decode.SkipDecoding()}
-  # Each process reads its own part of the data and makes its rows of each batch.
-  train = builder.as_dataset(split=tfds.split_for_jax_process(config.train_split),
-                             decoders=skip_decoding)
-  test = builder.as_dataset(split=tfds.split_for_jax_process(config.test_split),
-                            decoders=skip_decoding)
+  num_classes = builder.info.features['label'].num_classes
+  if num_classes != config.num_classes:
+    raise ValueError(f'{config.dataset} has {num_classes} classes but config.num_classes='
+                     f'{config.num_classes}; set --config.num_classes={num_classes}.')
+  train = _read_process_part(builder, config.train_split)
+  test = _read_process_part(builder, config.test_split)
   batch_size = config.batch_size // jax.process_count()
   eval_batch_size = config.eval_batch_size // jax.process_count()
   options = tf.data.Options()
@@ -212,25 +269,54 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
       encoded, label = example
       seed = tf.stack([tf.constant(config.seed, tf.int64), index])
       return {'image': preprocess_train(encoded, seed, config),
-              'label': tf.cast(label, tf.int32)}
+              'label': tf.cast(label, tf.int32), 'index': index}
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(options).as_numpy_iterator()
+    return _skip_counted(ds.with_options(options).as_numpy_iterator(),
+                         start_step * batch_size, 'train')
 
   def test_batches():
-    """Every test example once, in order, the last batch padded and masked."""
-    ds = test.map(lambda ex: {'image': preprocess_eval(ex['image'], config),
-                              'label': tf.cast(ex['label'], tf.int32)},
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    """Every decodable test example once, in order, the last batch padded and masked."""
+    ds = test.enumerate().map(
+        lambda index, ex: {'image': preprocess_eval(ex['image'], config),
+                           'label': tf.cast(ex['label'], tf.int32), 'index': index},
+        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     ds = ds.batch(eval_batch_size).prefetch(tf.data.AUTOTUNE)
-    for batch in ds.with_options(options).as_numpy_iterator():
+    batches = ds.with_options(options).as_numpy_iterator()
+    for batch in _skip_counted(batches, 0, 'test', total=int(test.cardinality())):
       yield pad_batch(batch, eval_batch_size)
 
   return Datasets(
       num_train_examples=int(train.cardinality()) * jax.process_count(),
       num_test_examples=int(test.cardinality()),
       train_batches=train_batches, test_batches=test_batches)
+
+
+def _skip_counted(batches: Iterator[dict[str, np.ndarray]], first_index: int,
+                  split: str, total: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Drops the 'index' key, logging how many examples failed to decode so far.
+
+  Undecodable examples are left out by `ignore_errors`; the gaps in the stream's
+  indices count them, and for a finite split of `total` examples, the shortfall at
+  the end. (A resumed run skips raw examples, so each one left out before the
+  checkpoint shifts its later batches by one example.)
+  """
+  seen, skipped = 0, 0
+
+  def report(missing):
+    nonlocal skipped
+    if missing > skipped:
+      skipped = missing
+      logging.warning('%s: skipped %d undecodable image(s) so far.', split, skipped)
+
+  for batch in batches:
+    index = batch.pop('index')
+    seen += len(index)
+    report(int(index[-1]) + 1 - first_index - seen)
+    yield batch
+  if total is not None:
+    report(total - seen)
 
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

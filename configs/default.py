@@ -6,7 +6,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # Data: a TFDS name; `manual_dir` holds the dataset's original files.
+  # Data: a TFDS name, or 'image_folder' for <manual_dir>/<split>/<class>/<image>
+  # (e.g. Imagenette: splits 'train' and 'val'); `manual_dir` holds the original files.
   config.dataset = 'imagenet2012'
   config.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS default.
   config.manual_dir = ml_collections.config_dict.placeholder(str)
@@ -21,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 227
   config.resize_size = 256
   config.augment = ml_collections.ConfigDict()
+  config.augment.crop = 'paper'  # Or 'inception' (random-resized, as torchvision's recipe).
   config.augment.flip = True
   config.augment.pca_lighting_stddev = 0.1
   # Sec. 2: "subtracting the mean activity over the training set from each pixel";

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
@@ -96,3 +97,80 @@ def test_missing_imagenet_tars_name_the_files(tmp_path):
   config.manual_dir = str(tmp_path / 'manual')
   with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
     input_pipeline.create_datasets(config)
+
+
+def write_jpeg(path, image, mode=None):
+  image = Image.fromarray(image)
+  (image.convert(mode) if mode else image).save(path, 'JPEG')
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  """train/ and val/ with 3 classes of 40×30 JPEGs and one corrupt file each; val also
+  holds one grayscale and one CMYK image."""
+  rng = np.random.RandomState(0)
+  for split, per_class in (('train', 4), ('val', 3)):
+    for label in ('cat', 'dog', 'owl'):
+      os.makedirs(tmp_path / split / label)
+      for i in range(per_class):
+        write_jpeg(tmp_path / split / label / f'{i}.jpg',
+                   rng.randint(0, 256, (30, 40, 3), np.uint8))
+  write_jpeg(tmp_path / 'val' / 'cat' / 'gray.jpg', rng.randint(0, 256, (30, 40), np.uint8))
+  write_jpeg(tmp_path / 'val' / 'dog' / 'cmyk.jpg',
+             rng.randint(0, 256, (30, 40, 3), np.uint8), mode='CMYK')
+  for split in ('train', 'val'):
+    (tmp_path / split / 'owl' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff not a jpeg')
+  return tmp_path
+
+
+def folder_config(root, **overrides):
+  config = imagenet.get_config()
+  config.update({'dataset': 'image_folder', 'manual_dir': str(root), 'test_split': 'val',
+                 'num_classes': 3, 'image_size': 67, 'resize_size': 75, 'batch_size': 4,
+                 'eval_batch_size': 4, 'shuffle_buffer': 12, **overrides})
+  return config
+
+
+def test_image_folder_skips_and_counts_a_corrupt_image(image_folder, caplog):
+  data = input_pipeline.create_datasets(folder_config(image_folder))
+  assert data.num_train_examples == 13 and data.num_test_examples == 12
+  batches = list(data.test_batches())
+  masks = np.concatenate([b['mask'] for b in batches])
+  assert masks.sum() == 11  # 9 + grayscale + CMYK; the corrupt file is left out.
+  assert all(b['image'].shape == (4, 67, 67, 3) and b['image'].dtype == np.float32
+             for b in batches)
+  assert 'test: skipped 1 undecodable image(s)' in caplog.text
+
+
+@pytest.mark.parametrize('crop', ['paper', 'inception'])
+def test_image_folder_train_batches(image_folder, crop, caplog):
+  config = folder_config(image_folder)
+  config.augment.crop = crop
+  data = input_pipeline.create_datasets(config)
+  batches = data.train_batches()
+  batch = next(batches)
+  for _ in range(3):  # Past the corrupt file, whatever the shuffle.
+    next(batches)
+  assert 'train: skipped 1 undecodable image(s)' in caplog.text
+  assert batch['image'].shape == (4, 67, 67, 3) and batch['image'].dtype == np.float32
+  assert set(batch) == {'image', 'label'} and set(batch['label']) <= {0, 1, 2}
+  # Pixels in 0-255 minus the ImageNet mean, plus a PCA-lighting offset.
+  assert -200 < batch['image'].min() and batch['image'].max() < 200
+
+
+def test_wrong_class_count_says_which(image_folder):
+  with pytest.raises(ValueError, match='set --config.num_classes=3'):
+    input_pipeline.create_datasets(folder_config(image_folder, num_classes=1000))
+
+
+def test_inception_crop_is_a_resized_window_of_the_image():
+  image = np.random.RandomState(1).randint(0, 256, (60, 80, 3), np.uint8)
+  encoded = tf.io.encode_png(image)  # The non-JPEG path crops after decoding.
+  crops = [input_pipeline.inception_crop(encoded, 32, tf.constant([2, i])).numpy()
+           for i in range(5)]
+  for out in crops:
+    assert out.shape == (32, 32, 3)
+    assert 0 <= out.min() and out.max() <= 255  # Bilinear: no overshoot.
+  assert not np.allclose(crops[0], crops[1])
+  np.testing.assert_array_equal(
+      crops[0], input_pipeline.inception_crop(encoded, 32, tf.constant([2, 0])).numpy())
