@@ -210,6 +210,15 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+  """Label names from the dataset's metadata (folder names for image folders).
+
+  Raises:
+    FileNotFoundError: if the dataset's source files are missing.
+  """
+  return list(_builder(config).info.features['label'].names)
+
+
 def _read_process_part(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
   """This process's part of `split` (all of it in a single-process run), images encoded.
 

@@ -1,0 +1,66 @@
+"""Classifies image files with a trained checkpoint and prints the top-5 classes.
+
+  python -m alexnet_jax.predict --config=configs/fashion_mnist.py \\
+      --workdir=runs/fashion_mnist shoe.png shirt.jpg
+"""
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+
+from alexnet_jax import input_pipeline
+from alexnet_jax import plots
+
+
+def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+  """The evaluation view of one image file: float32 `[S, S, 3]`, normalized.
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    ValueError: if it is not a decodable PNG/JPEG/GIF/BMP image.
+  """
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'No image file {path!r}.')
+  try:
+    return input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
+  except tf.errors.InvalidArgumentError as e:
+    raise ValueError(f'Cannot decode {path!r} as an image: {e.message}') from e
+
+
+def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[str],
+                  k: int = 5) -> list[list[tuple[str, float]]]:
+  """Top-`k` (class name, softmax probability) per file, most probable first,
+  from the latest checkpoint in `workdir`.
+
+  Raises:
+    FileNotFoundError: for a missing checkpoint or file; ValueError: undecodable file.
+  """
+  eval_graphdef, params, _ = plots.restore_params(config, workdir)
+  images = np.stack([load_image(path, config) for path in paths])
+  probabilities = np.asarray(jax.nn.softmax(nnx.merge(eval_graphdef, params)(images)))
+  names = input_pipeline.class_names(config)
+  top = np.argsort(-probabilities, axis=-1)[:, :k]
+  return [[(names[c], float(p[c])) for c in row] for p, row in zip(probabilities, top)]
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('Name one or more image files after the flags.')
+  tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
+  for path, top in zip(paths, predict_files(flags.FLAGS.config, flags.FLAGS.workdir, paths)):
+    print(path)
+    for name, probability in top:
+      print(f'  {probability:6.3f}  {name}')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
+  config_flags.DEFINE_config_file('config', None, "The run's training configuration file.",
+                                  lock_config=True)
+  app.run(main)

@@ -1,0 +1,64 @@
+"""Tests of classifying image files with a checkpoint."""
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from alexnet_jax import input_pipeline
+from alexnet_jax import predict
+from alexnet_jax import sharding
+from alexnet_jax import train
+from configs import fashion_mnist
+
+FASHION_MNIST_NAMES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+                       'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+  """A checkpoint of a freshly initialised model at step 1, under mock Fashion-MNIST."""
+  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
+                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+  config = fashion_mnist.get_config()
+  config.init = 'paper'  # Small logits: many classes get visible probability.
+  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  _, eval_graphdef, state = train.create_train_state(config, tx, jax.random.key(5), mesh)
+  with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as manager:
+    manager.save(1, args=ocp.args.StandardSave(state))
+  with tfds.testing.mock_data(num_examples=4):
+    yield config, str(tmp_path), nnx.merge(eval_graphdef, jax.device_get(state.params))
+
+
+def write_png(path, seed):
+  image = np.random.RandomState(seed).randint(0, 256, (28, 28, 1), np.uint8)
+  tf.io.write_file(str(path), tf.io.encode_png(image))
+  return str(path)
+
+
+def test_top5_are_the_model_softmax_sorted(workdir, tmp_path):
+  config, run_dir, model = workdir
+  paths = [write_png(tmp_path / f'{i}.png', i) for i in range(2)]
+  results = predict.predict_files(config, run_dir, paths)
+  for path, top in zip(paths, results):
+    image = input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
+    expected = np.asarray(jax.nn.softmax(model(image[None]))[0])
+    assert len(top) == 5
+    assert [p for _, p in top] == sorted((p for _, p in top), reverse=True)
+    for name, probability in top:
+      assert probability == pytest.approx(expected[FASHION_MNIST_NAMES.index(name)], rel=1e-5)
+    assert top[0][1] == pytest.approx(expected.max(), rel=1e-5)
+
+
+def test_bad_files_say_which(workdir, tmp_path):
+  config, run_dir, _ = workdir
+  with pytest.raises(FileNotFoundError, match='missing.png'):
+    predict.predict_files(config, run_dir, [str(tmp_path / 'missing.png')])
+  (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+  with pytest.raises(ValueError, match='broken.jpg'):
+    predict.predict_files(config, run_dir, [str(tmp_path / 'broken.jpg')])
