@@ -237,8 +237,9 @@ def _read_process_part(builder: tfds.core.DatasetBuilder, split: str) -> tf.data
 class Datasets:
   """Sizes and batch iterators of one dataset's train and test splits.
 
-  Batches hold this process's rows (all of them in a single-process run), numpy: 'image' float32 [B, S, S, 3], 'label' int32 [B];
-  test batches also carry 'mask' [B] (0 on padding; the last batch is padded).
+  Batches hold this process's rows (all of them in a single-process run), as numpy:
+  'image' float32 [B, S, S, 3], 'label' int32 [B]; test batches also carry 'mask' [B]
+  (0 on padding; the last batch is padded).
   """
   num_train_examples: int  # Over all processes.
   num_test_examples: int  # This process's.
