@@ -54,6 +54,19 @@ def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return image[top:top + size, left:left + size]
 
 
+def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The paper's test patches (Sec. 4.1), float32 `[10, size, size, 3]` from `[H, W, 3]`.
+
+  In order: top-left, top-right, bottom-left, bottom-right and central patch, then
+  the same five reflected horizontally.
+  """
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  corners = [image[:size, :size], image[:size, w - size:],
+             image[h - size:, :size], image[h - size:, w - size:]]
+  patches = tf.stack([*corners, central_crop(image, size)])
+  return tf.concat([patches, tf.reverse(patches, axis=[2])], axis=0)
+
+
 def random_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
   """A uniformly placed `size`×`size` patch (Sec. 4.1: 224×224 of 256×256)."""
   return tf.image.stateless_random_crop(image, (size, size, 3), seed=seed)
@@ -132,10 +145,22 @@ def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Ten
   return normalize(image, config.pixel_mean, config.pixel_std)
 
 
-def preprocess_eval(encoded, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Decode, resize, central crop, normalize."""
+def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) -> tf.Tensor:
+  """Decode, resize, crop, normalize: `[S, S, 3]`, or `[10, S, S, 3]` for `crops=10`.
+
+  1 crop is the central patch of the resized image; 10 are `ten_crops` of its
+  central resize_size×resize_size square, as the paper tests (Sec. 4.1).
+
+  Raises:
+    ValueError: if `crops` is not 1 or 10.
+  """
   image = resize_shorter_side(decode(encoded), config.resize_size)
-  image = central_crop(image, config.image_size)
+  if crops == 1:
+    image = central_crop(image, config.image_size)
+  elif crops == 10:
+    image = ten_crops(central_crop(image, config.resize_size), config.image_size)
+  else:
+    raise ValueError(f'crops={crops}: use 1 (central patch) or 10 (Sec. 4.1).')
   return normalize(image, config.pixel_mean, config.pixel_std)
 
 
@@ -239,12 +264,13 @@ class Datasets:
 
   Batches hold this process's rows (all of them in a single-process run), as numpy:
   'image' float32 [B, S, S, 3], 'label' int32 [B]; test batches also carry 'mask' [B]
-  (0 on padding; the last batch is padded).
+  (0 on padding; the last batch is padded), and `test_batches(crops=10)` gives
+  'image' [B, 10, S, S, 3] (`ten_crops`).
   """
   num_train_examples: int  # Over all processes.
   num_test_examples: int  # This process's.
   train_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
-  test_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
+  test_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
 
 
 def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
@@ -286,10 +312,10 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
     return _skip_counted(ds.with_options(options).as_numpy_iterator(),
                          start_step * batch_size, 'train')
 
-  def test_batches():
+  def test_batches(crops: int = 1):
     """Every decodable test example once, in order, the last batch padded and masked."""
     ds = test.enumerate().map(
-        lambda index, ex: {'image': preprocess_eval(ex['image'], config),
+        lambda index, ex: {'image': preprocess_eval(ex['image'], config, crops),
                            'label': tf.cast(ex['label'], tf.int32), 'index': index},
         num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     ds = ds.batch(eval_batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,6 +1,7 @@
 """Command line: `python -m alexnet_jax.main --config=configs/fashion_mnist.py [--workdir=DIR]`.
 
-Any config key can be overridden, e.g. `--config.batch_size=64`.
+Any config key can be overridden, e.g. `--config.batch_size=64`; `--mode=eval` evaluates
+the workdir's latest (or `--checkpoint_step`) checkpoint instead of training.
 """
 
 import difflib
@@ -16,12 +17,19 @@ import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
+from alexnet_jax import evaluate
 from alexnet_jax import sharding
 from alexnet_jax import train
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, metrics and results; a rerun '
     'resumes from it. Default: runs/<config file name>.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'eval'], 'train: train (or resume) and evaluate; eval: '
+    'evaluate a checkpoint of --workdir on the whole test split, writing '
+    'eval_<step>.json (--config.eval_crops=10 for the paper\'s 10-crop test).')
+_CHECKPOINT_STEP = flags.DEFINE_integer(
+    'checkpoint_step', None, 'With --mode=eval: the step to evaluate; default the latest.')
 _DEFAULT_CONFIG = 'configs/fashion_mnist.py'
 config_flags.DEFINE_config_file(
     'config', _DEFAULT_CONFIG, 'Training configuration file.', lock_config=True)
@@ -85,6 +93,9 @@ def main(argv):
       'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
   logging.info('Config:\n%s', config)
   logging.info('Workdir: %s', workdir)
+  if _MODE.value == 'eval':
+    evaluate.evaluate_checkpoint(config, workdir, _CHECKPOINT_STEP.value)
+    return
   try:
     results = train.train_and_evaluate(config, workdir)
   except train.Preempted as e:

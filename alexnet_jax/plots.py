@@ -16,11 +16,8 @@ from matplotlib.figure import Figure
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 
 from alexnet_jax import models
-from alexnet_jax import sharding
 from alexnet_jax import train
 
 DPI = 100  # Figure sizes are in inches: pixels = inches * DPI.
@@ -183,28 +180,6 @@ def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
   return _save(fig, path)
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str
-                   ) -> tuple[nnx.GraphDef, nnx.State, int]:
-  """(eval graphdef, params, step) from the latest checkpoint in `workdir/checkpoints`.
-
-  Raises:
-    FileNotFoundError: if there is no checkpoint.
-  """
-  # The schedule's value does not change the optimizer state's structure.
-  tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
-  mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': 1, 'model': 1}),
-                              devices=jax.devices()[:1])
-  _, eval_graphdef, abstract_state = jax.eval_shape(
-      lambda: train.create_train_state(config, tx, jax.random.key(0), mesh))
-  checkpoint_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  with ocp.CheckpointManager(checkpoint_dir) as checkpoints:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {checkpoint_dir}.')
-    state = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  return eval_graphdef, state.params, step
-
-
 def predict(config: ml_collections.ConfigDict, eval_graphdef: nnx.GraphDef,
             params: nnx.State, max_examples: int | None = None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -249,7 +224,7 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """
   out = os.path.join(workdir, 'plots')
   paths = [plot_learning_curves(workdir, os.path.join(out, 'learning_curves.png'))]
-  eval_graphdef, params, step = restore_params(config, workdir)
+  eval_graphdef, params, step = train.restore_params(config, workdir)
   paths.append(plot_conv1_filters(
       np.asarray(params['conv1']['kernel'][...]), os.path.join(out, 'conv1_filters.png'),
       title=f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), '

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax import input_pipeline
-from alexnet_jax import plots
+from alexnet_jax import train
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -40,7 +40,7 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   Raises:
     FileNotFoundError: for a missing checkpoint or file; ValueError: undecodable file.
   """
-  eval_graphdef, params, _ = plots.restore_params(config, workdir)
+  eval_graphdef, params, _ = train.restore_params(config, workdir)
   images = np.stack([load_image(path, config) for path in paths])
   probabilities = np.asarray(jax.nn.softmax(nnx.merge(eval_graphdef, params)(images)))
   names = input_pipeline.class_names(config)

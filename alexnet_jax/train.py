@@ -159,13 +159,30 @@ def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def crop_averaged_logits(apply_fn, params, crops: jax.Array) -> jax.Array:
+  """log of the softmax averaged over crops (Sec. 4.1's 10-crop test), `[N, classes]`.
+
+  `crops` `[N, C, H, W, 3]` run as one batch of N·C images. The result is a valid
+  logit vector: its softmax is the averaged softmax, so cross-entropy and top-k
+  follow from it unchanged.
+  """
+  n, c = crops.shape[:2]
+  logits = apply_fn(params, crops.reshape(n * c, *crops.shape[2:]), jax.random.key(0))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(n, c, -1)
+  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(c)
+
+
 def eval_step(params, batch: Batch, *, apply_fn) -> dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 hits and the example count over a padded batch.
 
   `apply_fn` is the model in eval mode (its dropout key is unused);
-  `batch['mask']` `[N]` is 1 for real examples and 0 for padding.
+  `batch['image']` is `[N, H, W, 3]`, or `[N, C, H, W, 3]` to average the softmax
+  over C crops; `batch['mask']` `[N]` is 1 for real examples and 0 for padding.
   """
-  logits = apply_fn(params, batch['image'], jax.random.key(0))
+  if batch['image'].ndim == 5:
+    logits = crop_averaged_logits(apply_fn, params, batch['image'])
+  else:
+    logits = apply_fn(params, batch['image'], jax.random.key(0))
   mask = batch['mask'].astype(jnp.float32)
   return {
       'loss': jnp.sum(cross_entropy_loss(logits, batch['label']) * mask),
@@ -184,13 +201,62 @@ def jit_steps(mesh: jax.sharding.Mesh, train_graphdef: nnx.GraphDef,
   state_shardings = sharding.named_shardings(mesh, state)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
-  eval_apply = sharding.sharded_apply(eval_graphdef, state.params, mesh)
   p_train_step = jax.jit(
       functools.partial(train_step, apply_fn=train_apply, tx=tx),
       out_shardings=(state_shardings, replicated), donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, apply_fn=eval_apply),
-                        out_shardings=replicated)
-  return p_train_step, p_eval_step
+  return p_train_step, jit_eval_step(mesh, eval_graphdef, state.params)
+
+
+def jit_eval_step(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params):
+  """`eval_step(params, batch)` jitted for `mesh`; the sums come back replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  eval_apply = sharding.sharded_apply(eval_graphdef, params, mesh)
+  return jax.jit(functools.partial(eval_step, apply_fn=eval_apply),
+                 out_shardings=replicated)
+
+
+def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                   mesh: jax.sharding.Mesh | None = None
+                   ) -> tuple[nnx.GraphDef, dict[str, Any], int]:
+  """(eval graphdef, params, step) of a checkpoint in `workdir/checkpoints`.
+
+  Args:
+    config: the run's config (it fixes the parameter shapes).
+    workdir: a training run's workdir.
+    step: the checkpoint's step; None for the latest.
+    mesh: where to place the params (`PARTITION_RULES`), whatever mesh wrote the
+      checkpoint; None for the first device alone.
+
+  Raises:
+    FileNotFoundError: if `workdir` has no checkpoint, or none at `step`.
+  """
+  if mesh is None:
+    mesh = sharding.create_mesh(ml_collections.ConfigDict({'data': 1, 'model': 1}),
+                                devices=jax.devices()[:1])
+  checkpoint_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  missing = FileNotFoundError(
+      f'No checkpoint in {checkpoint_dir}. Pass the --workdir of a training run, or '
+      'train first: python -m alexnet_jax.main --config=CONFIG --workdir=DIR.')
+  if not os.path.isdir(checkpoint_dir):  # CheckpointManager would create it.
+    raise missing
+  # The schedule's value does not change the optimizer state's structure.
+  tx = create_optimizer(config, optax.constant_schedule(config.learning_rate))
+  _, eval_graphdef, shapes = jax.eval_shape(
+      lambda: create_train_state(config, tx, jax.random.key(0), mesh))
+  # eval_shape drops the shardings; Orbax places each array by its target's.
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, sharding.named_shardings(mesh, shapes))
+  with ocp.CheckpointManager(checkpoint_dir) as checkpoints:
+    steps = checkpoints.all_steps()
+    if not steps:
+      raise missing
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f'No checkpoint of step {step} in {checkpoint_dir}; '
+                              f'its steps are {sorted(steps)}.')
+    state = checkpoints.restore(step, args=ocp.args.StandardRestore(target))
+  return eval_graphdef, state.params, step
 
 
 def evaluate(eval_fn, params, batches) -> dict[str, float]:

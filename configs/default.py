@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # divided by 10 three times over ~90 epochs.
   config.batch_size = 128
   config.eval_batch_size = 250
+  # `--mode=eval` only: 1 = the central patch; 10 = the paper's test (Sec. 4.1), softmax
+  # averaged over the four corner and central patches and their reflections.
+  config.eval_crops = 1
   config.learning_rate = 0.01
   config.lr_schedule = 'step'  # 'step', 'cosine' or 'constant'.
   config.lr_decay_epochs = (30, 60, 80)  # For 'step'.

@@ -35,3 +35,11 @@ def test_main_trains_real_fashion_mnist_with_towers_on_two_devices(tmp_path):
   assert results['step'] == 3 and results['n_test_examples'] == 10_000
   assert '3' in os.listdir(workdir / 'checkpoints')  # The final step is always saved.
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
+  result = run_main('--config=configs/fashion_mnist.py', f'--workdir={tmp_path / "none"}',
+                    '--mode=eval')
+  assert result.returncode != 0
+  assert 'FileNotFoundError: No checkpoint in' in result.stderr
+  assert 'train first' in result.stderr

@@ -141,7 +141,7 @@ def tiny_workdir(tmp_path, monkeypatch):
 
 def test_write_all_draws_every_picture_from_a_workdir(tiny_workdir):
   config, workdir, state = tiny_workdir
-  _, params, step = plots.restore_params(config, workdir)
+  _, params, step = train.restore_params(config, workdir)
   assert step == 7
   np.testing.assert_array_equal(params['conv1']['kernel'][...],
                                 state.params['conv1']['kernel'][...])
@@ -154,7 +154,7 @@ def test_write_all_draws_every_picture_from_a_workdir(tiny_workdir):
 
 def test_predict_returns_the_test_images_as_the_model_saw_them(tiny_workdir):
   config, workdir, _ = tiny_workdir
-  graphdef, params, _ = plots.restore_params(config, workdir)
+  graphdef, params, _ = train.restore_params(config, workdir)
   images, labels, probs = plots.predict(config, graphdef, params, max_examples=20)
   assert images.shape == (20, 67, 67, 3) and images.dtype == np.uint8
   assert labels.shape == (20,)

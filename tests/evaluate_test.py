@@ -1,0 +1,159 @@
+"""Tests of checkpoint evaluation: the 10-crop test (Sec. 4.1), counts, meshes, errors."""
+
+import functools
+import json
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from alexnet_jax import evaluate
+from alexnet_jax import input_pipeline
+from alexnet_jax import sharding
+from alexnet_jax import train
+from configs import fashion_mnist
+
+
+@pytest.fixture(autouse=True)
+def skip_fashion_mnist_preparation(monkeypatch):
+  """Under mock data, use the builder as is (its preparation is tested on real files)."""
+  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
+                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+
+
+_CREATE_MESH = sharding.create_mesh
+
+
+def on_devices(monkeypatch, n):
+  """Makes training and evaluation use the first `n` of the 4 simulated devices."""
+  monkeypatch.setattr(sharding, 'create_mesh',
+                      functools.partial(_CREATE_MESH, devices=jax.devices()[:n]))
+
+
+def small_config(**overrides):
+  config = fashion_mnist.get_config()
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.shuffle_buffer = 64
+  config.num_train_steps = 2
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.update(overrides)
+  return config
+
+
+def save_untrained_checkpoint(config, workdir, step):
+  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+  _, eval_graphdef, state = train.create_train_state(config, tx, jax.random.key(5), mesh)
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    manager.save(step, args=ocp.args.StandardSave(state.replace(step=state.step + step)))
+  return eval_graphdef, jax.device_get(state.params)
+
+
+def test_ten_crops_are_the_corners_centre_and_their_reflections():
+  h, w, size = 9, 11, 4
+  image = np.arange(h * w * 3, dtype=np.float32).reshape(h, w, 3)
+  crops = input_pipeline.ten_crops(tf.constant(image), size).numpy()
+  top, left = (h - size) // 2, (w - size) // 2
+  patches = [image[:size, :size], image[:size, w - size:], image[h - size:, :size],
+             image[h - size:, w - size:], image[top:top + size, left:left + size]]
+  expected = np.stack(patches + [p[:, ::-1] for p in patches])
+  assert crops.shape == (10, size, size, 3)
+  np.testing.assert_array_equal(crops, expected)
+
+
+def test_ten_crop_eval_averages_the_softmax_of_each_crop():
+  """Sums from the sharded 10-crop eval step = per-crop model calls, averaged by hand."""
+  config = small_config(resize_size=75)  # Corner patches differ from the centre.
+  rng = np.random.RandomState(0)
+  images = rng.randint(0, 256, (2, 75, 75, 3)).astype(np.float32)
+  labels = np.array([3, 7], np.int32)
+  crops = np.stack([input_pipeline.ten_crops(tf.constant(x), 67).numpy() for x in images])
+
+  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:2])  # Towers split.
+  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+  _, eval_graphdef, state = train.create_train_state(config, tx, jax.random.key(1), mesh)
+  eval_fn = train.jit_eval_step(mesh, eval_graphdef, state.params)
+  batch = {'image': crops, 'label': labels, 'mask': np.ones(2, np.float32)}
+  sums = jax.device_get(eval_fn(state.params, sharding.global_batch(mesh, batch)))
+
+  model = nnx.merge(eval_graphdef, jax.device_get(state.params))
+  h, w = 75, 75
+  probs = []
+  for image in images:
+    patches = [image[:67, :67], image[:67, w - 67:], image[h - 67:, :67],
+               image[h - 67:, w - 67:], image[4:71, 4:71]]
+    patches += [p[:, ::-1] for p in patches]
+    probs.append(np.mean([jax.nn.softmax(model(jnp.asarray(p[None])))[0] for p in patches],
+                         axis=0))
+  probs = np.stack(probs)
+  assert not np.allclose(probs[0], jax.nn.softmax(model(jnp.asarray(crops[0, 4:5])))[0])
+  assert float(sums['loss']) == pytest.approx(
+      -np.log(probs[np.arange(2), labels]).sum(), rel=1e-4)
+  assert float(sums['top1']) == np.sum(probs.argmax(-1) == labels)
+  top5 = np.argsort(-probs, axis=-1)[:, :5]
+  assert float(sums['top5']) == np.sum(np.any(top5 == labels[:, None], axis=-1))
+  assert float(sums['count']) == 2
+
+
+@pytest.mark.parametrize('crops', [1, 10])
+def test_every_test_example_counts_once(tmp_path, crops):
+  """37 mock test examples in batches of 8 (the last padded) on the (2, 2) mesh."""
+  config = small_config(eval_crops=crops)
+  eval_graphdef, params = save_untrained_checkpoint(config, str(tmp_path), 4)
+  with tfds.testing.mock_data(num_examples=37):
+    results = evaluate.evaluate_checkpoint(config, str(tmp_path))
+    test = tfds.as_numpy(tfds.builder('fashion_mnist').as_dataset(split='test'))
+    images = np.stack([input_pipeline.preprocess_eval(
+        tf.io.encode_png(ex['image']), config, crops).numpy() for ex in test])
+    labels = np.array([ex['label'] for ex in test])
+
+  assert results['n_examples'] == len(labels) == 37
+  assert results['step'] == 4 and results['crops'] == crops
+  # Reference: the plain model on all 37 examples at once.
+  model = nnx.merge(eval_graphdef, params)
+  flat = jnp.asarray(images.reshape(-1, 67, 67, 3))
+  probs = np.asarray(jax.nn.softmax(model(flat))).reshape(37, crops, -1).mean(1)
+  assert results['loss'] == pytest.approx(-np.log(probs[np.arange(37), labels]).mean(),
+                                          rel=1e-4)
+  assert results['top1'] == pytest.approx(np.mean(probs.argmax(-1) == labels))
+  with open(tmp_path / 'eval_4.json') as f:
+    assert json.load(f) == results
+
+
+def test_eval_on_one_device_of_a_run_trained_with_split_towers(tmp_path, monkeypatch):
+  config = small_config(eval_batch_size=12)  # 64 test examples: the last batch padded.
+  config.mesh.model = 2
+  with tfds.testing.mock_data(num_examples=64):
+    on_devices(monkeypatch, 2)
+    trained = train.train_and_evaluate(config, str(tmp_path))
+    on_devices(monkeypatch, 1)
+    config.mesh.model = None
+    results = evaluate.evaluate_checkpoint(config, str(tmp_path))
+
+  with open(tmp_path / 'eval_2.json') as f:
+    assert json.load(f) == results
+  assert results['step'] == trained['step'] == 2
+  assert results['n_examples'] == trained['n_test_examples'] == 64
+  assert results['crops'] == 1
+  assert results['top1'] == pytest.approx(trained['test_top1'], abs=1e-6)
+  assert results['top5'] == pytest.approx(trained['test_top5'], abs=1e-6)
+  assert results['loss'] == pytest.approx(trained['test_loss'], rel=1e-5)
+
+
+def test_missing_checkpoint_says_what_to_do(tmp_path):
+  config = small_config()
+  with pytest.raises(FileNotFoundError, match='train first'):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'missing'))
+  assert not os.path.exists(tmp_path / 'missing')
+  save_untrained_checkpoint(config, str(tmp_path), 3)
+  with pytest.raises(FileNotFoundError, match=r'step 5 .* steps are \[3\]'):
+    evaluate.evaluate_checkpoint(config, str(tmp_path), step=5)
