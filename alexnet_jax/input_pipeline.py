@@ -290,7 +290,7 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
   batch_size = config.batch_size // jax.process_count()
   eval_batch_size = config.eval_batch_size // jax.process_count()
   options = tf.data.Options()
-  options.deterministic = True
+  options.deterministic = config.deterministic_input
 
   def train_batches(start_step: int = 0):
     """Endless batches from step `start_step` on; the same for a given config.seed."""

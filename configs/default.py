@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_classes = 1000
   config.cache = False  # Keep the encoded train split in memory.
   config.shuffle_buffer = 16_384
+  # Exact, resumable data order; False lets tf.data reorder examples when that is faster.
+  config.deterministic_input = True
 
   # Sec. 2 and 4.1: shorter side to 256, random 227×227 crops (224 in the text;
   # 227 makes conv1's arithmetic exact), flips, PCA lighting with σ = 0.1.
