@@ -14,3 +14,16 @@ import jax  # pylint: disable=g-import-not-at-top
 
 # Tiny shapes and few steps: compile time dominates, and numerics are unaffected.
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture
+def fashion_mnist_as_is(monkeypatch):
+  """Under `tfds.testing.mock_data`, use the fashion_mnist builder as it is: building it
+  from the real files is tested in input_pipeline_test."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
+                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))

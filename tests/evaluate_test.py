@@ -21,11 +21,7 @@ from alexnet_jax import train
 from configs import fashion_mnist
 
 
-@pytest.fixture(autouse=True)
-def skip_fashion_mnist_preparation(monkeypatch):
-  """Under mock data, use the builder as is (its preparation is tested on real files)."""
-  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
-                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is')
 
 
 _CREATE_MESH = sharding.create_mesh

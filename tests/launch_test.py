@@ -14,7 +14,6 @@ import matplotlib.image
 import pytest
 import tensorflow_datasets as tfds
 
-from alexnet_jax import input_pipeline
 from alexnet_jax import train
 from configs import fashion_mnist
 from launch import results
@@ -238,9 +237,8 @@ def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
 
 
 @pytest.fixture
-def mock_fashion_mnist(monkeypatch):
-  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
-                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+def mock_fashion_mnist(fashion_mnist_as_is):
+  del fashion_mnist_as_is
   with tfds.testing.mock_data(num_examples=32):
     yield
 

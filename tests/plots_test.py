@@ -122,10 +122,9 @@ def test_confusion_matrix_png_and_its_class_limit(tmp_path):
 
 
 @pytest.fixture
-def tiny_workdir(tmp_path, monkeypatch):
+def tiny_workdir(tmp_path, fashion_mnist_as_is):
   """Fake metrics and a real (untrained) checkpoint at step 7, under mock Fashion-MNIST."""
-  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
-                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+  del fashion_mnist_as_is
   config = fashion_mnist.get_config()
   config.eval_batch_size = 16
   tx = train.create_optimizer(config, optax.constant_schedule(0.1))

@@ -20,10 +20,9 @@ FASHION_MNIST_NAMES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'S
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, fashion_mnist_as_is):
   """A checkpoint of a freshly initialised model at step 1, under mock Fashion-MNIST."""
-  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
-                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+  del fashion_mnist_as_is
   config = fashion_mnist.get_config()
   config.init = 'paper'  # Small logits: many classes get visible probability.
   tx = train.create_optimizer(config, optax.constant_schedule(0.1))

@@ -12,18 +12,13 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from alexnet_jax import input_pipeline
 from alexnet_jax import sharding
 from alexnet_jax import train
 from configs import fashion_mnist
 from configs import imagenet
 
 
-@pytest.fixture(autouse=True)
-def skip_fashion_mnist_preparation(monkeypatch):
-  """Under mock data, use the builder as is (its preparation is tested on real files)."""
-  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
-                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is')
 
 
 def small_config(**overrides):
