@@ -209,13 +209,6 @@ def predict(config: ml_collections.ConfigDict, eval_graphdef: nnx.GraphDef,
           np.concatenate(probs)[:stop])
 
 
-def class_names(config: ml_collections.ConfigDict) -> list[str]:
-  """Label names from the TFDS metadata, e.g. Fashion-MNIST's 'T-shirt/top'."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-  return list(builder.info.features['label'].names)
-
-
 def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Writes every picture of the run in `workdir` to `workdir/plots/`; returns the paths.
 
@@ -229,7 +222,8 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       np.asarray(params['conv1']['kernel'][...]), os.path.join(out, 'conv1_filters.png'),
       title=f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), '
             'each contrast-normalised'))
-  names = class_names(config)
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  names = input_pipeline.class_names(config)
   full = len(names) <= MAX_CONFUSION_CLASSES
   images, labels, probs = predict(config, eval_graphdef, params,
                                   None if full else GRID_ROWS * GRID_COLS)
