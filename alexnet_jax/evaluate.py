@@ -38,10 +38,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.create_mesh(config.mesh)
-  data_size = mesh.shape[sharding.DATA_AXIS]
-  if config.eval_batch_size % data_size:
-    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} must be divisible '
-                     f'by the {data_size} devices of the mesh\'s data axis.')
+  sharding.check_batch_sizes(mesh, config, 'eval_batch_size')
   eval_graphdef, params, step = train.restore_params(config, workdir, step, mesh)
   logging.info('Evaluating step %d of %s on mesh %s with %d crop(s).',
                step, workdir, dict(mesh.shape), config.eval_crops)

@@ -69,6 +69,16 @@ def create_mesh(mesh_config: ml_collections.ConfigDict,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+def check_batch_sizes(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict,
+                      *names: str):
+  """Raises ValueError unless every `config.<name>` splits evenly over 'data'."""
+  data = mesh.shape[DATA_AXIS]
+  for name in names:
+    if config[name] % data:
+      raise ValueError(f'config.{name}={config[name]} must be divisible by the {data} '
+                       "devices of the mesh's data axis.")
+
+
 def partition_specs(tree):
   """A `PartitionSpec` for every leaf of `tree`, by its path and `PARTITION_RULES`."""
   def spec(path, _):

@@ -327,10 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.create_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
-  for name in ('batch_size', 'eval_batch_size'):
-    if config[name] % mesh.shape[sharding.DATA_AXIS]:
-      raise ValueError(f'config.{name}={config[name]} must be divisible by the '
-                       f'{mesh.shape[sharding.DATA_AXIS]} devices of the mesh\'s data axis.')
+  sharding.check_batch_sizes(mesh, config, 'batch_size', 'eval_batch_size')
   data = input_pipeline.create_datasets(config)
   steps_per_epoch = data.num_train_examples // config.batch_size
   num_steps = _num_steps(config, steps_per_epoch)

@@ -163,3 +163,10 @@ def test_checkpoint_from_two_devices_restores_on_one(tmp_path):
   # And the plain, unsharded module gives the same.
   model = nnx.merge(eval_graphdef, jax.device_get(state1.params))
   np.testing.assert_allclose(model(jnp.asarray(batch['image'])), logits1, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_sizes_must_split_over_the_data_axis():
+  config = ml_collections.ConfigDict({'batch_size': 6, 'eval_batch_size': 5})
+  sharding.check_batch_sizes(mesh_of(2, 2), config, 'batch_size')
+  with pytest.raises(ValueError, match='eval_batch_size=5 must be divisible by the 2'):
+    sharding.check_batch_sizes(mesh_of(2, 2), config, 'batch_size', 'eval_batch_size')
