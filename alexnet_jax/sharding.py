@@ -4,6 +4,7 @@ Parameter placement is decided here only, by `PARTITION_RULES`; the model runs p
 device inside `jax.shard_map` and communicates where the paper's GPUs did (Sec. 3.2).
 """
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -112,11 +113,15 @@ def sharded_apply(graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh) -> Ca
   `[N, classes]` are split over 'data'. Gradients through it are summed over
   'data' by `shard_map`'s transpose.
   """
-  def per_device(params, images, dropout_key):
+  def apply(params, images, dropout_key, **axes):
     model = nnx.merge(graphdef, params)
-    return model(images, rngs=nnx.Rngs(dropout=dropout_key),
-                 data_axis=DATA_AXIS, model_axis=MODEL_AXIS)
+    return model(images, rngs=nnx.Rngs(dropout=dropout_key), **axes)
 
+  if mesh.size == 1:
+    # The plain module: shard_map would add a copy of every gradient (an all-reduce
+    # over one device) that XLA:CPU does not remove.
+    return apply
+  per_device = functools.partial(apply, data_axis=DATA_AXIS, model_axis=MODEL_AXIS)
   return jax.shard_map(per_device, mesh=mesh,
                        in_specs=(partition_specs(params), P(DATA_AXIS), P()),
                        out_specs=P(DATA_AXIS))

@@ -192,6 +192,18 @@ def eval_step(params, batch: Batch, *, apply_fn) -> dict[str, jax.Array]:
   }
 
 
+def compiler_options() -> dict[str, str] | None:
+  """XLA options for the train and eval steps on this backend.
+
+  On CPU, jaxlib 0.10 hands convolutions to YNNPACK by default, which runs
+  AlexNet's convolutions (above all the kernel gradients) 2-5× slower than XLA's
+  own Eigen ones (benchmarks/README.md): keep YNNPACK for the matmuls only.
+  """
+  if jax.default_backend() != 'cpu':
+    return None
+  return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
 def jit_steps(mesh: jax.sharding.Mesh, train_graphdef: nnx.GraphDef,
               eval_graphdef: nnx.GraphDef, state: TrainState,
               tx: optax.GradientTransformation):
@@ -203,7 +215,8 @@ def jit_steps(mesh: jax.sharding.Mesh, train_graphdef: nnx.GraphDef,
   train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
   p_train_step = jax.jit(
       functools.partial(train_step, apply_fn=train_apply, tx=tx),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
+      out_shardings=(state_shardings, replicated), donate_argnums=0,
+      compiler_options=compiler_options())
   return p_train_step, jit_eval_step(mesh, eval_graphdef, state.params)
 
 
@@ -212,7 +225,7 @@ def jit_eval_step(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   eval_apply = sharding.sharded_apply(eval_graphdef, params, mesh)
   return jax.jit(functools.partial(eval_step, apply_fn=eval_apply),
-                 out_shardings=replicated)
+                 out_shardings=replicated, compiler_options=compiler_options())
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,

@@ -32,6 +32,47 @@ def test_lrn_matches_numpy_and_tensorflow(scale):
     assert not np.allclose(ours, x / 2.0 ** 0.75, rtol=1e-3)
 
 
+def lrn_formula(x, size=5, k=2.0, alpha=1e-4, beta=0.75):
+  """The formula with a general power, differentiated by JAX's autodiff."""
+  padded = jnp.pad(jnp.square(x), [(0, 0)] * (x.ndim - 1) + [(size // 2, size // 2)])
+  window = sum(padded[..., i:i + x.shape[-1]] for i in range(size))
+  return x / jnp.power(k + alpha * window, beta)
+
+
+@pytest.mark.parametrize('beta', [0.75, 0.6])
+def test_lrn_gradient_matches_autodiff_and_tensorflow(beta):
+  rng = np.random.RandomState(1)
+  x = np.maximum(rng.randn(2, 4, 4, 48), 0).astype(np.float32) * 40  # After a ReLU.
+  g = rng.randn(*x.shape).astype(np.float32)
+  ours = jax.vjp(lambda a: models.local_response_norm(a, beta=beta), jnp.asarray(x))[1](g)[0]
+  autodiff = jax.vjp(lambda a: lrn_formula(a, beta=beta), jnp.asarray(x))[1](g)[0]
+  x_tf = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(x_tf)
+    y = tf.nn.local_response_normalization(x_tf, depth_radius=2, bias=2.0, alpha=1e-4,
+                                           beta=beta)
+  tf_grad = tape.gradient(y, x_tf, output_gradients=tf.constant(g)).numpy()
+  np.testing.assert_allclose(ours, autodiff, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours, tf_grad, rtol=1e-4, atol=1e-5)
+  # The cross-channel term matters at this scale: not just g * s^-beta.
+  assert not np.allclose(ours, g / 2.0 ** beta, rtol=1e-2)
+
+
+def test_max_pool_gradient_matches_select_and_scatter():
+  """Same values and gradients as XLA's reduce-window max, ReLU ties at 0 included."""
+  rng = np.random.RandomState(2)
+  x = jnp.asarray(np.maximum(rng.randn(2, 13, 13, 8), 0), jnp.float32)
+  y, vjp = jax.vjp(models.max_pool, x)
+  ref_y, ref_vjp = jax.vjp(lambda a: nnx.max_pool(a, (3, 3), strides=(2, 2)), x)
+  g = jnp.asarray(rng.randn(*y.shape), jnp.float32)
+  assert y.shape == (2, 6, 6, 8)
+  np.testing.assert_array_equal(y, ref_y)
+  np.testing.assert_allclose(vjp(g)[0], ref_vjp(g)[0], rtol=1e-6, atol=1e-6)
+  # A window of equal values sends its whole gradient to its first element.
+  grad = jax.grad(lambda a: models.max_pool(a).sum())(jnp.zeros((1, 3, 3, 1)))
+  np.testing.assert_array_equal(grad[0, :, :, 0], [[1, 0, 0], [0, 0, 0], [0, 0, 0]])
+
+
 def test_lrn_rejects_even_size():
   with pytest.raises(ValueError, match='odd'):
     models.local_response_norm(jnp.ones((1, 4)), size=4)
