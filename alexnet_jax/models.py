@@ -50,6 +50,9 @@ def local_response_norm(
   dL/da = g s^-beta - 2 alpha beta a * window_sum(g b / s), with s the denominator's
   base and g = dL/db; autodiff of the formula costs twice as much on CPU.
 
+  It computes in float32 whatever the dtype of `x`: in bfloat16 (8-bit mantissa)
+  k + alpha * sum would round to k unless the sum of squares exceeds ~80.
+
   Args:
     x: activations `[..., C]`, any float dtype; channels on the last axis.
     size: odd window width n over channels (paper: 5).
@@ -65,7 +68,7 @@ def local_response_norm(
   """
   if size < 1 or size % 2 == 0:
     raise ValueError(f'LRN size must be a positive odd integer, got {size}.')
-  return _lrn(x, size, k, alpha, beta)
+  return _lrn(x.astype(jnp.float32), size, k, alpha, beta).astype(x.dtype)
 
 
 def _channel_window_sum(x: jax.Array, size: int) -> jax.Array:
