@@ -2,14 +2,20 @@
 
   pip install -r requirements-bench.txt
   python -m benchmarks.torch_reference --batch_size=64 --image_size=227 [--compile]
+  python -m benchmarks.torch_reference --config=configs/fashion_mnist.py --num_classes=10 \
+      --batch_size=128 --image_size=67
 
 Grouped convolutions (groups=2) for the towers, LRN with PyTorch's alpha convention
 (alpha * size, see `models.local_response_norm`), SGD momentum 0.9, weight decay 5e-4.
-The last line is machine-readable: images_per_sec=…
+In the same run it times alexnet_jax's step (`train_throughput.py` in a subprocess,
+same batch, size, classes and dtype) unless `--no_jax`. The last line is
+machine-readable: images_per_sec=… [jax_images_per_sec=… jax_over_torch=…]
 """
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -43,7 +49,13 @@ def main():
   parser.add_argument('--windows', type=int, default=3)
   parser.add_argument('--compile', action='store_true', help='torch.compile the model.')
   parser.add_argument('--channels_last', action='store_true')
+  parser.add_argument('--amp', action='store_true',
+                      help='bfloat16 autocast (fp32 weights); JAX then runs dtype=bfloat16.')
+  parser.add_argument('--config', default='configs/imagenet.py',
+                      help='alexnet_jax config for the JAX side (its classes are overridden).')
+  parser.add_argument('--no_jax', action='store_true', help='Time PyTorch only.')
   args = parser.parse_args()
+  jax_line = '' if args.no_jax else time_jax(args)
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = alexnet(args.num_classes, args.image_size).to(device)
@@ -58,7 +70,9 @@ def main():
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(images), labels)
+    with torch.autocast(device, torch.bfloat16, enabled=args.amp):
+      logits = model(images)
+    loss = nn.functional.cross_entropy(logits.float(), labels)
     loss.backward()
     optimizer.step()
     return loss
@@ -72,10 +86,28 @@ def main():
     loss.item()  # Waits for the device.
     seconds.append((time.perf_counter() - start) / args.steps)
   step_time = statistics.median(seconds)
+  images_per_sec = args.batch_size / step_time
   print(f'torch {torch.__version__} on {device} ({torch.get_num_threads()} threads), '
-        f'batch {args.batch_size}, {args.image_size} px, compile={args.compile}: '
-        f'{step_time * 1e3:.1f} ms per step')
-  print(f'images_per_sec={args.batch_size / step_time:.2f}')
+        f'batch {args.batch_size}, {args.image_size} px, compile={args.compile}, '
+        f'channels_last={args.channels_last}, amp={args.amp}: {step_time * 1e3:.1f} ms per step')
+  if jax_line:
+    jax_images_per_sec = float(jax_line.split()[0].split('=')[1])
+    jax_line = (f' jax_images_per_sec={jax_images_per_sec:.2f}'
+                f' jax_over_torch={jax_images_per_sec / images_per_sec:.3f}')
+  print(f'images_per_sec={images_per_sec:.2f}{jax_line}')
+
+
+def time_jax(args) -> str:
+  """Last line of `train_throughput` run with the same settings in a subprocess."""
+  command = [sys.executable, '-m', 'benchmarks.train_throughput', f'--config={args.config}',
+             f'--config.num_classes={args.num_classes}', f'--batch_size={args.batch_size}',
+             f'--image_size={args.image_size}', f'--steps={args.steps}',
+             f'--windows={args.windows}', f'--dtype={"bfloat16" if args.amp else "float32"}']
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode:
+    sys.exit(f'{" ".join(command)} failed:\n{result.stderr}')
+  print(result.stdout, end='')
+  return result.stdout.strip().splitlines()[-1]
 
 
 if __name__ == '__main__':

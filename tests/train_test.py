@@ -36,6 +36,27 @@ def small_config(**overrides):
   return config
 
 
+def test_cpu_compiler_options_leave_convolutions_to_xla():
+  """The options move the convs out of YNNPACK (see `train.compiler_options`)."""
+  x, kernel = jnp.ones((2, 27, 27, 48)), jnp.ones((5, 5, 48, 128))
+
+  def conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def count_ynnpack_calls(**jit_kwargs):
+    hlo = jax.jit(conv, **jit_kwargs).lower(x, kernel).compile().as_text()
+    return hlo.count('%ynn_fusion')
+
+  # Optimised as in training (conftest's fast compiles keep YNNPACK convs regardless).
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    assert count_ynnpack_calls() > 0  # jaxlib's default, which the options undo.
+    assert count_ynnpack_calls(compiler_options=train.compiler_options()) == 0
+  finally:
+    jax.config.update('jax_disable_most_optimizations', True)
+
+
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
   config = small_config(learning_rate=0.01, lr_schedule='constant')
   tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
