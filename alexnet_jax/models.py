@@ -1,7 +1,8 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton, NeurIPS 2012) as a Flax NNX module.
 
 The two GPU "towers" of the paper (Sec. 3.2, Fig. 2) are kept explicit: every layer's
-output channels are split in two halves, computed as separate per-tower convolutions.
+output channels are split in two halves; the tower-local layers (conv2, conv4, conv5)
+run one convolution per tower rather than a grouped one (3× faster on XLA:CPU).
 """
 
 from collections.abc import Sequence
