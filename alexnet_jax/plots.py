@@ -193,7 +193,8 @@ def predict(config: ml_collections.ConfigDict, eval_graphdef: nnx.GraphDef,
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   probabilities = jax.jit(
-      lambda p, x: jax.nn.softmax(nnx.merge(eval_graphdef, p)(x)))
+      lambda p, x: jax.nn.softmax(nnx.merge(eval_graphdef, p)(x)),
+      compiler_options=train.compiler_options())
   mean, std = np.asarray(config.pixel_mean), np.asarray(config.pixel_std)
   images, labels, probs, seen = [], [], [], 0
   for batch in input_pipeline.create_datasets(config).test_batches():
