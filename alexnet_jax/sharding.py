@@ -111,7 +111,7 @@ def sharded_apply(graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh) -> Ca
   Each device holds its tower's parameters (or both towers when 'model' has size 1)
   and its slice of the batch; `images` `[N, H, W, 3]` and the float32 logits
   `[N, classes]` are split over 'data'. Gradients through it are summed over
-  'data' by `shard_map`'s transpose.
+  'data' by `shard_map`'s transpose. On a one-device mesh it is the plain module.
   """
   def apply(params, images, dropout_key, **axes):
     model = nnx.merge(graphdef, params)
