@@ -49,12 +49,13 @@ def test_cpu_compiler_options_leave_convolutions_to_xla():
     return hlo.count('%ynn_fusion')
 
   # Optimised as in training (conftest's fast compiles keep YNNPACK convs regardless).
+  unoptimised = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)
   try:
     assert count_ynnpack_calls() > 0  # jaxlib's default, which the options undo.
     assert count_ynnpack_calls(compiler_options=train.compiler_options()) == 0
   finally:
-    jax.config.update('jax_disable_most_optimizations', True)
+    jax.config.update('jax_disable_most_optimizations', unoptimised)
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
