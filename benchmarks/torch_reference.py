@@ -91,7 +91,7 @@ def main():
         f'batch {args.batch_size}, {args.image_size} px, compile={args.compile}, '
         f'channels_last={args.channels_last}, amp={args.amp}: {step_time * 1e3:.1f} ms per step')
   if jax_line:
-    jax_images_per_sec = float(jax_line.split()[0].split('=')[1])
+    jax_images_per_sec = float(dict(f.split('=') for f in jax_line.split())['images_per_sec'])
     jax_line = (f' jax_images_per_sec={jax_images_per_sec:.2f}'
                 f' jax_over_torch={jax_images_per_sec / images_per_sec:.3f}')
   print(f'images_per_sec={images_per_sec:.2f}{jax_line}')
