@@ -223,8 +223,8 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       np.asarray(params['conv1']['kernel'][...]), os.path.join(out, 'conv1_filters.png'),
       title=f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), '
             'each contrast-normalised'))
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  names = input_pipeline.class_names(config)
+  from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
+  names = datasets.class_names(config)
   full = len(names) <= MAX_CONFUSION_CLASSES
   images, labels, probs = predict(config, eval_graphdef, params,
                                   None if full else GRID_ROWS * GRID_COLS)

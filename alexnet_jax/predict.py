@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
 from alexnet_jax import train
 
@@ -43,7 +44,7 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   eval_graphdef, params, _ = train.restore_params(config, workdir)
   images = np.stack([load_image(path, config) for path in paths])
   probabilities = np.asarray(jax.nn.softmax(nnx.merge(eval_graphdef, params)(images)))
-  names = input_pipeline.class_names(config)
+  names = datasets.class_names(config)
   top = np.argsort(-probabilities, axis=-1)[:, :k]
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probabilities, top)]
 

@@ -24,6 +24,6 @@ def fashion_mnist_as_is(monkeypatch):
   """Under `tfds.testing.mock_data`, use the fashion_mnist builder as it is: building it
   from the real files is tested in input_pipeline_test."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(input_pipeline, 'prepare_fashion_mnist',
+  from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(datasets, 'prepare_fashion_mnist',
                       lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))

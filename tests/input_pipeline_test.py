@@ -7,6 +7,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
 from configs import fashion_mnist
 from configs import imagenet
@@ -15,17 +16,17 @@ DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
 
 def test_fashion_mnist_builds_from_debian_files(tmp_path):
-  builder = input_pipeline.prepare_fashion_mnist(str(tmp_path), DEBIAN_FASHION_MNIST)
+  builder = datasets.prepare_fashion_mnist(str(tmp_path), DEBIAN_FASHION_MNIST)
   assert builder.info.splits['train'].num_examples == 60_000
   assert builder.info.splits['test'].num_examples == 10_000
   # The decoded data were checked when prepared; a second call reuses them.
-  assert input_pipeline.prepare_fashion_mnist(
+  assert datasets.prepare_fashion_mnist(
       str(tmp_path), '/nonexistent').data_dir == builder.data_dir
 
 
 def test_missing_fashion_mnist_files_say_how_to_get_them(tmp_path):
   with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
-    input_pipeline.prepare_fashion_mnist(str(tmp_path), str(tmp_path / 'missing'))
+    datasets.prepare_fashion_mnist(str(tmp_path), str(tmp_path / 'missing'))
 
 
 def encode_png(image: np.ndarray) -> tf.Tensor:
