@@ -6,6 +6,7 @@ run one convolution per tower rather than a grouped one (3× faster on XLA:CPU).
 """
 
 from collections.abc import Sequence
+import dataclasses
 import functools
 
 import jax
@@ -20,6 +21,37 @@ LRN_SIZE = 5  # n, adjacent kernel maps summed over.
 LRN_K = 2.0
 LRN_ALPHA = 1e-4
 LRN_BETA = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class LRNConvention:
+  """How a reference reads the paper's LRN constants (Sec. 3.3: k=2, n=5, α=1e-4, β=0.75).
+
+  Attributes:
+    k: the additive constant.
+    alpha: the coefficient on each squared activation in the window (α as printed,
+      or α / n where the reference divides it by the window size).
+    across_towers: the window runs over all maps of the layer, crossing the tower
+      boundary (one GPU); False keeps it within each tower's maps (two GPUs).
+  """
+  k: float
+  alpha: float
+  across_towers: bool
+
+
+LRN_CONVENTIONS = {
+    # Krizhevsky's cuda-convnet2, the code behind the paper: layer.py divides the
+    # configured scale by the window (`dic['scale'] /= dic['size']`), and
+    # layer-params-imagenet-2gpu-model.cfg sets scale=0.0001, pow=0.75, minDiv=2 for
+    # rnorm1a/b and rnorm2a/b, each on one tower's maps (channels=48, 128).
+    'cuda-convnet': LRNConvention(k=LRN_K, alpha=LRN_ALPHA / LRN_SIZE, across_towers=False),
+    # The paper's text taken literally: α multiplies the sum itself.
+    'paper-text': LRNConvention(k=LRN_K, alpha=LRN_ALPHA, across_towers=False),
+    # BVLC Caffe, models/bvlc_alexnet: local_size 5, alpha 1e-4, beta 0.75, k = 1
+    # (LRNParameter's default), and lrn_layer.cpp scales by alpha / size; one GPU,
+    # so the window crosses from one tower's maps into the other's.
+    'caffe': LRNConvention(k=1.0, alpha=LRN_ALPHA / LRN_SIZE, across_towers=True),
+}
 
 # Sec. 5: weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden fc layers.
 PAPER_INIT_STDDEV = 0.01
@@ -39,13 +71,11 @@ def local_response_norm(
   """Local response normalization across channels (paper Sec. 3.3).
 
   b[..., i] = a[..., i] / (k + alpha * sum_{j=i-size//2}^{i+size//2} a[..., j]^2)^beta,
-  the sum clipped to the channels that exist. As in the paper, alpha is *not*
-  divided by `size`. Equivalent conventions elsewhere:
-
-  * TensorFlow: `tf.nn.local_response_normalization(x, depth_radius=size // 2,
-    bias=k, alpha=alpha, beta=beta)` (same formula).
-  * PyTorch `nn.LocalResponseNorm(size, alpha', beta, k)` and Caffe's LRN layer
-    divide their alpha by `size`: pass `alpha' = alpha * size` (5e-4 here).
+  the sum clipped to the channels that exist. `alpha` is the coefficient on each
+  squared activation, as in TensorFlow's `tf.nn.local_response_normalization(x,
+  depth_radius=size // 2, bias=k, alpha=alpha, beta=beta)`. References that divide
+  their configured scale by `size` (cuda-convnet2, Caffe, PyTorch's
+  `nn.LocalResponseNorm`) are this with `alpha = scale / size`: see `LRN_CONVENTIONS`.
 
   Its gradient is written out (Caffe's `LRNLayer::CrossChannelBackward`):
   dL/da = g s^-beta - 2 alpha beta a * window_sum(g b / s), with s the denominator's
@@ -58,7 +88,7 @@ def local_response_norm(
     x: activations `[..., C]`, any float dtype; channels on the last axis.
     size: odd window width n over channels (paper: 5).
     k: additive constant (paper: 2).
-    alpha: scale of the squared sum (paper: 1e-4).
+    alpha: coefficient on each squared activation (paper's text: 1e-4).
     beta: exponent (paper: 0.75).
 
   Returns:
@@ -109,6 +139,29 @@ def _lrn_backward(size, k, alpha, beta, residuals, g):
 
 
 _lrn.defvjp(_lrn_forward, _lrn_backward)
+
+
+def lrn_across_towers(x: jax.Array, model_axis: str, *, size: int = LRN_SIZE,
+                      k: float = 1.0, alpha: float = LRN_ALPHA / LRN_SIZE,
+                      beta: float = LRN_BETA) -> jax.Array:
+  """`local_response_norm` over all towers' maps, run per tower inside `shard_map`.
+
+  `x` `[..., C]` holds this device's tower (tower i = index i on `model_axis`); the
+  window of its first and last `size // 2` maps reaches into the neighbouring towers,
+  so only those edge maps are exchanged (two `ppermute`s of `size // 2` channels),
+  never the whole layer. Equal to `local_response_norm` of the towers' maps
+  concatenated in tower order (Caffe's one-GPU LRN), then split.
+  """
+  r = size // 2
+  n = jax.lax.axis_size(model_axis)
+  # Tower i receives the last r maps of tower i - 1 and the first r of tower i + 1;
+  # the outer edges receive zeros, which add nothing to the sum (clipping).
+  left = jax.lax.ppermute(x[..., -r:], model_axis, [(i, i + 1) for i in range(n - 1)])
+  right = jax.lax.ppermute(x[..., :r], model_axis, [(i + 1, i) for i in range(n - 1)])
+  squares = jnp.square(jnp.concatenate([left, x, right], -1).astype(jnp.float32))
+  window = sum(squares[..., i:i + x.shape[-1]] for i in range(size))
+  y = x.astype(jnp.float32) * _inverse_power(k + alpha * window, beta)
+  return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -268,9 +321,16 @@ def _max_pool(towers: Sequence[jax.Array]) -> list[jax.Array]:
   return [max_pool(x) for x in towers]
 
 
-def _relu_lrn(towers: Sequence[jax.Array]) -> list[jax.Array]:
-  # Sec. 3.3: LRN after the ReLU, normalising within each tower's own maps.
-  return [local_response_norm(jax.nn.relu(x)) for x in towers]
+def _relu_lrn(towers: Sequence[jax.Array], lrn: LRNConvention,
+              model_axis: str | None) -> list[jax.Array]:
+  """Sec. 3.3: LRN after the ReLU, within each tower's maps or across both (`lrn`)."""
+  towers = _relu(towers)
+  norm = functools.partial(local_response_norm, k=lrn.k, alpha=lrn.alpha)
+  if not lrn.across_towers:
+    return [norm(x) for x in towers]
+  if len(towers) == NUM_TOWERS:  # Both towers here: one window over all maps.
+    return jnp.split(norm(jnp.concatenate(towers, -1)), NUM_TOWERS, axis=-1)
+  return [lrn_across_towers(x, model_axis, k=lrn.k, alpha=lrn.alpha) for x in towers]
 
 
 def pool5_size(image_size: int) -> int:
@@ -296,7 +356,9 @@ class AlexNet(nnx.Module):
   (tower-local) → conv5 256@3×3 (tower-local) → maxpool → fc6 4096 → fc7 4096
   → fc8. Dropout 0.5 on the fc6 and fc7 outputs, as Caffe does (Sec. 4.2: "in
   the first two fully-connected layers"). At 227 px and 1000 classes this is
-  60,965,224 parameters; Caffe's `bvlc_alexnet` weights map one-to-one.
+  60,965,224 parameters, the shapes of Caffe's `bvlc_alexnet` (whose weights need
+  transposes, fc6's row order, conv1's BGR inputs and `lrn='caffe'`: see
+  `import_caffe`).
 
   The same module runs on one device (both towers here) or per device inside
   `shard_map` with its parameters split over the towers (see `sharding.py`).
@@ -306,14 +368,22 @@ class AlexNet(nnx.Module):
     image_size: input side in pixels; fixes fc6's input size (paper: 227).
     dropout_rate: Sec. 4.2: 0.5.
     init: 'paper' (Sec. 5) or 'he'.
+    lrn: a key of `LRN_CONVENTIONS`: 'cuda-convnet' (the code behind the paper),
+      'paper-text' or 'caffe'.
     dtype: compute dtype; parameters are always float32, logits float32.
     rngs: `nnx.Rngs` with a `params` stream. Dropout draws from the `rngs`
       passed to `__call__`, so the module holds no RNG state.
+
+  Raises:
+    ValueError: for an unknown `init` or `lrn`, or an image below 67 pixels.
   """
 
   def __init__(self, num_classes: int = 1000, *, image_size: int = 227,
                dropout_rate: float = 0.5, init: str = 'paper',
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               lrn: str = 'cuda-convnet', dtype=jnp.float32, rngs: nnx.Rngs):
+    if lrn not in LRN_CONVENTIONS:
+      raise ValueError(f'Unknown lrn {lrn!r}: use one of {", ".join(LRN_CONVENTIONS)}.')
+    self.lrn = LRN_CONVENTIONS[lrn]
     conv = lambda *a, **kw: TowerConv(*a, init=init, dtype=dtype, rngs=rngs, **kw)
     self.conv1 = conv(3, 96, 11, name='conv1', strides=4)
     self.conv2 = conv(96, 256, 5, name='conv2', padding=2, tower_local=True)
@@ -334,8 +404,8 @@ class AlexNet(nnx.Module):
 
   def features(self, images: jax.Array, *, model_axis: str | None = None) -> jax.Array:
     """pool5 maps `[N, s, s, 256]` (s = 6 at 227 px) of both towers, tower 0 first."""
-    towers = _max_pool(_relu_lrn(self.conv1(images)))
-    towers = _max_pool(_relu_lrn(self.conv2(towers)))
+    towers = _max_pool(_relu_lrn(self.conv1(images), self.lrn, model_axis))
+    towers = _max_pool(_relu_lrn(self.conv2(towers), self.lrn, model_axis))
     towers = _relu(self.conv3(gather_towers(towers, model_axis)))
     towers = _relu(self.conv4(towers))
     towers = _max_pool(_relu(self.conv5(towers)))
@@ -360,7 +430,8 @@ class AlexNet(nnx.Module):
     dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis,
                                 model_axis=model_axis)
     x = self.features(images, model_axis=model_axis)
-    x = x.reshape(x.shape[0], -1)  # (h, w, c) order, as Caffe's fc6.
+    # (h, w, c) order; Caffe's fc6 reads (c, h, w), so imported rows are permuted.
+    x = x.reshape(x.shape[0], -1)
     x = dropout(jax.nn.relu(self.fc6(x)))
     x = dropout(jax.nn.relu(self.fc7(gather_towers([x], model_axis))))
     return self.fc8(gather_towers([x], model_axis)).astype(jnp.float32)

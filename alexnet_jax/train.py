@@ -54,7 +54,7 @@ class TrainState:
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
   return models.AlexNet(
       config.num_classes, image_size=config.image_size,
-      dropout_rate=config.dropout_rate, init=config.init,
+      dropout_rate=config.dropout_rate, init=config.init, lrn=config.lrn,
       dtype=jnp.dtype(config.dtype), rngs=rngs)
 
 

@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model (Sec. 3, 5).
   config.init = 'paper'  # N(0, 0.01), some biases 1; or 'he'.
+  # Sec. 3.3's LRN as the code behind the paper computes it (alpha / n, k = 2, per
+  # tower); or 'paper-text' (alpha as printed), 'caffe' (alpha / n, k = 1, all maps).
+  config.lrn = 'cuda-convnet'
   config.dropout_rate = 0.5
   config.dtype = 'float32'  # Compute dtype; parameters stay float32.
 
