@@ -1,7 +1,5 @@
-"""Evaluation of a saved checkpoint on the whole test split, one crop or the paper's ten.
-
-`python -m alexnet_jax.main --mode=eval --config=CONFIG --workdir=DIR` calls
-`evaluate_checkpoint`; the checkpoint may come from any mesh.
+"""Evaluation on the whole test split: the sums over padded batches, and `--mode=eval` of
+a saved checkpoint with one crop or the paper's ten, on any mesh and process count.
 """
 
 import json
@@ -12,40 +10,56 @@ from absl import logging
 import jax
 import ml_collections
 
+from alexnet_jax import checkpoints
 from alexnet_jax import sharding
-from alexnet_jax import train
+from alexnet_jax import steps as steps_lib
+
+
+def evaluate(eval_fn, params, batches) -> dict[str, float]:
+  """Mean loss, top-1 and top-5 over every (unpadded) example of `batches`.
+
+  `eval_fn` is `steps.jit_eval_step(...)`; its sums come back replicated, so every
+  process gets the totals over all processes' examples.
+  """
+  totals = None
+  for batch in batches:
+    sums = eval_fn(params, batch)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
+          'top5': float(totals['top5']) / count, 'count': int(count)}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, Any]:
   """Evaluates checkpoint `step` (None: the latest) of `workdir` on every test example.
 
-  Runs on the mesh of `config.mesh` over the devices present; the test split's
-  last batch is padded and masked. `config.eval_crops` = 10 averages the softmax
-  over the paper's 10 patches (Sec. 4.1), so the model sees 10 × eval_batch_size
-  images per batch.
+  Runs on the mesh of `config.mesh` over the devices present, every process on its
+  part of the test split; the last batches are padded and masked. `config.eval_crops`
+  = 10 averages the softmax over the paper's 10 patches (Sec. 4.1), so the model sees
+  10 × eval_batch_size images per batch.
 
   Returns:
-    The contents of the `workdir/eval_<step>.json` it writes: 'step', 'top1',
-    'top5', 'loss' (fractions in [0, 1] and mean cross-entropy), 'n_examples',
-    'crops'.
+    The contents of the `workdir/eval_<step>.json` that process 0 writes: 'step',
+    'top1', 'top5', 'loss' (fractions in [0, 1] and mean cross-entropy),
+    'n_examples', 'crops'.
 
   Raises:
     FileNotFoundError: if `workdir` has no checkpoint (at `step`), or the dataset's
       files are missing.
-    ValueError: if eval_batch_size does not split over the mesh's data axis.
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.create_mesh(config.mesh)
-  sharding.check_batch_sizes(mesh, config, 'eval_batch_size')
-  eval_graphdef, params, step = train.restore_params(config, workdir, step, mesh)
+  params, step = checkpoints.restore_params(config, workdir, mesh, step)
   logging.info('Evaluating step %d of %s on mesh %s with %d crop(s).',
                step, workdir, dict(mesh.shape), config.eval_crops)
-  data = input_pipeline.create_datasets(config)
+  data = input_pipeline.create_datasets(config, *sharding.data_groups(mesh))
   batches = (sharding.global_batch(mesh, b)
              for b in data.test_batches(crops=config.eval_crops))
-  test = train.evaluate(train.jit_eval_step(mesh, eval_graphdef, params), params, batches)
+  _, eval_graphdef = steps_lib.graphdefs(config)
+  test = evaluate(steps_lib.jit_eval_step(mesh, eval_graphdef, params), params, batches)
   results = {'step': step, 'top1': test['top1'], 'top5': test['top5'],
              'loss': test['loss'], 'n_examples': test['count'],
              'crops': config.eval_crops}

@@ -1,15 +1,16 @@
-"""tf.data input: TFDS datasets, the paper's augmentation (Sec. 4.1), padded evaluation.
+"""tf.data input: the paper's augmentation (Sec. 4.1), train batches in an order fixed by
+(seed, step), padded evaluation batches; each process reads its part of the data.
 
 All images are float32 RGB on the 0-255 pixel scale until `normalize`. Random ops
-are stateless, seeded by (config.seed, example index), so a resumed run sees
+are stateless, seeded by (config.seed, example position), so a resumed run sees
 exactly the batches an uninterrupted one would.
 """
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -34,6 +35,20 @@ def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
   scale = size / tf.reduce_min(shape)
   new_shape = tf.cast(tf.round(shape * scale), tf.int32)
   return tf.image.resize(image, tf.maximum(new_shape, size), antialias=True)
+
+
+def rescale(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """The `resize_size`² image that crops are taken from, float32 `[S, S, 3]`.
+
+  `config.resize` 'shorter_side' is the paper's (Sec. 2): shorter side to 256, then
+  the central 256×256 patch. 'square' warps the whole image to 256×256 with plain
+  bilinear interpolation, as Caffe's ImageNet data were made (convert_imageset
+  --resize_height=256 --resize_width=256, OpenCV INTER_LINEAR).
+  """
+  if config.resize == 'square':
+    size = (config.resize_size, config.resize_size)
+    return tf.image.resize(image, size, method='bilinear', antialias=False)
+  return central_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
 
 
 def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -121,9 +136,7 @@ def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Ten
   if config.augment.crop == 'inception':
     image = inception_crop(encoded, config.image_size, crop_seed)
   elif config.augment.crop == 'paper':
-    image = resize_shorter_side(decode(encoded), config.resize_size)
-    image = central_crop(image, config.resize_size)
-    image = random_crop(image, config.image_size, crop_seed)
+    image = random_crop(rescale(decode(encoded), config), config.image_size, crop_seed)
   else:
     raise ValueError(f"Unknown augment.crop {config.augment.crop!r}: use 'paper' or "
                      "'inception'.")
@@ -135,19 +148,19 @@ def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Ten
 
 
 def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) -> tf.Tensor:
-  """Decode, resize, crop, normalize: `[S, S, 3]`, or `[10, S, S, 3]` for `crops=10`.
+  """Decode, rescale, crop, normalize: `[S, S, 3]`, or `[10, S, S, 3]` for `crops=10`.
 
-  1 crop is the central patch of the resized image; 10 are `ten_crops` of its
-  central resize_size×resize_size square, as the paper tests (Sec. 4.1).
+  1 crop is the central patch of the `rescale`d image; 10 are its `ten_crops`, as
+  the paper tests (Sec. 4.1).
 
   Raises:
     ValueError: if `crops` is not 1 or 10.
   """
-  image = resize_shorter_side(decode(encoded), config.resize_size)
+  image = rescale(decode(encoded), config)
   if crops == 1:
     image = central_crop(image, config.image_size)
   elif crops == 10:
-    image = ten_crops(central_crop(image, config.resize_size), config.image_size)
+    image = ten_crops(image, config.image_size)
   else:
     raise ValueError(f'crops={crops}: use 1 (central patch) or 10 (Sec. 4.1).')
   return normalize(image, config.pixel_mean, config.pixel_std)
@@ -157,37 +170,56 @@ def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) 
 # Batches.
 
 
-def _read_process_part(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-  """This process's part of `split` (all of it in a single-process run), images encoded.
+def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  return int(builder.as_dataset(split=split, decoders={
+      'image': tfds.decode.SkipDecoding()}).cardinality())
 
-  Each process then makes its own rows of every global batch.
-  """
+
+def _read_part(builder: tfds.core.DatasetBuilder, split: str, part: int,
+               num_parts: int) -> tf.data.Dataset:
+  """Part `part` of `num_parts` of `split` (all of it for one part), images encoded."""
   decoders = {'image': tfds.decode.SkipDecoding()}
-  if jax.process_count() == 1:
+  if num_parts == 1:
     return builder.as_dataset(split=split, decoders=decoders)
   if isinstance(builder, tfds.ImageFolder):  # It has no sub-splits.
-    return builder.as_dataset(split=split, decoders=decoders).shard(
-        jax.process_count(), jax.process_index())
-  return builder.as_dataset(split=tfds.split_for_jax_process(split), decoders=decoders)
+    return builder.as_dataset(split=split, decoders=decoders).shard(num_parts, part)
+  return builder.as_dataset(split=tfds.even_splits(split, num_parts)[part],
+                            decoders=decoders)
 
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
   """Sizes and batch iterators of one dataset's train and test splits.
 
-  Batches hold this process's rows (all of them in a single-process run), as numpy:
-  'image' float32 [B, S, S, 3], 'label' int32 [B]; test batches also carry 'mask' [B]
-  (0 on padding; the last batch is padded), and `test_batches(crops=10)` gives
-  'image' [B, 10, S, S, 3] (`ten_crops`).
+  Batches hold this part's rows of every global batch (all rows for one part), as
+  numpy: 'image' float32 [B, S, S, 3], 'label' int32 [B]; test batches also carry
+  'mask' [B] (0 on padding), and `test_batches(crops=10)` gives 'image'
+  [B, 10, S, S, 3] (`ten_crops`).
   """
-  num_train_examples: int  # Over all processes.
-  num_test_examples: int  # This process's.
+  num_train_examples: int  # Of the whole split, over all parts.
+  num_test_examples: int  # Of the whole split.
+  steps_per_epoch: int  # Global batches per epoch: num_train_examples // batch_size.
+  num_test_batches: int  # What `test_batches` yields, the same for every part.
   train_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
   test_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
 
 
-def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
+def create_datasets(config: ml_collections.ConfigDict, part: int = 0,
+                    num_parts: int = 1) -> Datasets:
   """Prepares `config.dataset` if needed and returns its input pipelines.
+
+  The data are read in `num_parts` disjoint parts, one per group of processes that
+  feed the same rows (`sharding.data_groups`); each part makes 1/num_parts of every
+  global batch of `config.batch_size` / `config.eval_batch_size` examples.
+
+  Train order: epoch e is the part's examples shuffled with a seed from
+  (config.seed, e) (a `shuffle_buffer`-sized window, as tf.data shuffles), cut to
+  steps_per_epoch batches. A run resumed at step s builds epoch s // steps_per_epoch
+  directly and skips, still encoded, only the examples of that epoch before s: the
+  cost of a resume is bounded by one epoch whatever the step (a skip through every
+  earlier epoch would read the data once per epoch done), while the order stays a
+  function of (seed, step) alone. Augmentation is seeded by (config.seed, position
+  in the stream, part).
 
   Raises:
     FileNotFoundError: if the dataset's source files are missing.
@@ -198,48 +230,76 @@ def create_datasets(config: ml_collections.ConfigDict) -> Datasets:
   if num_classes != config.num_classes:
     raise ValueError(f'{config.dataset} has {num_classes} classes but config.num_classes='
                      f'{config.num_classes}; set --config.num_classes={num_classes}.')
-  train = _read_process_part(builder, config.train_split)
-  test = _read_process_part(builder, config.test_split)
-  batch_size = config.batch_size // jax.process_count()
-  eval_batch_size = config.eval_batch_size // jax.process_count()
+  train = _read_part(builder, config.train_split, part, num_parts)
+  test = _read_part(builder, config.test_split, part, num_parts)
+  num_train = _num_examples(builder, config.train_split)
+  num_test = _num_examples(builder, config.test_split)
+  rows, eval_rows = config.batch_size // num_parts, config.eval_batch_size // num_parts
+  steps_per_epoch = num_train // config.batch_size
+  # Every part runs as many eval batches as the largest part needs (no process may
+  # wait for another in a collective); the others end with all-padding batches.
+  num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
   options = tf.data.Options()
   options.deterministic = config.deterministic_input
 
   def train_batches(start_step: int = 0):
-    """Endless batches from step `start_step` on; the same for a given config.seed."""
-    ds = train.map(lambda ex: (ex['image'], ex['label']))
+    """Endless batches from step `start_step` on; the same for a given config.seed.
+
+    Raises:
+      ValueError: if the split holds fewer examples than one batch.
+    """
+    if steps_per_epoch == 0:
+      raise ValueError(f'{config.dataset} {config.train_split} has {num_train} examples, '
+                       f'fewer than config.batch_size={config.batch_size}.')
+    source = train.map(lambda ex: (ex['image'], ex['label']))
     if config.cache:
-      ds = ds.cache()
-    ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
-    # Skip still-encoded examples, so resuming costs no decoding.
-    ds = ds.repeat().enumerate().skip(start_step * batch_size)
+      source = source.cache()
+
+    def epoch(index):
+      seed = tf.cast(index, tf.int64) * 1_000_003 + config.seed
+      return source.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * rows)
+
+    first_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+    ds = ds.skip(step_in_epoch * rows).enumerate(start=start_step * rows)
 
     def preprocess(index, example):
       encoded, label = example
-      seed = tf.stack([tf.constant(config.seed, tf.int64), index])
+      seed = tf.stack([tf.constant(config.seed, tf.int64), index * num_parts + part])
       return {'image': preprocess_train(encoded, seed, config),
               'label': tf.cast(label, tf.int32), 'index': index}
 
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _skip_counted(ds.with_options(options).as_numpy_iterator(),
-                         start_step * batch_size, 'train')
+                         start_step * rows, 'train')
 
   def test_batches(crops: int = 1):
-    """Every decodable test example once, in order, the last batch padded and masked."""
+    """Every decodable test example of the part once, in order, in `num_test_batches`
+    batches, padded and masked."""
     ds = test.enumerate().map(
         lambda index, ex: {'image': preprocess_eval(ex['image'], config, crops),
                            'label': tf.cast(ex['label'], tf.int32), 'index': index},
         num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    ds = ds.batch(eval_batch_size).prefetch(tf.data.AUTOTUNE)
-    batches = ds.with_options(options).as_numpy_iterator()
-    for batch in _skip_counted(batches, 0, 'test', total=int(test.cardinality())):
-      yield pad_batch(batch, eval_batch_size)
+    ds = ds.batch(eval_rows).prefetch(tf.data.AUTOTUNE)
+    batches = _skip_counted(ds.with_options(options).as_numpy_iterator(), 0, 'test',
+                            total=int(test.cardinality()))
+    image_shape = (config.image_size, config.image_size, 3)
+    if crops != 1:
+      image_shape = (crops, *image_shape)
+    empty = {'image': np.zeros((0, *image_shape), np.float32),
+             'label': np.zeros((0,), np.int32)}
+    for _, batch in itertools.zip_longest(range(num_test_batches), batches, fillvalue=empty):
+      yield pad_batch(batch, eval_rows)
 
   return Datasets(
-      num_train_examples=int(train.cardinality()) * jax.process_count(),
-      num_test_examples=int(test.cardinality()),
+      num_train_examples=num_train, num_test_examples=num_test,
+      steps_per_epoch=steps_per_epoch, num_test_batches=num_test_batches,
       train_batches=train_batches, test_batches=test_batches)
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
 
 
 def _skip_counted(batches: Iterator[dict[str, np.ndarray]], first_index: int,

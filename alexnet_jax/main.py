@@ -1,7 +1,8 @@
 """Command line: `python -m alexnet_jax.main --config=configs/fashion_mnist.py [--workdir=DIR]`.
 
 Any config key can be overridden, e.g. `--config.batch_size=64`; `--mode=eval` evaluates
-the workdir's latest (or `--checkpoint_step`) checkpoint instead of training.
+the workdir's latest (or `--checkpoint_step`) checkpoint instead of training. Every
+process of a multi-process job runs the same command (see README, "Multi-host").
 """
 
 import difflib
@@ -13,10 +14,12 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
+from alexnet_jax import config_lib
 from alexnet_jax import evaluate
 from alexnet_jax import sharding
 from alexnet_jax import train
@@ -27,23 +30,28 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'eval'], 'train: train (or resume) and evaluate; eval: '
     'evaluate a checkpoint of --workdir on the whole test split, writing '
-    'eval_<step>.json (--config.eval_crops=10 for the paper\'s 10-crop test).')
+    'eval_<step>.json (--config.eval_crops=10 for the paper\'s 10-crop test); without '
+    '--config it uses the run\'s own config.json.')
 _CHECKPOINT_STEP = flags.DEFINE_integer(
     'checkpoint_step', None, 'With --mode=eval: the step to evaluate; default the latest.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'Resume a workdir whose run was started with other '
+    'values of keys that change the model, the data order or the schedule; the change '
+    'is recorded in config_changes.jsonl.')
+# As jax.distributed.initialize's arguments; SLURM's variables are read without them.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process job: HOST:PORT of process 0, the same '
+    'for every process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Multi-process job: how many processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'Multi-process job: this process, 0..num_processes-1.')
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    'local_device_ids', None, 'Multi-process job: the GPUs this process uses, e.g. 0,1 '
+    '(default: all it sees).')
 _DEFAULT_CONFIG = 'configs/fashion_mnist.py'
 config_flags.DEFINE_config_file(
     'config', _DEFAULT_CONFIG, 'Training configuration file.', lock_config=True)
-
-
-def config_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  """Dotted names of every leaf of `config`, e.g. 'augment.flip'."""
-  keys = []
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      keys += config_keys(value, f'{prefix}{key}.')
-    else:
-      keys.append(prefix + key)
-  return keys
 
 
 def _load_config(argv: list[str]) -> ml_collections.ConfigDict:
@@ -68,7 +76,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError) as e:
-    valid = config_keys(_load_config(argv))
+    valid = list(config_lib.flatten(_load_config(argv)))
     given = [arg.removeprefix('--config.').split('=')[0]
              for arg in argv if arg.startswith('--config.')]
     unknown = [key for key in given if key not in valid]
@@ -80,28 +88,72 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+def _workdir() -> str:
+  """--workdir, or runs/<config file name>.
+
+  Raises:
+    config_lib.ConfigError: if it exists and is not a directory.
+  """
+  workdir = _WORKDIR.value or os.path.join(
+      'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f'--workdir={workdir} exists and is not a directory: '
+                                 'pass a directory (it is created if missing).')
+  return workdir
+
+
+def _config(workdir: str) -> ml_collections.ConfigDict:
+  """--config, or for --mode=eval without one, the run's config.json plus overrides."""
+  config_flag = flags.FLAGS['config']
+  if _MODE.value == 'eval' and not config_flag.present:
+    return config_lib.for_workdir(workdir, None, dict(config_flag.override_values))
+  return config_flag.value
+
+
+def _run():
+  """Everything after flag parsing; raises what `main` turns into a one-line error."""
+  sharding.initialize_distributed(
+      _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      _LOCAL_DEVICE_IDS.value and [int(i) for i in _LOCAL_DEVICE_IDS.value])
+  workdir = _workdir()
+  config = _config(workdir)
+  logging.info('Config:\n%s', config)
+  logging.info('Workdir: %s', workdir)
+  config_lib.validate(config, num_devices=jax.device_count(),
+                      num_processes=jax.process_count())
+  if _MODE.value == 'eval':
+    evaluate.evaluate_checkpoint(config, workdir, _CHECKPOINT_STEP.value)
+    return
+  if jax.process_count() == 1:
+    # Preemption (SLURM sends SIGTERM first): checkpoint, then exit non-zero to requeue.
+    # Several processes leave SIGTERM to JAX's preemption service, which makes them
+    # all stop at the same step.
+    signal.signal(signal.SIGTERM, train.request_stop)
+  results = train.train_and_evaluate(config, workdir,
+                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  logging.info('Results: %s', results)
+  try:  # Pictures are a convenience: never lose a finished run to a plotting error.
+    from alexnet_jax import plots  # pylint: disable=g-import-not-at-top
+    plots.write_all(config, workdir)
+  except Exception:  # pylint: disable=broad-except
+    logging.warning('Could not write the plots to %s.', workdir, exc_info=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # tf.data only: keep TensorFlow off any accelerator so JAX has all of its memory.
   tf.config.experimental.set_visible_devices([], 'GPU')
-  sharding.initialize_distributed()
-  # Preemption (SLURM sends SIGTERM first): checkpoint, then exit non-zero to requeue.
-  signal.signal(signal.SIGTERM, train.request_stop)
-  config = flags.FLAGS.config
-  workdir = _WORKDIR.value or os.path.join(
-      'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
-  logging.info('Config:\n%s', config)
-  logging.info('Workdir: %s', workdir)
-  if _MODE.value == 'eval':
-    evaluate.evaluate_checkpoint(config, workdir, _CHECKPOINT_STEP.value)
-    return
   try:
-    results = train.train_and_evaluate(config, workdir)
+    _run()
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(1)  # Non-zero, so a cluster requeues the job.
-  logging.info('Results: %s', results)
+  except (ValueError, FloatingPointError, FileNotFoundError) as e:
+    # What the user must fix (a config value, a missing file, a NaN) as the last line;
+    # the traceback above it is logged for a bug report.
+    logging.exception('%s', type(e).__name__)
+    sys.exit(f'{type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

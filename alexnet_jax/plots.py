@@ -1,7 +1,7 @@
 """Pictures of a run: learning curves, conv1 filters (paper Fig. 3), predictions, confusion.
 
-`python -m alexnet_jax.plots --workdir=DIR --config=CONFIG` redraws them all from the
-workdir's metrics and latest checkpoint; training writes them to `DIR/plots/` at the end.
+`python -m alexnet_jax.plots --workdir=DIR [--config=CONFIG]` redraws them all from the
+workdir's metrics and latest checkpoint; main.py draws them to `DIR/plots/` after training.
 """
 
 import json
@@ -17,8 +17,11 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from alexnet_jax import checkpoints
+from alexnet_jax import config_lib
 from alexnet_jax import models
-from alexnet_jax import train
+from alexnet_jax import sharding
+from alexnet_jax import steps as steps_lib
 
 DPI = 100  # Figure sizes are in inches: pixels = inches * DPI.
 # Larger confusion matrices are unreadable; ImageNet's would be 1000×1000.
@@ -180,28 +183,31 @@ def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
   return _save(fig, path)
 
 
-def predict(config: ml_collections.ConfigDict, eval_graphdef: nnx.GraphDef,
-            params: nnx.State, max_examples: int | None = None
+def predict(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+            eval_graphdef: nnx.GraphDef, params, max_examples: int | None = None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Eval-mode predictions on the test split, in order.
+  """Eval-mode predictions on the test split (`steps.eval_apply`), on every process.
 
   Returns:
     (images uint8 `[N, S, S, 3]` as the model saw them, before normalisation;
     labels int32 `[N]`; softmax probabilities float32 `[N, num_classes]`), for the
-    first `max_examples` test examples, or all of them if None.
+    first `max_examples` test examples, or all of them if None. With several
+    processes, the rows of every process's part, batch by batch.
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  probabilities = jax.jit(
-      lambda p, x: jax.nn.softmax(nnx.merge(eval_graphdef, p)(x)),
-      compiler_options=train.compiler_options())
+  logits_fn = steps_lib.eval_apply(mesh, eval_graphdef, params)
   mean, std = np.asarray(config.pixel_mean), np.asarray(config.pixel_std)
+  data = input_pipeline.create_datasets(config, *sharding.data_groups(mesh))
   images, labels, probs, seen = [], [], [], 0
-  for batch in input_pipeline.create_datasets(config).test_batches():
+  for local_batch in data.test_batches():
+    batch = sharding.global_batch(mesh, local_batch)
+    logits = np.asarray(logits_fn(params, batch['image']))
+    batch = sharding.fetch(batch)
     real = batch['mask'] > 0
     images.append(np.clip(batch['image'][real] * std + mean, 0, 255).astype(np.uint8))
     labels.append(batch['label'][real])
-    probs.append(np.asarray(probabilities(params, batch['image']))[real])
+    probs.append(np.asarray(jax.nn.softmax(logits[real])))
     seen += int(real.sum())
     if max_examples is not None and seen >= max_examples:
       break
@@ -211,23 +217,34 @@ def predict(config: ml_collections.ConfigDict, eval_graphdef: nnx.GraphDef,
 
 
 def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Writes every picture of the run in `workdir` to `workdir/plots/`; returns the paths.
+  """Draws every picture of the run in `workdir` to `workdir/plots/`; returns the paths.
 
-  The confusion matrix needs a pass over the whole test split and is drawn only for
-  at most `MAX_CONFUSION_CLASSES` classes; the prediction grid reads one batch.
+  Every process of a job calls it (restoring and predicting are collective); only
+  process 0 writes. The confusion matrix needs a pass over the whole test split and
+  is drawn only for at most `MAX_CONFUSION_CLASSES` classes; the prediction grid
+  reads one batch.
   """
-  out = os.path.join(workdir, 'plots')
-  paths = [plot_learning_curves(workdir, os.path.join(out, 'learning_curves.png'))]
-  eval_graphdef, params, step = train.restore_params(config, workdir)
-  paths.append(plot_conv1_filters(
-      np.asarray(params['conv1']['kernel'][...]), os.path.join(out, 'conv1_filters.png'),
-      title=f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), '
-            'each contrast-normalised'))
   from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
+
+  out = os.path.join(workdir, 'plots')
+  write = jax.process_index() == 0
+  paths = []
+  if write:
+    paths.append(plot_learning_curves(workdir, os.path.join(out, 'learning_curves.png')))
+  mesh = sharding.create_mesh(config.mesh)
+  params, step = checkpoints.restore_params(config, workdir, mesh)
+  conv1 = sharding.fetch(params['conv1']['kernel'])
   names = datasets.class_names(config)
   full = len(names) <= MAX_CONFUSION_CLASSES
-  images, labels, probs = predict(config, eval_graphdef, params,
+  _, eval_graphdef = steps_lib.graphdefs(config)
+  images, labels, probs = predict(config, mesh, eval_graphdef, params,
                                   None if full else GRID_ROWS * GRID_COLS)
+  if not write:
+    return paths
+  paths.append(plot_conv1_filters(
+      conv1, os.path.join(out, 'conv1_filters.png'),
+      title=f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), '
+            'each contrast-normalised'))
   paths.append(plot_predictions(images, labels, probs, names,
                                 os.path.join(out, 'predictions.png')))
   if full:
@@ -243,13 +260,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
-  write_all(flags.FLAGS.config, flags.FLAGS.workdir)
+  workdir = flags.FLAGS.workdir
+  write_all(config_lib.for_workdir(workdir, flags.FLAGS.config), workdir)
 
 
 if __name__ == '__main__':
-  # Defined here only: train.py imports this module next to main.py's flags of these names.
   flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
   config_flags.DEFINE_config_file(
-      'config', 'configs/fashion_mnist.py', "The run's training configuration file.",
+      'config', None, "The run's training config file; default: its workdir's config.json.",
       lock_config=True)
   app.run(main)

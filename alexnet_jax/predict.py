@@ -1,21 +1,22 @@
 """Classifies image files with a trained checkpoint and prints the top-5 classes.
 
-  python -m alexnet_jax.predict --config=configs/fashion_mnist.py \\
-      --workdir=runs/fashion_mnist shoe.png shirt.jpg
+  python -m alexnet_jax.predict --workdir=runs/fashion_mnist shoe.png shirt.jpg
 """
 
 from absl import app
 from absl import flags
-from flax import nnx
 import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import checkpoints
+from alexnet_jax import config_lib
 from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
-from alexnet_jax import train
+from alexnet_jax import sharding
+from alexnet_jax import steps as steps_lib
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -36,14 +37,21 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
 def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[str],
                   k: int = 5) -> list[list[tuple[str, float]]]:
   """Top-`k` (class name, softmax probability) per file, most probable first,
-  from the latest checkpoint in `workdir`.
+  from the latest checkpoint in `workdir` (`steps.eval_apply` on `config.mesh`).
 
   Raises:
     FileNotFoundError: for a missing checkpoint or file; ValueError: undecodable file.
   """
-  eval_graphdef, params, _ = train.restore_params(config, workdir)
+  mesh = sharding.create_mesh(config.mesh)
+  params, _ = checkpoints.restore_params(config, workdir, mesh)
   images = np.stack([load_image(path, config) for path in paths])
-  probabilities = np.asarray(jax.nn.softmax(nnx.merge(eval_graphdef, params)(images)))
+  # The batch splits over the mesh's 'data' axis: pad it to a multiple of its size.
+  padded = -len(images) % mesh.shape[sharding.DATA_AXIS]
+  images = np.concatenate([images, np.zeros((padded, *images.shape[1:]), images.dtype)])
+  _, eval_graphdef = steps_lib.graphdefs(config)
+  logits = steps_lib.eval_apply(mesh, eval_graphdef, params)(
+      params, sharding.global_batch(mesh, {'image': images})['image'])
+  probabilities = np.asarray(jax.nn.softmax(logits))[:len(paths)]
   names = datasets.class_names(config)
   top = np.argsort(-probabilities, axis=-1)[:, :k]
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probabilities, top)]
@@ -54,7 +62,9 @@ def main(argv):
   if not paths:
     raise app.UsageError('Name one or more image files after the flags.')
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
-  for path, top in zip(paths, predict_files(flags.FLAGS.config, flags.FLAGS.workdir, paths)):
+  workdir = flags.FLAGS.workdir
+  config = config_lib.for_workdir(workdir, flags.FLAGS.config)
+  for path, top in zip(paths, predict_files(config, workdir, paths)):
     print(path)
     for name, probability in top:
       print(f'  {probability:6.3f}  {name}')
@@ -62,6 +72,7 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
-  config_flags.DEFINE_config_file('config', None, "The run's training configuration file.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      'config', None, "The run's training config file; default: its workdir's config.json.",
+      lock_config=True)
   app.run(main)

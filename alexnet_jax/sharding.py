@@ -12,84 +12,128 @@ from collections.abc import Callable
 from absl import logging
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from alexnet_jax import config_lib
+
 DATA_AXIS = 'data'
 MODEL_AXIS = 'model'
 
-# (regex on a leaf's path, spec); the first match wins. Every layer but fc8 splits
-# its output units over the towers (conv kernels are HWIO, dense kernels (in, out));
-# optimizer moments follow their parameters because their paths end the same way.
+# (regex, spec), matched with `re.fullmatch` on a leaf's path, e.g. 'params/conv2/kernel'
+# or 'opt_state/3/velocity/conv2/kernel' (optimizer state follows its parameter); the
+# first match wins. Every layer but fc8 splits its output units over the towers (conv
+# kernels are HWIO, dense kernels (in, out)).
 PARTITION_RULES = (
-    (r'conv\d/kernel', P(None, None, None, MODEL_AXIS)),
-    (r'(conv\d|fc6|fc7)/bias', P(MODEL_AXIS)),
-    (r'fc[67]/kernel', P(None, MODEL_AXIS)),
-    (r'.*', P()),  # fc8 (Fig. 2 draws it whole), step counters: replicated.
+    (r'(.*/)?conv[1-5]/kernel', P(None, None, None, MODEL_AXIS)),
+    (r'(.*/)?(conv[1-5]|fc6|fc7)/bias', P(MODEL_AXIS)),
+    (r'(.*/)?fc[67]/kernel', P(None, MODEL_AXIS)),
+    (r'(.*/)?fc8/(kernel|bias)', P()),  # Fig. 2 draws fc8 whole: replicated.
+    (r'.*', P()),  # Step counters.
 )
+_CATCH_ALL = PARTITION_RULES[-1][0]
 
 
-def initialize_distributed():
-  """`jax.distributed.initialize()` when launched as one of several processes.
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: list[int] | None = None):
+  """Joins a multi-process job (`jax.distributed.initialize`), if launched as one.
 
-  SLURM (`srun` with more than one task) and an explicit coordinator address are
-  detected; a single-process run does nothing.
+  From the arguments (main.py's flags of the same names), or from SLURM's variables
+  when `srun` starts more than one task (JAX reads SLURM_NTASKS, SLURM_PROCID,
+  SLURM_STEP_NODELIST, SLURM_JOB_ID). Without either this is a single-process run
+  and nothing happens. On CPU the processes exchange arrays through gloo, so the
+  same job runs on CPU-only hosts.
+
+  Raises:
+    ValueError: if only part of a job's description is given, saying what is missing.
   """
-  if (int(os.environ.get('SLURM_NTASKS', '1')) > 1
-      or 'JAX_COORDINATOR_ADDRESS' in os.environ):
-    jax.distributed.initialize()
-    logging.info('Process %d of %d.', jax.process_index(), jax.process_count())
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ
+  given = (coordinator_address, num_processes, process_id)
+  if all(v is None for v in given) and not slurm:
+    if 'JAX_COORDINATOR_ADDRESS' in os.environ:
+      raise ValueError(
+          f'JAX_COORDINATOR_ADDRESS={os.environ["JAX_COORDINATOR_ADDRESS"]} is set, but not '
+          'the process count and id: pass --coordinator_address=HOST:PORT '
+          '--num_processes=N --process_id=I to every process (or start them with srun).')
+    return
+  if not slurm and any(v is None for v in given):
+    raise ValueError(
+        'A multi-process job needs --coordinator_address=HOST:PORT, --num_processes=N and '
+        f'--process_id=I on every process (got {coordinator_address=}, {num_processes=}, '
+        f'{process_id=}), or SLURM to provide them (srun).')
+  # Before any backend starts: CPU collectives across processes (a no-op on GPUs).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             local_device_ids=local_device_ids)
+  logging.info('Process %d of %d, %d local device(s) of %d.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def create_mesh(mesh_config: ml_collections.ConfigDict,
                 devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh over `devices` (default: all).
+  """A ('data', 'model') mesh over `devices` (default: all, of every process).
 
   `mesh_config.model`: 2 splits the towers over two devices as in the paper, 1 keeps
   both towers on every device, None picks 2 when the device count is even.
-  `mesh_config.data`: -1 takes the remaining devices.
+  `mesh_config.data`: None takes the remaining devices.
 
   Raises:
-    ValueError: if `model` is not 1 or 2, or data × model != the device count.
+    config_lib.ConfigError: if data × model is not the device count.
   """
   devices = jax.devices() if devices is None else devices
-  n = len(devices)
-  model = mesh_config.model
-  if model is None:
-    model = 2 if n % 2 == 0 else 1
-  if model not in (1, 2):
-    raise ValueError(f'mesh.model={model}: use 2 (the paper\'s two towers on two '
-                     'devices) or 1 (both towers on every device).')
-  data = n // model if mesh_config.data == -1 else mesh_config.data
-  if data * model != n:
-    raise ValueError(f'mesh.data={mesh_config.data} × mesh.model={model} must equal the '
-                     f'{n} devices present; set --config.mesh.data=-1 to use them all.')
-  return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), devices=devices,
+  shape = config_lib.mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, (DATA_AXIS, MODEL_AXIS), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def check_batch_sizes(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict,
-                      *names: str):
-  """Raises ValueError unless every `config.<name>` splits evenly over 'data'."""
-  data = mesh.shape[DATA_AXIS]
-  for name in names:
-    if config[name] % data:
-      raise ValueError(f'config.{name}={config[name]} must be divisible by the {data} '
-                       "devices of the mesh's data axis.")
+def _path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
+def _rule(name: str) -> str:
+  return next(pattern for pattern, _ in PARTITION_RULES if re.fullmatch(pattern, name))
 
 
 def partition_specs(tree):
-  """A `PartitionSpec` for every leaf of `tree`, by its path and `PARTITION_RULES`."""
-  def spec(path, _):
-    name = jax.tree_util.keystr(path, simple=True, separator='/')
-    return next(s for pattern, s in PARTITION_RULES if re.search(pattern, name))
-  return jax.tree_util.tree_map_with_path(spec, tree)
+  """A `PartitionSpec` for every leaf of `tree` (params, or a whole `TrainState`).
+
+  Raises:
+    ValueError: if a specific rule of `PARTITION_RULES` matches no leaf, or a kernel
+      falls to the catch-all (a renamed layer would silently lose its tower split).
+  """
+  names = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  rules = {name: _rule(name) for name in names}
+  unused = [p for p, _ in PARTITION_RULES[:-1] if p not in rules.values()]
+  if unused:
+    raise ValueError(f'Partition rule(s) {unused} match no parameter of {sorted(names)}.')
+  stray = [name for name, rule in rules.items()
+           if rule == _CATCH_ALL and name.endswith('kernel')]
+  if stray:
+    raise ValueError(f'No partition rule for {stray}: add one to PARTITION_RULES.')
+  specs = dict(PARTITION_RULES)
+  return jax.tree_util.tree_map_with_path(lambda path, _: specs[rules[_path(path)]], tree)
+
+
+def describe_partitioning(params) -> str:
+  """One line per parameter: path, shape, spec and the rule that gave it."""
+  specs = partition_specs(params)
+  return '\n'.join(
+      f'  {_path(path)} {tuple(x.shape)} -> {spec}  (rule {_rule(_path(path))!r})'
+      for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                 jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))))
 
 
 def named_shardings(mesh: jax.sharding.Mesh, tree):
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs(tree))
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs(tree),
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -97,12 +141,50 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def data_groups(mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """(this process's group, the number of groups) of processes that feed the same rows.
+
+  A global batch is split over 'data' only, so processes whose devices hold the
+  same 'data' indices (e.g. the two towers of `mesh.model=2` on two processes with
+  one device each) must feed identical rows; each group reads its own part of the
+  data, 1/num_groups of every global batch. A single process is group 0 of 1.
+
+  Raises:
+    ValueError: if the processes' shares of the 'data' axis overlap without being
+      equal, or differ in size (a mesh no batch layout fits).
+  """
+  size = mesh.shape[DATA_AXIS]
+  shares = {}  # process -> the 'data' indices its devices hold.
+  for device, index in batch_sharding(mesh).devices_indices_map((size,)).items():
+    shares.setdefault(device.process_index, set()).update(range(size)[index[0]])
+  groups = sorted({frozenset(share) for share in shares.values()}, key=min)
+  covered = sorted(i for group in groups for i in group)
+  if covered != list(range(size)) or len({len(g) for g in groups}) != 1:
+    raise ValueError(f'The processes hold overlapping or unequal parts of the mesh\'s data '
+                     f'axis ({[sorted(g) for g in groups]}); use a mesh whose data axis '
+                     'splits evenly over the processes (e.g. mesh.data=None).')
+  return groups.index(frozenset(shares[jax.process_index()])), len(groups)
+
+
 def global_batch(mesh: jax.sharding.Mesh, local_batch: dict[str, np.ndarray]
                  ) -> dict[str, jax.Array]:
-  """This process's rows of a batch → global arrays split over 'data'."""
+  """This process's rows of a batch (its group's 1/num_groups, see `data_groups`) →
+  global arrays split over 'data'."""
   sharding = batch_sharding(mesh)
+  _, num_groups = data_groups(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+      lambda x: jax.make_array_from_process_local_data(
+          sharding, x, (x.shape[0] * num_groups, *x.shape[1:])), local_batch)
+
+
+def fetch(tree):
+  """Numpy copies of global arrays, whole on every process (across processes this is a
+  collective: every process must call it)."""
+  def whole(x):
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(whole, tree)
 
 
 def sharded_apply(graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh) -> Callable:

@@ -19,8 +19,9 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
+from alexnet_jax import optimizers
 from alexnet_jax import sharding
-from alexnet_jax import train
+from alexnet_jax import steps
 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch size.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 227, 'Input side in pixels.')
@@ -59,10 +60,9 @@ def main(argv):
   if _DTYPE.value:
     config.dtype = _DTYPE.value
   mesh = sharding.create_mesh(config.mesh)
-  tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
-  train_graphdef, eval_graphdef, state = train.create_train_state(
-      config, tx, jax.random.key(0), mesh)
-  train_step, _ = train.jit_steps(mesh, train_graphdef, eval_graphdef, state, tx)
+  tx = optimizers.create_optimizer(config, optax.constant_schedule(config.learning_rate))
+  state = steps.create_train_state(config, tx, jax.random.key(0), mesh)
+  train_step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
   rng = np.random.RandomState(0)
   batch = sharding.global_batch(mesh, {
       'image': rng.randn(config.batch_size, config.image_size, config.image_size,

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 227 makes conv1's arithmetic exact), flips, PCA lighting with σ = 0.1.
   config.image_size = 227
   config.resize_size = 256
+  # 'shorter_side': the paper's rescale, then the central resize_size² patch;
+  # 'square': warp to resize_size² (how Caffe's ImageNet LMDBs were made).
+  config.resize = 'shorter_side'
   config.augment = ml_collections.ConfigDict()
   config.augment.crop = 'paper'  # Or 'inception' (random-resized, as torchvision's recipe).
   config.augment.flip = True
@@ -49,24 +52,40 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_crops = 1
   config.learning_rate = 0.01
   config.lr_schedule = 'step'  # 'step', 'cosine' or 'constant'.
-  config.lr_decay_epochs = (30, 60, 80)  # For 'step'.
+  config.lr_decay_epochs = (30, 60, 80)  # For 'step'; or lr_decay_steps.
+  config.lr_decay_steps = ml_collections.config_dict.placeholder(tuple)
   config.lr_decay_factor = 0.1
-  config.warmup_steps = 0  # For 'cosine'.
+  config.warmup_epochs = 0.0  # For 'cosine'; or warmup_steps.
+  config.warmup_steps = ml_collections.config_dict.placeholder(int)
+  # Sec. 5's update, v <- momentum * v - lr * (grad + weight_decay * w); w <- w + v,
+  # or 'optax' (optax.sgd: v <- momentum * v + grad; w <- w - lr * v), which rescales
+  # the whole momentum when the rate changes.
+  config.momentum_form = 'paper'
   config.momentum = 0.9
   config.weight_decay = 5e-4
+  # Biases: twice the weights' rate and no decay, as in both references
+  # (cuda-convnet2 layer-params-imagenet-2gpu-model.cfg: epsB = 2 epsW and no wc for
+  # biases; Caffe bvlc_alexnet train_val.prototxt: lr_mult 2, decay_mult 0).
+  config.bias_lr_multiplier = 2.0
+  config.bias_weight_decay = 0.0
+  # Durations (see alexnet_jax/config_lib.py): *_steps, when set, overrides *_epochs.
   config.num_epochs = 90
-  config.num_train_steps = -1  # > 0 overrides num_epochs (smoke runs).
+  config.num_train_steps = ml_collections.config_dict.placeholder(int)
 
   # Devices (see alexnet_jax/sharding.py): 'model' = 2 puts the paper's two towers
   # on two devices, 1 keeps both on each; None: 2 if the device count is even.
+  # 'data' None takes the remaining devices.
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # -1: all remaining devices.
+  config.mesh.data = ml_collections.config_dict.placeholder(int)
   config.mesh.model = ml_collections.config_dict.placeholder(int)
 
-  # Bookkeeping; periods in steps, <= 0 meaning once per epoch.
+  # Bookkeeping periods, in steps or epochs (*_steps, when set, overrides *_epochs).
   config.seed = 0
   config.log_every_steps = 100
-  config.eval_every_steps = -1
+  config.log_every_epochs = ml_collections.config_dict.placeholder(float)
+  config.eval_every_epochs = 1.0
+  config.eval_every_steps = ml_collections.config_dict.placeholder(int)
   config.checkpoint_every_steps = 1000
+  config.checkpoint_every_epochs = ml_collections.config_dict.placeholder(float)
   config.keep_checkpoints = 3
   return config

@@ -8,8 +8,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -17,8 +15,11 @@ import tensorflow_datasets as tfds
 from alexnet_jax import evaluate
 from alexnet_jax import input_pipeline
 from alexnet_jax import sharding
+from alexnet_jax import steps
 from alexnet_jax import train
-from configs import fashion_mnist
+from helpers import save_checkpoint
+from helpers import small_config as base_config
+from helpers import train_state
 
 
 pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is')
@@ -34,24 +35,12 @@ def on_devices(monkeypatch, n):
 
 
 def small_config(**overrides):
-  config = fashion_mnist.get_config()
-  config.batch_size = 8
-  config.eval_batch_size = 8
-  config.shuffle_buffer = 64
-  config.num_train_steps = 2
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 2
-  config.update(overrides)
-  return config
+  return base_config(num_train_steps=2, checkpoint_every_steps=2, **overrides)
 
 
 def save_untrained_checkpoint(config, workdir, step):
-  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
-  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  _, eval_graphdef, state = train.create_train_state(config, tx, jax.random.key(5), mesh)
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-    manager.save(step, args=ocp.args.StandardSave(state.replace(step=state.step + step)))
-  return eval_graphdef, jax.device_get(state.params)
+  _, eval_graphdef = steps.graphdefs(config)
+  return eval_graphdef, save_checkpoint(config, workdir, step)
 
 
 def test_ten_crops_are_the_corners_centre_and_their_reflections():
@@ -70,14 +59,14 @@ def test_ten_crop_eval_averages_the_softmax_of_each_crop():
   """Sums from the sharded 10-crop eval step = per-crop model calls, averaged by hand."""
   config = small_config(resize_size=75)  # Corner patches differ from the centre.
   rng = np.random.RandomState(0)
-  images = rng.randint(0, 256, (2, 75, 75, 3)).astype(np.float32)
+  images = rng.randn(2, 75, 75, 3).astype(np.float32)  # Normalised pixels.
   labels = np.array([3, 7], np.int32)
   crops = np.stack([input_pipeline.ten_crops(tf.constant(x), 67).numpy() for x in images])
 
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:2])  # Towers split.
-  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
-  _, eval_graphdef, state = train.create_train_state(config, tx, jax.random.key(1), mesh)
-  eval_fn = train.jit_eval_step(mesh, eval_graphdef, state.params)
+  state, _ = train_state(config, mesh, seed=1)
+  _, eval_graphdef = steps.graphdefs(config)
+  eval_fn = steps.jit_eval_step(mesh, eval_graphdef, state.params)
   batch = {'image': crops, 'label': labels, 'mask': np.ones(2, np.float32)}
   sums = jax.device_get(eval_fn(state.params, sharding.global_batch(mesh, batch)))
 

@@ -29,7 +29,7 @@ def test_main_trains_real_fashion_mnist_with_towers_on_two_devices(tmp_path):
                     '--config.num_train_steps=3', '--config.eval_batch_size=1000',
                     devices=2)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "Mesh: {'data': 1, 'model': 2}" in result.stderr
+  assert "mesh {'data': 1, 'model': 2}" in result.stderr
   with open(workdir / 'results.json') as f:
     results = json.load(f)
   assert results['step'] == 3 and results['n_test_examples'] == 10_000

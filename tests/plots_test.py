@@ -4,19 +4,18 @@ import itertools
 import json
 import os
 
-import jax
 import matplotlib.image
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from alexnet_jax import checkpoints
 from alexnet_jax import input_pipeline
 from alexnet_jax import plots
-from alexnet_jax import sharding
-from alexnet_jax import train
+from alexnet_jax import steps
 from configs import fashion_mnist
+from helpers import mesh_of
+from helpers import save_checkpoint
 
 
 def png_size(path):
@@ -127,23 +126,17 @@ def tiny_workdir(tmp_path, fashion_mnist_as_is):
   del fashion_mnist_as_is
   config = fashion_mnist.get_config()
   config.eval_batch_size = 16
-  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
-  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  _, _, state = train.create_train_state(config, tx, jax.random.key(3), mesh)
-  state = state.replace(step=state.step + 7)
-  with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as manager:
-    manager.save(7, args=ocp.args.StandardSave(state))
+  params = save_checkpoint(config, str(tmp_path), 7, seed=3)
   write_metrics(tmp_path)
   with tfds.testing.mock_data(num_examples=40):
-    yield config, str(tmp_path), state
+    yield config, str(tmp_path), params
 
 
 def test_write_all_draws_every_picture_from_a_workdir(tiny_workdir):
-  config, workdir, state = tiny_workdir
-  _, params, step = train.restore_params(config, workdir)
+  config, workdir, saved = tiny_workdir
+  params, step = checkpoints.restore_params(config, workdir, mesh_of(1, 1))
   assert step == 7
-  np.testing.assert_array_equal(params['conv1']['kernel'][...],
-                                state.params['conv1']['kernel'][...])
+  np.testing.assert_array_equal(params['conv1']['kernel'], saved['conv1']['kernel'])
 
   paths = plots.write_all(config, workdir)
   names = ['learning_curves', 'conv1_filters', 'predictions', 'confusion_matrix']
@@ -153,8 +146,10 @@ def test_write_all_draws_every_picture_from_a_workdir(tiny_workdir):
 
 def test_predict_returns_the_test_images_as_the_model_saw_them(tiny_workdir):
   config, workdir, _ = tiny_workdir
-  graphdef, params, _ = train.restore_params(config, workdir)
-  images, labels, probs = plots.predict(config, graphdef, params, max_examples=20)
+  mesh = mesh_of(1, 1)
+  params, _ = checkpoints.restore_params(config, workdir, mesh)
+  _, graphdef = steps.graphdefs(config)
+  images, labels, probs = plots.predict(config, mesh, graphdef, params, max_examples=20)
   assert images.shape == (20, 67, 67, 3) and images.dtype == np.uint8
   assert labels.shape == (20,)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
@@ -163,5 +158,5 @@ def test_predict_returns_the_test_images_as_the_model_saw_them(tiny_workdir):
   expected = first_32['image'][:20] * np.asarray(config.pixel_std) + np.asarray(config.pixel_mean)
   np.testing.assert_allclose(images, np.clip(expected, 0, 255), atol=1.0)
   np.testing.assert_array_equal(labels, first_32['label'][:20])
-  _, _, all_probs = plots.predict(config, graphdef, params)
+  _, _, all_probs = plots.predict(config, mesh, graphdef, params)
   assert len(all_probs) == 40

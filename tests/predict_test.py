@@ -2,8 +2,6 @@
 
 import jax
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -11,9 +9,9 @@ from flax import nnx
 
 from alexnet_jax import input_pipeline
 from alexnet_jax import predict
-from alexnet_jax import sharding
-from alexnet_jax import train
+from alexnet_jax import steps
 from configs import fashion_mnist
+from helpers import save_checkpoint
 
 FASHION_MNIST_NAMES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                        'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
@@ -25,13 +23,9 @@ def workdir(tmp_path, fashion_mnist_as_is):
   del fashion_mnist_as_is
   config = fashion_mnist.get_config()
   config.init = 'paper'  # Small logits: many classes get visible probability.
-  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
-  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  _, eval_graphdef, state = train.create_train_state(config, tx, jax.random.key(5), mesh)
-  with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as manager:
-    manager.save(1, args=ocp.args.StandardSave(state))
+  params = save_checkpoint(config, str(tmp_path), 1)
   with tfds.testing.mock_data(num_examples=4):
-    yield config, str(tmp_path), nnx.merge(eval_graphdef, jax.device_get(state.params))
+    yield config, str(tmp_path), nnx.merge(steps.graphdefs(config)[1], params)
 
 
 def write_png(path, seed):

@@ -12,32 +12,25 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from alexnet_jax import optimizers
 from alexnet_jax import sharding
+from alexnet_jax import steps
 from alexnet_jax import train
-from configs import fashion_mnist
 from configs import imagenet
+from helpers import mesh_of
+from helpers import small_config as base_config
+from helpers import train_state
 
 
 pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is')
 
 
 def small_config(**overrides):
-  """The Fashion-MNIST config shrunk for mock data: 64 examples, batch 8."""
-  config = fashion_mnist.get_config()
-  config.batch_size = 8
-  config.eval_batch_size = 12  # 64 test examples: the last batch is padded.
-  config.shuffle_buffer = 64
-  config.num_train_steps = 6
-  config.log_every_steps = 1
-  config.eval_every_steps = 3
-  config.checkpoint_every_steps = 3
-  config.keep_checkpoints = 5
-  config.update(overrides)
-  return config
+  return base_config(eval_batch_size=12, **overrides)  # 64 test examples: padded.
 
 
 def test_cpu_compiler_options_leave_convolutions_to_xla():
-  """The options move the convs out of YNNPACK (see `train.compiler_options`)."""
+  """The options move the convs out of YNNPACK (see `steps.compiler_options`)."""
   x, kernel = jnp.ones((2, 27, 27, 48)), jnp.ones((5, 5, 48, 128))
 
   def conv(x, kernel):
@@ -53,56 +46,25 @@ def test_cpu_compiler_options_leave_convolutions_to_xla():
   jax.config.update('jax_disable_most_optimizations', False)
   try:
     assert count_ynnpack_calls() > 0  # jaxlib's default, which the options undo.
-    assert count_ynnpack_calls(compiler_options=train.compiler_options()) == 0
+    assert count_ynnpack_calls(compiler_options=steps.compiler_options()) == 0
   finally:
     jax.config.update('jax_disable_most_optimizations', unoptimised)
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
   config = small_config(learning_rate=0.01, lr_schedule='constant')
-  tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
-  mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
-  graphdef, eval_graphdef, state = train.create_train_state(
-      config, tx, jax.random.key(0), mesh)
+  mesh = mesh_of(1, 1)
+  state, tx = train_state(config, mesh, learning_rate=config.learning_rate)
   rng = np.random.RandomState(0)
   batch = {'image': rng.randn(16, 67, 67, 3).astype(np.float32),
            'label': rng.randint(0, 10, 16).astype(np.int32)}
-  step, _ = train.jit_steps(mesh, graphdef, eval_graphdef, state, tx)
+  step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
   losses = []
   for _ in range(8):
     state, metrics = step(state, sharding.global_batch(mesh, batch), jax.random.key(1))
     losses.append(float(metrics['loss']))
   assert int(state.step) == 8
   assert losses[-1] < 0.5 * losses[0], losses
-
-
-def test_weight_decay_and_momentum_follow_the_paper_update():
-  """v <- 0.9 v - lr (g + wd w); w <- w + v, on a toy quadratic."""
-  config = small_config(learning_rate=0.1, momentum=0.9, weight_decay=0.01)
-  tx = train.create_optimizer(config, optax.constant_schedule(0.1))
-  w = jnp.array([1.0, -2.0])
-  opt_state = tx.init(w)
-  v, w_ref = np.zeros(2), np.array([1.0, -2.0])
-  for _ in range(3):
-    g = 2 * w  # Gradient of |w|^2.
-    updates, opt_state = tx.update(g, opt_state, w)
-    w = optax.apply_updates(w, updates)
-    v = 0.9 * v - 0.1 * (2 * w_ref + 0.01 * w_ref)
-    w_ref = w_ref + v
-  np.testing.assert_allclose(w, w_ref, rtol=1e-6)
-
-
-def test_step_schedule_divides_by_ten_at_the_given_epochs():
-  config = imagenet.get_config()
-  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
-  np.testing.assert_allclose(
-      [schedule(s) for s in (0, 299, 300, 599, 600, 800)],
-      [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5], rtol=1e-5)
-
-
-def test_unknown_schedule_raises():
-  with pytest.raises(ValueError, match='lr_schedule'):
-    train.create_learning_rate_schedule(small_config(lr_schedule='linear'), 10, 100)
 
 
 def read_metrics(workdir):

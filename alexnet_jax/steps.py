@@ -1,0 +1,201 @@
+"""The train state and the jitted steps: `train_step`, `eval_step` and the model's one
+inference path (`eval_apply`). Pure JAX: importing this module needs no TensorFlow.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from alexnet_jax import models
+from alexnet_jax import sharding
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds; data order and dropout keys derive from `step`.
+
+  `params` is a plain dict, e.g. params['conv2']['kernel'] of shape (5, 5, 48, 256).
+  """
+  step: jax.Array
+  params: dict[str, Any]
+  opt_state: optax.OptState
+
+
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
+  return models.AlexNet(
+      config.num_classes, image_size=config.image_size,
+      dropout_rate=config.dropout_rate, init=config.init, lrn=config.lrn,
+      dtype=jnp.dtype(config.dtype), rngs=rngs)
+
+
+def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+  """(train, eval) graphdefs of the model: the same network with dropout on or off."""
+  model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(params=0)))
+  model.train()
+  train_graphdef = nnx.graphdef(model)
+  model.eval()
+  return train_graphdef, nnx.graphdef(model)
+
+
+def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+  """The model's initial parameters as a plain dict (e.g. ['conv1']['kernel'])."""
+  return nnx.to_pure_dict(nnx.state(create_model(config, nnx.Rngs(params=rng))))
+
+
+def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """`jax.ShapeDtypeStruct`s of the parameters, with their shardings on `mesh`."""
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, sharding.named_shardings(mesh, shapes))
+
+
+def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                       rng: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
+  """Initial state, created directly with its shardings on `mesh`.
+
+  The initial values do not depend on the mesh (JAX's random bits are
+  sharding-invariant), so runs on different meshes start from the same weights.
+  """
+  def init():
+    params = init_params(config, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
+
+  shardings = sharding.named_shardings(mesh, jax.eval_shape(init))
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy, `[N]` float32, from integer labels `[N]`."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest logits, `[N]` float32 (k is capped
+  at the class count)."""
+  _, topk = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+  return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
+               apply_fn, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on `batch` = {'image': [N, H, W, 3] float32, 'label': [N] int32}.
+
+  `apply_fn(params, images, dropout_key) -> logits` is the model in train mode,
+  e.g. `sharding.sharded_apply(train_graphdef, ...)`. Returns the new state and
+  the batch's mean loss, top-1 and top-5 accuracy, and the gradients' global L2
+  norm (`grad_norm`: with the loss, what the loop checks for NaN and Inf).
+  """
+  dropout_key = jax.random.fold_in(dropout_rng, state.step)
+
+  def loss_fn(params):
+    logits = apply_fn(params, batch['image'], dropout_key)
+    return cross_entropy_loss(logits, batch['label']).mean(), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': loss,
+      'top1': correct_topk(logits, batch['label'], 1).mean(),
+      'top5': correct_topk(logits, batch['label'], 5).mean(),
+      'grad_norm': optax.tree.norm(grads),
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def crop_averaged_logits(apply_fn, params, crops: jax.Array) -> jax.Array:
+  """log of the softmax averaged over crops (Sec. 4.1's 10-crop test), `[N, classes]`.
+
+  `crops` `[N, C, H, W, 3]` run as one batch of N·C images. The result is a valid
+  logit vector: its softmax is the averaged softmax, so cross-entropy and top-k
+  follow from it unchanged.
+  """
+  n, c = crops.shape[:2]
+  logits = apply_fn(params, crops.reshape(n * c, *crops.shape[2:]), jax.random.key(0))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(n, c, -1)
+  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(c)
+
+
+def compiler_options() -> dict[str, str] | None:
+  """XLA options for every jitted model call on this backend.
+
+  On CPU, jaxlib 0.10 hands convolutions to YNNPACK by default, which runs
+  AlexNet's convolutions (above all the kernel gradients) 2-5× slower than XLA's
+  own Eigen ones (benchmarks/README.md): keep YNNPACK for the matmuls only.
+  """
+  if jax.default_backend() != 'cpu':
+    return None
+  return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def eval_logits_fn(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params
+                   ) -> Callable[[Any, jax.Array], jax.Array]:
+  """The model in eval mode for `mesh`, unjitted: `logits(params, images)`.
+
+  `images` is `[N, H, W, 3]` float32 split over 'data' (N divisible by its size),
+  or `[N, C, H, W, 3]` for the softmax averaged over C crops
+  (`crop_averaged_logits`); float32 logits `[N, classes]`.
+  """
+  apply = sharding.sharded_apply(eval_graphdef, params, mesh)
+
+  def logits(params, images):
+    if images.ndim == 5:
+      return crop_averaged_logits(apply, params, images)
+    return apply(params, images, jax.random.key(0))  # Eval mode: the key is unused.
+
+  return logits
+
+
+def eval_apply(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params
+               ) -> Callable[[Any, jax.Array], jax.Array]:
+  """`eval_logits_fn` jitted, its logits replicated (readable on every process): the
+  model's one inference path, for plots and predict (`eval_step` jits the same
+  function together with its sums)."""
+  return jax.jit(eval_logits_fn(mesh, eval_graphdef, params),
+                 out_shardings=sharding.replicated(mesh), compiler_options=compiler_options())
+
+
+def eval_step(params, batch: Batch, *, logits_fn) -> dict[str, jax.Array]:
+  """Sums of loss, top-1 and top-5 hits and the example count over a padded batch.
+
+  `logits_fn` is `eval_logits_fn(...)`; `batch['image']` is `[N, H, W, 3]` or
+  `[N, C, H, W, 3]`; `batch['mask']` `[N]` is 1 for real examples and 0 for padding.
+  """
+  logits = logits_fn(params, batch['image'])
+  mask = batch['mask'].astype(jnp.float32)
+  return {
+      'loss': jnp.sum(cross_entropy_loss(logits, batch['label']) * mask),
+      'top1': jnp.sum(correct_topk(logits, batch['label'], 1) * mask),
+      'top5': jnp.sum(correct_topk(logits, batch['label'], 5) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def jit_train_step(mesh: jax.sharding.Mesh, train_graphdef: nnx.GraphDef, state: TrainState,
+                   tx: optax.GradientTransformation):
+  """`train_step(state, batch, dropout_rng)` jitted for `mesh`: the state keeps its
+  `sharding.PARTITION_RULES` placement (and is donated), batches are split over
+  'data', metrics come back replicated."""
+  train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
+  return jax.jit(
+      functools.partial(train_step, apply_fn=train_apply, tx=tx),
+      out_shardings=(sharding.named_shardings(mesh, state), sharding.replicated(mesh)),
+      donate_argnums=0, compiler_options=compiler_options())
+
+
+def jit_eval_step(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params):
+  """`eval_step(params, batch)` jitted for `mesh`; the sums come back replicated."""
+  logits_fn = eval_logits_fn(mesh, eval_graphdef, params)
+  return jax.jit(functools.partial(eval_step, logits_fn=logits_fn),
+                 out_shardings=sharding.replicated(mesh), compiler_options=compiler_options())

@@ -1,0 +1,97 @@
+"""Tests of the paper's update (Sec. 5) and the schedules against hand-written formulas."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alexnet_jax import optimizers
+from configs import imagenet
+from helpers import small_config
+
+
+def toy_params():
+  return {'conv1': {'kernel': jnp.array([1.0, -2.0]), 'bias': jnp.array([0.5])},
+          'fc8': {'kernel': jnp.array([[3.0]]), 'bias': jnp.array([-1.0, 2.0])}}
+
+
+def toy_grads(params):
+  """Gradient of sum(w^2) + sum(w): 2 w + 1, so the updates depend on the weights."""
+  return jax.tree.map(lambda w: 2 * w + 1, params)
+
+
+def test_paper_momentum_across_a_learning_rate_drop():
+  """Sec. 5, by hand: v <- 0.9 v - lr (g + 0.0005 w) for weights, v <- 0.9 v - 2 lr g for
+  biases (twice the rate, no decay: cuda-convnet2 / Caffe); w <- w + v; lr 0.1 then
+  0.01 from step 3 on."""
+  config = small_config(momentum=0.9, weight_decay=5e-4)
+  schedule = optax.piecewise_constant_schedule(0.1, {3: 0.1})
+  tx = optimizers.create_optimizer(config, schedule)
+  params = toy_params()
+  opt_state = tx.init(params)
+  ref = jax.tree.map(np.asarray, params)
+  velocity = jax.tree.map(np.zeros_like, ref)
+  for step in range(6):
+    lr = 0.1 if step < 3 else 0.01
+    updates, opt_state = tx.update(toy_grads(params), opt_state, params)
+    params = optax.apply_updates(params, updates)
+    for layer in ref:
+      w, b = ref[layer]['kernel'], ref[layer]['bias']
+      velocity[layer]['kernel'] = 0.9 * velocity[layer]['kernel'] - lr * (2 * w + 1 + 5e-4 * w)
+      velocity[layer]['bias'] = 0.9 * velocity[layer]['bias'] - 2 * lr * (2 * b + 1)
+      ref[layer] = {'kernel': w + velocity[layer]['kernel'],
+                    'bias': b + velocity[layer]['bias']}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, ref)
+
+
+def test_optax_momentum_form_rescales_the_whole_momentum():
+  """'optax': m <- 0.9 m + g; w <- w - lr m. After the drop it moves less than 'paper'."""
+  config = small_config(momentum=0.9, weight_decay=0.0, bias_lr_multiplier=1.0,
+                        momentum_form='optax')
+  schedule = optax.piecewise_constant_schedule(0.1, {2: 0.1})
+  params = {'fc8': {'kernel': jnp.array([1.0]), 'bias': jnp.array([1.0])}}
+  grads = {'fc8': {'kernel': jnp.array([1.0]), 'bias': jnp.array([1.0])}}
+  moved = {}
+  for form in ('optax', 'paper'):
+    config.momentum_form = form
+    tx = optimizers.create_optimizer(config, schedule)
+    p, state = params, tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    moved[form] = float(1.0 - p['fc8']['kernel'][0])
+  # optax: 0.1 * 1 + 0.1 * 1.9 + 0.01 * 2.71; paper: 0.1 + (0.09 + 0.1) + (0.171 + 0.01).
+  assert moved['optax'] == pytest.approx(0.1 + 0.19 + 0.0271, rel=1e-5)
+  assert moved['paper'] == pytest.approx(0.1 + 0.19 + 0.181, rel=1e-5)
+
+
+def test_step_schedule_divides_by_ten_at_the_given_epochs():
+  config = imagenet.get_config()
+  schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
+  np.testing.assert_allclose(
+      [schedule(s) for s in (0, 299, 300, 599, 600, 800)],
+      [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5], rtol=1e-5)
+
+
+def test_warmup_cosine_schedule_of_the_default_run():
+  """Linear from 0 over 300 steps, then base * (1 + cos(pi t / T)) / 2 to 0 at the end."""
+  config = small_config(learning_rate=0.02, lr_schedule='cosine', warmup_steps=300)
+  schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch=468,
+                                                      num_steps=2340)
+  for step in (0, 150, 299, 300, 1000, 2000, 2340):
+    if step < 300:
+      expected = 0.02 * step / 300
+    else:
+      expected = 0.01 * (1 + math.cos(math.pi * (step - 300) / (2340 - 300)))
+    assert float(schedule(step)) == pytest.approx(expected, abs=1e-7), step
+  epochs = small_config(lr_schedule='cosine', warmup_steps=None, warmup_epochs=0.5)
+  warm = optimizers.create_learning_rate_schedule(epochs, steps_per_epoch=100, num_steps=400)
+  assert float(warm(25)) == pytest.approx(epochs.learning_rate / 2)  # 50 warm-up steps.
+
+
+def test_unknown_schedule_raises():
+  with pytest.raises(ValueError, match='lr_schedule'):
+    optimizers.create_learning_rate_schedule(small_config(lr_schedule='linear'), 10, 100)
