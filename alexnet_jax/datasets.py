@@ -1,12 +1,14 @@
 """Datasets on disk: TFDS builders prepared from the user's local files, class names.
 
 Nothing here downloads at run time when the original files are given: Fashion-MNIST's
-IDX files are placed in TFDS's download cache; ImageNet is built from its tars.
+IDX files and CIFAR-10's binary archive are placed in TFDS's download cache; ImageNet
+is built from its tars.
 """
 
 import json
 import os
 import shutil
+import tarfile
 
 import ml_collections
 import numpy as np
@@ -22,12 +24,49 @@ FASHION_MNIST_FILES_HELP = (
     '--config.manual_dir=DIR.')
 
 
+def _place_in_download_cache(builder: tfds.core.DatasetBuilder, manual_dir: str,
+                              files_help: str) -> str:
+  """Copies `builder`'s source files from `manual_dir` into its download cache.
+
+  Each file goes to `<data_dir>/downloads/<get_dl_fname(url, registered sha256)>` with
+  the `.INFO` record TFDS writes after a download. TFDS trusts a cached file under
+  that name without hashing it, so `download_and_prepare` then reads the user's file
+  offline even where it differs byte-wise from the registered one (re-gzipped,
+  repacked, or a test's small archive); callers check the decoded data instead.
+
+  Args:
+    builder: a TFDS builder with registered checksums (`builder.url_infos`).
+    manual_dir: folder holding each source under TFDS's file name for it
+      (`url_checksums/<dataset>.txt`, e.g. `cifar-10-binary.tar.gz`).
+    files_help: appended to the error: which files, and where to get them.
+
+  Returns:
+    The download directory to pass to `download_and_prepare(download_dir=...)`.
+
+  Raises:
+    FileNotFoundError: naming the first missing file, then `files_help`.
+  """
+  manual_dir = os.path.expanduser(manual_dir)
+  download_dir = os.path.join(builder.data_dir_root, 'downloads')
+  os.makedirs(download_dir, exist_ok=True)
+  for url, info in builder.url_infos.items():
+    source = os.path.join(manual_dir, info.filename)
+    if not os.path.exists(source):
+      raise FileNotFoundError(f'{source} not found. {files_help}')
+    target = os.path.join(
+        download_dir, tfds_resource.get_dl_fname(url, info.checksum))
+    shutil.copyfile(source, target)
+    with open(target + '.INFO', 'w') as f:
+      json.dump({'urls': [url], 'original_fname': info.filename}, f)
+  return download_dir
+
+
 def prepare_fashion_mnist(data_dir: str | None, manual_dir: str) -> tfds.core.DatasetBuilder:
   """Builds TFDS `fashion_mnist` from local IDX files, without network access.
 
   TFDS's registered checksums do not match Debian's re-gzipped files, so the files
-  are placed in the builder's download cache (with the `.INFO` record TFDS writes
-  after a download) and the decoded data is checked instead.
+  are placed in the builder's download cache (`_place_in_download_cache`) and the
+  decoded data is checked instead.
 
   Raises:
     FileNotFoundError: if a file is missing from `manual_dir`.
@@ -37,17 +76,7 @@ def prepare_fashion_mnist(data_dir: str | None, manual_dir: str) -> tfds.core.Da
   builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   if builder.is_prepared():
     return builder
-  download_dir = os.path.join(builder.data_dir_root, 'downloads')
-  os.makedirs(download_dir, exist_ok=True)
-  for url, info in builder.url_infos.items():
-    source = os.path.join(manual_dir, info.filename)
-    if not os.path.exists(source):
-      raise FileNotFoundError(f'{source} not found. {FASHION_MNIST_FILES_HELP}')
-    target = os.path.join(
-        download_dir, tfds_resource.get_dl_fname(url, info.checksum))
-    shutil.copyfile(source, target)
-    with open(target + '.INFO', 'w') as f:
-      json.dump({'urls': [url], 'original_fname': info.filename}, f)
+  download_dir = _place_in_download_cache(builder, manual_dir, FASHION_MNIST_FILES_HELP)
   builder.download_and_prepare(download_dir=download_dir)
   _check_fashion_mnist(builder)
   return builder
@@ -65,9 +94,102 @@ def _check_fashion_mnist(builder: tfds.core.DatasetBuilder):
           f'{builder.data_dir} and check the source files. {FASHION_MNIST_FILES_HELP}')
 
 
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
+CIFAR10_ARCHIVE = 'cifar-10-binary.tar.gz'
+CIFAR10_FILES_HELP = (
+    f'CIFAR-10 is read from its original binary archive {CIFAR10_ARCHIVE} '
+    f'(cifar-10-batches-bin/data_batch_1.bin ... data_batch_5.bin, test_batch.bin, '
+    f'batches.meta.txt): download it from {CIFAR10_URL}, put it in a folder DIR and '
+    f'pass --config.manual_dir=DIR (or leave manual_dir unset to let TFDS download it).')
+# The archive's layout, as TFDS's cifar10 builder reads it (image_classification/cifar.py).
+_CIFAR10_FOLDER = 'cifar-10-batches-bin'
+_CIFAR10_BATCHES = {'train': tuple(f'data_batch_{i}.bin' for i in range(1, 6)),
+                    'test': ('test_batch.bin',)}
+# 1 label byte + 32×32 red, then green, then blue bytes (row-major).
+_CIFAR10_RECORD_BYTES = 1 + 32 * 32 * 3
+
+
+def prepare_cifar10(data_dir: str | None, manual_dir: str) -> tfds.core.DatasetBuilder:
+  """Builds TFDS `cifar10` from the original `cifar-10-binary.tar.gz`, without network.
+
+  The archive is placed in the builder's download cache (`_place_in_download_cache`),
+  so TFDS extracts and reads it as if it had downloaded it from `CIFAR10_URL`; class
+  names come from its `batches.meta.txt`. Its checksum is not compared with TFDS's;
+  the prepared data are checked against the archive's records instead.
+
+  Args:
+    data_dir: TFDS data directory (None: TFDS's default, ~/tensorflow_datasets).
+    manual_dir: folder holding `cifar-10-binary.tar.gz`; unused once prepared.
+
+  Returns:
+    The prepared builder: 'train' and 'test' splits of 'image' uint8 [32, 32, 3],
+    'label' int64 in 0-9 and 'id' ('train_00000', ...: record order in the archive).
+
+  Raises:
+    FileNotFoundError: if `manual_dir` has no `cifar-10-binary.tar.gz`.
+    ValueError: if the archive is not a readable .tar.gz holding the six batches of
+      3,073-byte records, or if the prepared splits do not hold exactly its records
+      as 32×32×3 uint8 images with labels 0-9 (50,000 + 10,000 in the real archive).
+  """
+  builder = tfds.builder('cifar10', data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  download_dir = _place_in_download_cache(builder, manual_dir, CIFAR10_FILES_HELP)
+  archive = os.path.join(os.path.expanduser(manual_dir), CIFAR10_ARCHIVE)
+  # Before TFDS extracts it: a bad archive then leaves no stale extraction behind.
+  expected = _cifar10_record_counts(archive)
+  builder.download_and_prepare(download_dir=download_dir)
+  _check_cifar10(builder, expected, archive, os.path.join(download_dir, 'extracted'))
+  return builder
+
+
+def _cifar10_record_counts(archive: str) -> dict[str, int]:
+  """Records per split in the archive's batch files, from their sizes in the tar headers.
+
+  Raises:
+    ValueError: if the archive cannot be read, or a batch file (or batches.meta.txt)
+      is missing or not a whole number of records.
+  """
+  try:
+    with tarfile.open(archive, 'r:gz') as tar:
+      sizes = {os.path.normpath(member.name): member.size for member in tar}
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise ValueError(f'{archive} is not a readable .tar.gz ({e}). {CIFAR10_FILES_HELP}') from e
+  for name in ('batches.meta.txt', *_CIFAR10_BATCHES['train'], *_CIFAR10_BATCHES['test']):
+    if os.path.join(_CIFAR10_FOLDER, name) not in sizes:
+      raise ValueError(f'{archive} has no {_CIFAR10_FOLDER}/{name}. {CIFAR10_FILES_HELP}')
+  counts = {}
+  for split, names in _CIFAR10_BATCHES.items():
+    counts[split] = 0
+    for name in names:
+      size = sizes[os.path.join(_CIFAR10_FOLDER, name)]
+      if size % _CIFAR10_RECORD_BYTES:
+        raise ValueError(
+            f'{archive}: {_CIFAR10_FOLDER}/{name} has {size} bytes, not a whole number '
+            f'of {_CIFAR10_RECORD_BYTES}-byte records. {CIFAR10_FILES_HELP}')
+      counts[split] += size // _CIFAR10_RECORD_BYTES
+  return counts
+
+
+def _check_cifar10(builder: tfds.core.DatasetBuilder, expected: dict[str, int],
+                   archive: str, extract_dir: str):
+  for split, count in expected.items():
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    images, labels = data['image'], np.unique(data['label']).tolist()
+    if (images.shape != (count, 32, 32, 3) or images.dtype != np.uint8
+        or not set(labels) <= set(range(10))):
+      raise ValueError(
+          f'Prepared cifar10 {split} split is wrong: images {images.shape} '
+          f'{images.dtype}, labels {labels}; {archive} holds '
+          f'{count} records. Delete {builder.data_dir} and {extract_dir} (TFDS '
+          f'reuses extractions), and check {archive}. {CIFAR10_FILES_HELP}')
+
+
 def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if config.dataset == 'fashion_mnist':
     return prepare_fashion_mnist(config.data_dir, config.manual_dir)
+  if config.dataset == 'cifar10' and config.manual_dir:  # Else TFDS downloads it.
+    return prepare_cifar10(config.data_dir, config.manual_dir)
   if config.dataset == 'image_folder':
     # <manual_dir>/<split>/<class name>/<image>, e.g. Imagenette's train/ and val/.
     root = os.path.expanduser(config.manual_dir or '')
@@ -92,7 +214,8 @@ def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
   """Label names from the dataset's metadata (folder names for image folders).
 
-  TFDS datasets need no data for this (ImageNet's 1000 synsets come with TFDS).
+  TFDS datasets need no data for this (ImageNet's 1000 synsets come with TFDS), except
+  CIFAR-10, whose names are read from its archive when prepared: '0'-'9' before.
 
   Raises:
     FileNotFoundError: for an image folder that does not exist.
