@@ -1,16 +1,26 @@
 """Reads BVLC Caffe's `bvlc_alexnet.caffemodel` without Caffe (a caffe.proto subset built
 at import) and converts its blobs into `AlexNet(lrn='caffe')` parameters, shapes checked.
+
+  python -m alexnet_jax.import_caffe --caffemodel=bvlc_alexnet.caffemodel --workdir=DIR
 """
 
 import os
+import sys
+from typing import Any
 
+from absl import app
+from absl import flags
 from flax import nnx
 from google.protobuf import descriptor_pb2
 from google.protobuf import descriptor_pool
 from google.protobuf import message
 from google.protobuf import message_factory
+import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
+from alexnet_jax import checkpoints
+from alexnet_jax import config_lib
 from alexnet_jax import models
 
 # deploy.prototxt's parameter layers, in order: two blobs each, weights and bias.
@@ -286,3 +296,59 @@ def caffe_to_params(blobs: dict[str, list[np.ndarray]], *,
     params[name] = {'kernel': np.ascontiguousarray(kernel, np.float32),
                     'bias': np.ascontiguousarray(bias, np.float32)}
   return params
+
+
+def import_caffemodel(caffemodel: str, workdir: str,
+                      config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Writes `caffemodel`'s weights as checkpoint 0 of `workdir`, with `config.json`.
+
+  `--mode=eval`, `alexnet_jax.predict` and `alexnet_jax.plots` then read `workdir`
+  like a trained run's (the checkpoint holds the parameters only: no optimizer
+  state to resume training from).
+
+  Returns:
+    {'workdir', 'num_classes', 'parameters'}.
+
+  Raises:
+    FileNotFoundError: if `caffemodel` does not exist.
+    ValueError: for a file that is not a bvlc_alexnet caffemodel, an fc8 whose class
+      count differs from `config.num_classes`, or a workdir that already holds
+      checkpoints.
+  """
+  params = caffe_to_params(read_caffemodel(caffemodel), image_size=config.image_size)
+  num_classes = params['fc8']['bias'].shape[0]
+  if num_classes != config.num_classes:
+    raise ValueError(f'{caffemodel} has {num_classes} classes (fc8) but '
+                     f'config.num_classes={config.num_classes}.')
+  if os.path.exists(checkpoints.directory(workdir)):
+    raise ValueError(f'{checkpoints.directory(workdir)} exists: import into a new '
+                     '--workdir.')
+  os.makedirs(workdir, exist_ok=True)
+  config_lib.save(config, workdir)
+  checkpoints.save_params(workdir, params)
+  return {'workdir': os.path.abspath(workdir), 'num_classes': num_classes,
+          'parameters': sum(x.size for p in params.values() for x in p.values())}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = flags.FLAGS.config
+  config_lib.validate(config)
+  try:
+    summary = import_caffemodel(flags.FLAGS.caffemodel, flags.FLAGS.workdir, config)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'{type(e).__name__}: {e}')
+  print(f'Wrote {summary["parameters"]:,} parameters ({summary["num_classes"]} classes) '
+        f'to {summary["workdir"]}; evaluate with: python -m alexnet_jax.main --mode=eval '
+        f'--workdir={summary["workdir"]} --config.manual_dir=IMAGENET_TARS')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('caffemodel', None, 'bvlc_alexnet.caffemodel.', required=True)
+  flags.DEFINE_string('workdir', None, 'Where to write the checkpoint and config.json.',
+                      required=True)
+  config_flags.DEFINE_config_file(
+      'config', 'configs/caffe_bvlc_alexnet.py', "Caffe's network and preprocessing.",
+      lock_config=True)
+  app.run(main)

@@ -8,8 +8,17 @@ import jax
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 import pytest
+import tensorflow as tf
 
+from alexnet_jax import checkpoints
+from alexnet_jax import config_lib
+from alexnet_jax import datasets
 from alexnet_jax import import_caffe
+from alexnet_jax import predict
+from alexnet_jax import sharding
+from alexnet_jax import steps
+from configs import caffe_bvlc_alexnet
+from helpers import mesh_of
 from alexnet_jax import models
 
 # ---------------------------------------------------------------------------------
@@ -350,3 +359,38 @@ def test_conversion_errors():
     import_caffe.caffe_to_params(blobs, image_size=227)
   with pytest.raises(ValueError, match='fc7: expected 2 blobs'):
     import_caffe.caffe_to_params(dict(blobs, fc7=blobs['fc7'][:1]), image_size=67)
+
+
+def test_imported_workdir_on_the_tower_mesh_and_predict(bvlc, tmp_path):
+  """`import_caffemodel` writes a workdir whose checkpoint, restored onto the 2 × 2 mesh
+  (Caffe's LRN then crosses between devices), gives Caffe's logits; predict names
+  ImageNet synsets from TFDS's metadata, without the ImageNet tars."""
+  path = tmp_path / 'bvlc_alexnet.caffemodel'
+  import_caffe.write_caffemodel(path, bvlc['weights'], v1=True, legacy_shape=True)
+  config = caffe_bvlc_alexnet.get_config()
+  config.data_dir = str(tmp_path / 'tfds')  # Empty: no ImageNet here.
+  workdir = str(tmp_path / 'run')
+  summary = import_caffe.import_caffemodel(str(path), workdir, config)
+  assert summary['parameters'] == 60_965_224 and summary['num_classes'] == 1000
+  assert config_lib.load(workdir).lrn == 'caffe'
+
+  mesh = mesh_of(2, 2)
+  params, step = checkpoints.restore_params(config, workdir, mesh)
+  assert step == 0
+  logits_fn = steps.eval_apply(mesh, steps.graphdefs(config)[1], params)
+  logits = logits_fn(params, sharding.global_batch(mesh, {'image': bvlc['images']})['image'])
+  assert relative_error(logits, bvlc['logits']) < TOLERANCE
+
+  image = tmp_path / 'photo.png'
+  tf.io.write_file(str(image), tf.io.encode_png(
+      np.random.RandomState(2).randint(0, 256, (200, 300, 3), np.uint8)))
+  [top5] = predict.predict_files(config_lib.for_workdir(workdir, None), workdir, [str(image)])
+  pixels = predict.load_image(str(image), config)[None].repeat(2, axis=0)
+  probs = np.asarray(jax.nn.softmax(logits_fn(
+      params, sharding.global_batch(mesh, {'image': pixels})['image'])))[0]
+  names = datasets.class_names(config)
+  assert [name for name, _ in top5] == [names[i] for i in np.argsort(-probs)[:5]]
+  assert all(name.startswith('n') and len(name) == 9 for name, _ in top5)  # Synsets.
+  np.testing.assert_allclose([p for _, p in top5], np.sort(probs)[::-1][:5], rtol=1e-4)
+  with pytest.raises(ValueError, match='import into a new'):
+    import_caffe.import_caffemodel(str(path), workdir, config)
