@@ -10,6 +10,8 @@ import os
 import shutil
 import tarfile
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -186,6 +188,26 @@ def _check_cifar10(builder: tfds.core.DatasetBuilder, expected: dict[str, int],
 
 
 def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder of `config.dataset` (built from local files if needed).
+
+  In a multi-process job process 0 prepares the dataset first and the others wait,
+  so that processes sharing a filesystem do not build it concurrently; on hosts
+  without a shared one each then prepares its own copy.
+
+  Raises:
+    FileNotFoundError: if the dataset's source files are missing.
+  """
+  if jax.process_count() == 1:
+    return _prepare(config)
+  if jax.process_index() == 0:
+    prepared = _prepare(config)
+  multihost_utils.sync_global_devices('alexnet_jax.datasets.builder')
+  if jax.process_index() > 0:
+    prepared = _prepare(config)
+  return prepared
+
+
+def _prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if config.dataset == 'fashion_mnist':
     return prepare_fashion_mnist(config.data_dir, config.manual_dir)
   if config.dataset == 'cifar10' and config.manual_dir:  # Else TFDS downloads it.
