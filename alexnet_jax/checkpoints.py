@@ -16,15 +16,20 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def create_manager(workdir: str, *, save_interval_steps: int = 1,
-                   max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str, *, save_interval_steps: int = 1, max_to_keep: int | None = None
+) -> ocp.CheckpointManager:
   """The `CheckpointManager` of `workdir/checkpoints`, shared by every process.
 
   Saves are asynchronous and atomic (Orbax writes to a temporary directory and
   renames it when complete), so a killed run leaves its earlier checkpoints intact.
   """
-  return ocp.CheckpointManager(directory(workdir), options=ocp.CheckpointManagerOptions(
-      save_interval_steps=save_interval_steps, max_to_keep=max_to_keep))
+  return ocp.CheckpointManager(
+    directory(workdir),
+    options=ocp.CheckpointManagerOptions(
+      save_interval_steps=save_interval_steps, max_to_keep=max_to_keep
+    ),
+  )
 
 
 def save(manager: ocp.CheckpointManager, state: steps_lib.TrainState, *, force: bool = False):
@@ -32,8 +37,9 @@ def save(manager: ocp.CheckpointManager, state: steps_lib.TrainState, *, force: 
   manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
 
 
-def restore_state(manager: ocp.CheckpointManager, target: steps_lib.TrainState,
-                  step: int) -> steps_lib.TrainState:
+def restore_state(
+  manager: ocp.CheckpointManager, target: steps_lib.TrainState, step: int
+) -> steps_lib.TrainState:
   """The state of checkpoint `step`, each array placed like `target`'s (any mesh)."""
   return manager.restore(step, args=ocp.args.StandardRestore(target))
 
@@ -51,12 +57,14 @@ def reached_preemption(manager: ocp.CheckpointManager, step: int) -> bool:
 
 def _missing(checkpoint_dir: str) -> FileNotFoundError:
   return FileNotFoundError(
-      f'No checkpoint in {checkpoint_dir}. Pass the --workdir of a training run, or '
-      'train first: python -m alexnet_jax.main --config=CONFIG --workdir=DIR.')
+    f'No checkpoint in {checkpoint_dir}. Pass the --workdir of a training run, or '
+    'train first: python -m alexnet_jax.main --config=CONFIG --workdir=DIR.'
+  )
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
-                   step: int | None = None) -> tuple[dict[str, Any], int]:
+def restore_params(
+  config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, step: int | None = None
+) -> tuple[dict[str, Any], int]:
   """(params, step) of a checkpoint in `workdir/checkpoints`, without the optimizer.
 
   Only the parameters are read (Orbax partial restore), placed on `mesh` by
@@ -82,11 +90,17 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
     if step is None:
       step = max(saved)
     elif step not in saved:
-      raise FileNotFoundError(f'No checkpoint of step {step} in {checkpoint_dir}; '
-                              f'its steps are {sorted(saved)}.')
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+      raise FileNotFoundError(
+        f'No checkpoint of step {step} in {checkpoint_dir}; its steps are {sorted(saved)}.'
+      )
+    restored = manager.restore(
+      step,
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
   return restored['params'], step
 
 

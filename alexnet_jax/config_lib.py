@@ -22,12 +22,12 @@ class ConfigError(ValueError):
 # wins over its `*_epochs` partner (as `--config.num_train_steps=N` overrides
 # num_epochs), so an override needs one key only. Resolved by `steps` alone.
 DURATIONS = {
-    'total': ('num_train_steps', 'num_epochs'),
-    'warmup': ('warmup_steps', 'warmup_epochs'),
-    'lr_decay': ('lr_decay_steps', 'lr_decay_epochs'),  # Sequences: one per decay.
-    'log_every': ('log_every_steps', 'log_every_epochs'),
-    'eval_every': ('eval_every_steps', 'eval_every_epochs'),
-    'checkpoint_every': ('checkpoint_every_steps', 'checkpoint_every_epochs'),
+  'total': ('num_train_steps', 'num_epochs'),
+  'warmup': ('warmup_steps', 'warmup_epochs'),
+  'lr_decay': ('lr_decay_steps', 'lr_decay_epochs'),  # Sequences: one per decay.
+  'log_every': ('log_every_steps', 'log_every_epochs'),
+  'eval_every': ('eval_every_steps', 'eval_every_epochs'),
+  'checkpoint_every': ('checkpoint_every_steps', 'checkpoint_every_epochs'),
 }
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -36,9 +36,17 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # devices, and bookkeeping. Any other change alters the model, the data order or
 # the schedule, and `check_rerun` refuses it.
 RERUN_MAY_CHANGE = (
-    'data_dir', 'manual_dir', 'mesh.data', 'mesh.model', 'eval_batch_size', 'eval_crops',
-    'keep_checkpoints', *DURATIONS['log_every'], *DURATIONS['eval_every'],
-    *DURATIONS['checkpoint_every'])
+  'data_dir',
+  'manual_dir',
+  'mesh.data',
+  'mesh.model',
+  'eval_batch_size',
+  'eval_crops',
+  'keep_checkpoints',
+  *DURATIONS['log_every'],
+  *DURATIONS['eval_every'],
+  *DURATIONS['checkpoint_every'],
+)
 # Keys that fix the parameters' shapes.
 MODEL_SHAPE_KEYS = ('num_classes', 'image_size')
 
@@ -63,16 +71,18 @@ def _int(low: int) -> _Rule:
   return (lambda v: _is_int(v) and v >= low), f'an integer >= {low}'
 
 
-def _number(low: float, high: float | None = None, *, low_open=False,
-            high_open=False) -> _Rule:
+def _number(low: float, high: float | None = None, *, low_open=False, high_open=False) -> _Rule:
   def accepts(v):
     if not _is_number(v) or v != v:  # NaN.
       return False
     above = v > low if low_open else v >= low
     below = high is None or (v < high if high_open else v <= high)
     return above and below
-  interval = (f'{"(" if low_open else "["}{low}, '
-              f'{"inf)" if high is None else str(high) + (")" if high_open else "]")}')
+
+  interval = (
+    f'{"(" if low_open else "["}{low}, '
+    f'{"inf)" if high is None else str(high) + (")" if high_open else "]")}'
+  )
   return accepts, f'a number in {interval}'
 
 
@@ -88,9 +98,17 @@ def _optional(rule: _Rule) -> _Rule:
 def _sequence(rule: _Rule, length: int | None = None) -> _Rule:
   accepts, allowed = rule
   count = f'{length} ' if length else ''
-  return ((lambda v: isinstance(v, Sequence) and not isinstance(v, str)
-           and (length is None or len(v) == length) and all(map(accepts, v))),
-          f'a sequence of {count}values, each {allowed}')
+  return (
+    (
+      lambda v: (
+        isinstance(v, Sequence)
+        and not isinstance(v, str)
+        and (length is None or len(v) == length)
+        and all(map(accepts, v))
+      )
+    ),
+    f'a sequence of {count}values, each {allowed}',
+  )
 
 
 _BOOL = (lambda v: isinstance(v, bool)), 'True or False'
@@ -98,54 +116,54 @@ _STRING = (lambda v: isinstance(v, str) and bool(v)), 'a non-empty string'
 _POSITIVE_INT = _int(1)
 
 RULES: dict[str, _Rule] = {
-    'dataset': _STRING,  # Checked against TFDS's names when the data are read.
-    'data_dir': _optional(_STRING),
-    'manual_dir': _optional(_STRING),
-    'train_split': _STRING,
-    'test_split': _STRING,
-    'num_classes': _int(2),
-    'cache': _BOOL,
-    'shuffle_buffer': _POSITIVE_INT,
-    'deterministic_input': _BOOL,
-    'image_size': _int(67),  # The smallest input with a 1×1 pool5.
-    'resize_size': _int(67),
-    'resize': _choice('shorter_side', 'square'),
-    'augment.crop': _choice('paper', 'inception'),
-    'augment.flip': _BOOL,
-    'augment.pca_lighting_stddev': _number(0),
-    'pixel_mean': _sequence(_number(0, 255), 3),
-    'pixel_std': _sequence(_number(0, low_open=True), 3),
-    'init': _choice('paper', 'he'),
-    'lrn': _choice(*models.LRN_CONVENTIONS),
-    'dropout_rate': _number(0, 1, high_open=True),
-    'dtype': _choice(*DTYPES),
-    'batch_size': _POSITIVE_INT,
-    'eval_batch_size': _POSITIVE_INT,
-    'eval_crops': _choice(1, 10),
-    'learning_rate': _number(0, low_open=True),
-    'lr_schedule': _choice('step', 'cosine', 'constant'),
-    'lr_decay_steps': _optional(_sequence(_int(1))),
-    'lr_decay_epochs': _optional(_sequence(_number(0, low_open=True))),
-    'lr_decay_factor': _number(0, 1, low_open=True),
-    'warmup_steps': _optional(_int(0)),
-    'warmup_epochs': _optional(_number(0)),
-    'momentum': _number(0, 1, high_open=True),
-    'momentum_form': _choice('paper', 'optax'),
-    'weight_decay': _number(0),
-    'bias_lr_multiplier': _number(0, low_open=True),
-    'bias_weight_decay': _number(0),
-    'num_train_steps': _optional(_POSITIVE_INT),
-    'num_epochs': _optional(_number(0, low_open=True)),
-    'mesh.data': _optional(_POSITIVE_INT),
-    'mesh.model': _optional(_choice(1, 2)),
-    'seed': _int(0),
-    'log_every_steps': _optional(_POSITIVE_INT),
-    'log_every_epochs': _optional(_number(0, low_open=True)),
-    'eval_every_steps': _optional(_POSITIVE_INT),
-    'eval_every_epochs': _optional(_number(0, low_open=True)),
-    'checkpoint_every_steps': _optional(_POSITIVE_INT),
-    'checkpoint_every_epochs': _optional(_number(0, low_open=True)),
-    'keep_checkpoints': _POSITIVE_INT,
+  'dataset': _STRING,  # Checked against TFDS's names when the data are read.
+  'data_dir': _optional(_STRING),
+  'manual_dir': _optional(_STRING),
+  'train_split': _STRING,
+  'test_split': _STRING,
+  'num_classes': _int(2),
+  'cache': _BOOL,
+  'shuffle_buffer': _POSITIVE_INT,
+  'deterministic_input': _BOOL,
+  'image_size': _int(67),  # The smallest input with a 1×1 pool5.
+  'resize_size': _int(67),
+  'resize': _choice('shorter_side', 'square'),
+  'augment.crop': _choice('paper', 'inception'),
+  'augment.flip': _BOOL,
+  'augment.pca_lighting_stddev': _number(0),
+  'pixel_mean': _sequence(_number(0, 255), 3),
+  'pixel_std': _sequence(_number(0, low_open=True), 3),
+  'init': _choice('paper', 'he'),
+  'lrn': _choice(*models.LRN_CONVENTIONS),
+  'dropout_rate': _number(0, 1, high_open=True),
+  'dtype': _choice(*DTYPES),
+  'batch_size': _POSITIVE_INT,
+  'eval_batch_size': _POSITIVE_INT,
+  'eval_crops': _choice(1, 10),
+  'learning_rate': _number(0, low_open=True),
+  'lr_schedule': _choice('step', 'cosine', 'constant'),
+  'lr_decay_steps': _optional(_sequence(_int(1))),
+  'lr_decay_epochs': _optional(_sequence(_number(0, low_open=True))),
+  'lr_decay_factor': _number(0, 1, low_open=True),
+  'warmup_steps': _optional(_int(0)),
+  'warmup_epochs': _optional(_number(0)),
+  'momentum': _number(0, 1, high_open=True),
+  'momentum_form': _choice('paper', 'optax'),
+  'weight_decay': _number(0),
+  'bias_lr_multiplier': _number(0, low_open=True),
+  'bias_weight_decay': _number(0),
+  'num_train_steps': _optional(_POSITIVE_INT),
+  'num_epochs': _optional(_number(0, low_open=True)),
+  'mesh.data': _optional(_POSITIVE_INT),
+  'mesh.model': _optional(_choice(1, 2)),
+  'seed': _int(0),
+  'log_every_steps': _optional(_POSITIVE_INT),
+  'log_every_epochs': _optional(_number(0, low_open=True)),
+  'eval_every_steps': _optional(_POSITIVE_INT),
+  'eval_every_epochs': _optional(_number(0, low_open=True)),
+  'checkpoint_every_steps': _optional(_POSITIVE_INT),
+  'checkpoint_every_epochs': _optional(_number(0, low_open=True)),
+  'keep_checkpoints': _POSITIVE_INT,
 }
 
 
@@ -160,8 +178,9 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, An
   return leaves
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             num_processes: int = 1):
+def validate(
+  config: ml_collections.ConfigDict, *, num_devices: int | None = None, num_processes: int = 1
+):
   """Checks every key's type and range, and how the keys fit together.
 
   Runs before any data is read or any step compiled. With `num_devices`, also
@@ -174,30 +193,38 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   leaves = flatten(config)
   for key, value in leaves.items():
     if key not in RULES:
-      raise ConfigError(f'config.{key}={value!r}: unknown key; valid keys: '
-                        f'{", ".join(RULES)}.')
+      raise ConfigError(f'config.{key}={value!r}: unknown key; valid keys: {", ".join(RULES)}.')
     accepts, allowed = RULES[key]
     if not accepts(value):
       raise ConfigError(f'config.{key}={value!r}: must be {allowed}.')
   if config.dataset != 'image_folder' and not _is_tfds_dataset(config.dataset):
-    raise ConfigError(f'config.dataset={config.dataset!r}: must be \'image_folder\' or the '
-                      "name of a TFDS dataset, e.g. 'fashion_mnist', 'cifar10', "
-                      "'imagenet2012'.")
+    raise ConfigError(
+      f"config.dataset={config.dataset!r}: must be 'image_folder' or the "
+      "name of a TFDS dataset, e.g. 'fashion_mnist', 'cifar10', "
+      "'imagenet2012'."
+    )
   missing = [key for key in RULES if key not in leaves]
   if missing:
     raise ConfigError(f'config lacks {", ".join(missing)} (start from configs/default.py).')
   if config.image_size > config.resize_size:
-    raise ConfigError(f'config.image_size={config.image_size} must be <= '
-                      f'config.resize_size={config.resize_size} (crops are taken from '
-                      'the resized image).')
+    raise ConfigError(
+      f'config.image_size={config.image_size} must be <= '
+      f'config.resize_size={config.resize_size} (crops are taken from '
+      'the resized image).'
+    )
   for name, (steps_key, epochs_key) in DURATIONS.items():
     if name != 'lr_decay' and config[steps_key] is None and config[epochs_key] is None:
-      raise ConfigError(f'config.{steps_key} and config.{epochs_key} are both None: '
-                        'set one of them.')
-  if config.lr_schedule == 'step' and config.lr_decay_steps is None and (
-      config.lr_decay_epochs is None):
-    raise ConfigError("config.lr_schedule='step' needs config.lr_decay_epochs or "
-                      'config.lr_decay_steps.')
+      raise ConfigError(
+        f'config.{steps_key} and config.{epochs_key} are both None: set one of them.'
+      )
+  if (
+    config.lr_schedule == 'step'
+    and config.lr_decay_steps is None
+    and (config.lr_decay_epochs is None)
+  ):
+    raise ConfigError(
+      "config.lr_schedule='step' needs config.lr_decay_epochs or config.lr_decay_steps."
+    )
   if num_devices is not None:
     _validate_layout(config, num_devices, num_processes)
 
@@ -206,6 +233,7 @@ def _is_tfds_dataset(name: str) -> bool:
   # Imported here: TFDS pulls in TensorFlow, which the steps (sharding, which imports
   # this module) must not need.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
     tfds.builder_cls(name)
   except tfds.core.registered.DatasetNotFoundError:
@@ -226,8 +254,9 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   data = num_devices // model if mesh_config.data is None else mesh_config.data
   if data * model != num_devices:
     raise ConfigError(
-        f'config.mesh.data={mesh_config.data} × config.mesh.model={model} must equal the '
-        f'{num_devices} devices present; leave config.mesh.data=None to use them all.')
+      f'config.mesh.data={mesh_config.data} × config.mesh.model={model} must equal the '
+      f'{num_devices} devices present; leave config.mesh.data=None to use them all.'
+    )
   return data, model
 
 
@@ -238,8 +267,9 @@ def _validate_layout(config, num_devices: int, num_processes: int):
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % data:
       raise ConfigError(
-          f'config.{key}={config[key]} must be divisible by the {data} devices of the '
-          f"mesh's data axis (mesh {data} × {model} over {num_processes} process(es)).")
+        f'config.{key}={config[key]} must be divisible by the {data} devices of the '
+        f"mesh's data axis (mesh {data} × {model} over {num_processes} process(es))."
+      )
 
 
 # --------------------------------------------------------------------------------------
@@ -299,21 +329,25 @@ def save(config: ml_collections.ConfigDict, workdir: str):
   os.replace(path + '.tmp', path)
 
 
-def differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict
-                ) -> dict[str, tuple[Any, Any]]:
+def differences(
+  old: ml_collections.ConfigDict, new: ml_collections.ConfigDict
+) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (old value, new value)} where they differ; tuples equal lists."""
   old_leaves, new_leaves = flatten(old), flatten(new)
-  return {key: (old_leaves.get(key), new_leaves.get(key))
-          for key in sorted(set(old_leaves) | set(new_leaves))
-          if _to_python(old_leaves.get(key)) != _to_python(new_leaves.get(key))}
+  return {
+    key: (old_leaves.get(key), new_leaves.get(key))
+    for key in sorted(set(old_leaves) | set(new_leaves))
+    if _to_python(old_leaves.get(key)) != _to_python(new_leaves.get(key))
+  }
 
 
 def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
   return '; '.join(f'{key}: {old!r} -> {new!r}' for key, (old, new) in changes.items())
 
 
-def check_model_shapes(saved: ml_collections.ConfigDict | None,
-                       config: ml_collections.ConfigDict, workdir: str):
+def check_model_shapes(
+  saved: ml_collections.ConfigDict | None, config: ml_collections.ConfigDict, workdir: str
+):
   """Refuses a config whose parameter shapes differ from those of the run in `workdir`.
 
   Raises:
@@ -324,12 +358,14 @@ def check_model_shapes(saved: ml_collections.ConfigDict | None,
   changed = {k: v for k, v in differences(saved, config).items() if k in MODEL_SHAPE_KEYS}
   if changed:
     raise ConfigError(
-        f'The run in {workdir} has other parameter shapes ({_describe(changed)}); pass its '
-        f'own config, or leave out --config to use {os.path.join(workdir, CONFIG_FILE)}.')
+      f'The run in {workdir} has other parameter shapes ({_describe(changed)}); pass its '
+      f'own config, or leave out --config to use {os.path.join(workdir, CONFIG_FILE)}.'
+    )
 
 
-def check_rerun(config: ml_collections.ConfigDict, workdir: str, *,
-                allow_change: bool = False) -> dict[str, tuple[Any, Any]]:
+def check_rerun(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_change: bool = False
+) -> dict[str, tuple[Any, Any]]:
   """Compares a rerun's config with the one its workdir was started with.
 
   Changes to `RERUN_MAY_CHANGE` keys pass. Any other change would make the resumed
@@ -347,21 +383,22 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str, *,
   if saved is None:
     return {}
   check_model_shapes(saved, config, workdir)
-  changes = {k: v for k, v in differences(saved, config).items()
-             if k not in RERUN_MAY_CHANGE}
+  changes = {k: v for k, v in differences(saved, config).items() if k not in RERUN_MAY_CHANGE}
   if changes and not allow_change:
     raise ConfigError(
-        f'{workdir} holds a run started with another config ({_describe(changes)}). '
-        'Resuming it with these values would not continue the same run: use a new '
-        '--workdir, or pass --allow_config_change to continue with them (recorded in '
-        'config_changes.jsonl).')
+      f'{workdir} holds a run started with another config ({_describe(changes)}). '
+      'Resuming it with these values would not continue the same run: use a new '
+      '--workdir, or pass --allow_config_change to continue with them (recorded in '
+      'config_changes.jsonl).'
+    )
   if changes:
     logging.warning('Continuing %s with a changed config: %s', workdir, _describe(changes))
   return changes
 
 
-def for_workdir(workdir: str, given: ml_collections.ConfigDict | None,
-                overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+def for_workdir(
+  workdir: str, given: ml_collections.ConfigDict | None, overrides: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
   """The config to evaluate, plot or predict with a trained run's checkpoints.
 
   `given` (a --config) when not None, refused if its parameter shapes differ from
@@ -375,8 +412,10 @@ def for_workdir(workdir: str, given: ml_collections.ConfigDict | None,
     check_model_shapes(saved, given, workdir)
     return given
   if saved is None:
-    raise ConfigError(f'{os.path.join(workdir, CONFIG_FILE)} does not exist (a run that '
-                      'predates it, or not a training workdir): pass --config=CONFIG.')
+    raise ConfigError(
+      f'{os.path.join(workdir, CONFIG_FILE)} does not exist (a run that '
+      'predates it, or not a training workdir): pass --config=CONFIG.'
+    )
   saved.update_from_flattened_dict(overrides or {})
   saved.lock()
   return saved

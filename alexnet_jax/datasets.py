@@ -18,16 +18,18 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import resource as tfds_resource
 
 FASHION_MNIST_FILES_HELP = (
-    'Fashion-MNIST is read from its original IDX files (train-images-idx3-ubyte.gz, '
-    'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). '
-    'On Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` puts them in '
-    '/usr/share/datasets/fashion-mnist; elsewhere download them from '
-    'https://github.com/zalandoresearch/fashion-mnist and pass '
-    '--config.manual_dir=DIR.')
+  'Fashion-MNIST is read from its original IDX files (train-images-idx3-ubyte.gz, '
+  'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). '
+  'On Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` puts them in '
+  '/usr/share/datasets/fashion-mnist; elsewhere download them from '
+  'https://github.com/zalandoresearch/fashion-mnist and pass '
+  '--config.manual_dir=DIR.'
+)
 
 
-def _place_in_download_cache(builder: tfds.core.DatasetBuilder, manual_dir: str,
-                              files_help: str) -> str:
+def _place_in_download_cache(
+  builder: tfds.core.DatasetBuilder, manual_dir: str, files_help: str
+) -> str:
   """Copies `builder`'s source files from `manual_dir` into its download cache.
 
   Each file goes to `<data_dir>/downloads/<get_dl_fname(url, registered sha256)>` with
@@ -55,8 +57,7 @@ def _place_in_download_cache(builder: tfds.core.DatasetBuilder, manual_dir: str,
     source = os.path.join(manual_dir, info.filename)
     if not os.path.exists(source):
       raise FileNotFoundError(f'{source} not found. {files_help}')
-    target = os.path.join(
-        download_dir, tfds_resource.get_dl_fname(url, info.checksum))
+    target = os.path.join(download_dir, tfds_resource.get_dl_fname(url, info.checksum))
     shutil.copyfile(source, target)
     with open(target + '.INFO', 'w') as f:
       json.dump({'urls': [url], 'original_fname': info.filename}, f)
@@ -88,25 +89,32 @@ def _check_fashion_mnist(builder: tfds.core.DatasetBuilder):
   for split, expected in (('train', 60_000), ('test', 10_000)):
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     images, labels = data['image'], data['label']
-    if (images.shape != (expected, 28, 28, 1) or images.dtype != np.uint8
-        or set(np.unique(labels)) != set(range(10))):
+    if (
+      images.shape != (expected, 28, 28, 1)
+      or images.dtype != np.uint8
+      or set(np.unique(labels)) != set(range(10))
+    ):
       raise ValueError(
-          f'Prepared fashion_mnist {split} split is wrong: images {images.shape} '
-          f'{images.dtype}, labels {sorted(set(np.unique(labels)))}. Delete '
-          f'{builder.data_dir} and check the source files. {FASHION_MNIST_FILES_HELP}')
+        f'Prepared fashion_mnist {split} split is wrong: images {images.shape} '
+        f'{images.dtype}, labels {sorted(set(np.unique(labels)))}. Delete '
+        f'{builder.data_dir} and check the source files. {FASHION_MNIST_FILES_HELP}'
+      )
 
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
 CIFAR10_ARCHIVE = 'cifar-10-binary.tar.gz'
 CIFAR10_FILES_HELP = (
-    f'CIFAR-10 is read from its original binary archive {CIFAR10_ARCHIVE} '
-    f'(cifar-10-batches-bin/data_batch_1.bin ... data_batch_5.bin, test_batch.bin, '
-    f'batches.meta.txt): download it from {CIFAR10_URL}, put it in a folder DIR and '
-    f'pass --config.manual_dir=DIR (or leave manual_dir unset to let TFDS download it).')
+  f'CIFAR-10 is read from its original binary archive {CIFAR10_ARCHIVE} '
+  f'(cifar-10-batches-bin/data_batch_1.bin ... data_batch_5.bin, test_batch.bin, '
+  f'batches.meta.txt): download it from {CIFAR10_URL}, put it in a folder DIR and '
+  f'pass --config.manual_dir=DIR (or leave manual_dir unset to let TFDS download it).'
+)
 # The archive's layout, as TFDS's cifar10 builder reads it (image_classification/cifar.py).
 _CIFAR10_FOLDER = 'cifar-10-batches-bin'
-_CIFAR10_BATCHES = {'train': tuple(f'data_batch_{i}.bin' for i in range(1, 6)),
-                    'test': ('test_batch.bin',)}
+_CIFAR10_BATCHES = {
+  'train': tuple(f'data_batch_{i}.bin' for i in range(1, 6)),
+  'test': ('test_batch.bin',),
+}
 # 1 label byte + 32×32 red, then green, then blue bytes (row-major).
 _CIFAR10_RECORD_BYTES = 1 + 32 * 32 * 3
 
@@ -167,24 +175,30 @@ def _cifar10_record_counts(archive: str) -> dict[str, int]:
       size = sizes[os.path.join(_CIFAR10_FOLDER, name)]
       if size % _CIFAR10_RECORD_BYTES:
         raise ValueError(
-            f'{archive}: {_CIFAR10_FOLDER}/{name} has {size} bytes, not a whole number '
-            f'of {_CIFAR10_RECORD_BYTES}-byte records. {CIFAR10_FILES_HELP}')
+          f'{archive}: {_CIFAR10_FOLDER}/{name} has {size} bytes, not a whole number '
+          f'of {_CIFAR10_RECORD_BYTES}-byte records. {CIFAR10_FILES_HELP}'
+        )
       counts[split] += size // _CIFAR10_RECORD_BYTES
   return counts
 
 
-def _check_cifar10(builder: tfds.core.DatasetBuilder, expected: dict[str, int],
-                   archive: str, extract_dir: str):
+def _check_cifar10(
+  builder: tfds.core.DatasetBuilder, expected: dict[str, int], archive: str, extract_dir: str
+):
   for split, count in expected.items():
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     images, labels = data['image'], np.unique(data['label']).tolist()
-    if (images.shape != (count, 32, 32, 3) or images.dtype != np.uint8
-        or not set(labels) <= set(range(10))):
+    if (
+      images.shape != (count, 32, 32, 3)
+      or images.dtype != np.uint8
+      or not set(labels) <= set(range(10))
+    ):
       raise ValueError(
-          f'Prepared cifar10 {split} split is wrong: images {images.shape} '
-          f'{images.dtype}, labels {labels}; {archive} holds '
-          f'{count} records. Delete {builder.data_dir} and {extract_dir} (TFDS '
-          f'reuses extractions), and check {archive}. {CIFAR10_FILES_HELP}')
+        f'Prepared cifar10 {split} split is wrong: images {images.shape} '
+        f'{images.dtype}, labels {labels}; {archive} holds '
+        f'{count} records. Delete {builder.data_dir} and {extract_dir} (TFDS '
+        f'reuses extractions), and check {archive}. {CIFAR10_FILES_HELP}'
+      )
 
 
 def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -217,19 +231,22 @@ def _prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     root = os.path.expanduser(config.manual_dir or '')
     if not os.path.isdir(root):
       raise FileNotFoundError(
-          f'dataset=image_folder needs --config.manual_dir=DIR holding one folder per '
-          f'split (e.g. train/, val/), each with one sub-folder of images per class; '
-          f'{root!r} is not a directory.')
+        f'dataset=image_folder needs --config.manual_dir=DIR holding one folder per '
+        f'split (e.g. train/, val/), each with one sub-folder of images per class; '
+        f'{root!r} is not a directory.'
+      )
     return tfds.ImageFolder(root)
   builder = tfds.builder(config.dataset, data_dir=config.data_dir)
   manual_dir = config.manual_dir and os.path.expanduser(config.manual_dir)
   try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
   except AssertionError as e:  # TFDS's way of reporting missing manual files.
     raise FileNotFoundError(
-        f'Cannot prepare TFDS dataset {config.dataset!r} from manual_dir='
-        f'{manual_dir!r} (set --config.manual_dir): {e}') from e
+      f'Cannot prepare TFDS dataset {config.dataset!r} from manual_dir='
+      f'{manual_dir!r} (set --config.manual_dir): {e}'
+    ) from e
   return builder
 
 

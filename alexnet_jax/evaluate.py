@@ -27,12 +27,17 @@ def evaluate(eval_fn, params, batches) -> dict[str, float]:
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
-  return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
-          'top5': float(totals['top5']) / count, 'count': int(count)}
+  return {
+    'loss': float(totals['loss']) / count,
+    'top1': float(totals['top1']) / count,
+    'top5': float(totals['top5']) / count,
+    'count': int(count),
+  }
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> dict[str, Any]:
   """Evaluates checkpoint `step` (None: the latest) of `workdir` on every test example.
 
   Runs on the mesh of `config.mesh` over the devices present, every process on its
@@ -53,20 +58,35 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
   mesh = sharding.create_mesh(config.mesh)
   params, step = checkpoints.restore_params(config, workdir, mesh, step)
-  logging.info('Evaluating step %d of %s on mesh %s with %d crop(s).',
-               step, workdir, dict(mesh.shape), config.eval_crops)
+  logging.info(
+    'Evaluating step %d of %s on mesh %s with %d crop(s).',
+    step,
+    workdir,
+    dict(mesh.shape),
+    config.eval_crops,
+  )
   data = input_pipeline.create_datasets(config, *sharding.data_groups(mesh))
-  batches = (sharding.global_batch(mesh, b)
-             for b in data.test_batches(crops=config.eval_crops))
+  batches = (sharding.global_batch(mesh, b) for b in data.test_batches(crops=config.eval_crops))
   _, eval_graphdef = steps_lib.graphdefs(config)
   test = evaluate(steps_lib.jit_eval_step(mesh, eval_graphdef, params), params, batches)
-  results = {'step': step, 'top1': test['top1'], 'top5': test['top5'],
-             'loss': test['loss'], 'n_examples': test['count'],
-             'crops': config.eval_crops}
+  results = {
+    'step': step,
+    'top1': test['top1'],
+    'top5': test['top5'],
+    'loss': test['loss'],
+    'n_examples': test['count'],
+    'crops': config.eval_crops,
+  }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
       json.dump(results, f, indent=2)
-  logging.info('Step %d, %d examples, %d crop(s): top-1 %.4f top-5 %.4f loss %.4f', step,
-               results['n_examples'], results['crops'], results['top1'], results['top5'],
-               results['loss'])
+  logging.info(
+    'Step %d, %d examples, %d crop(s): top-1 %.4f top-5 %.4f loss %.4f',
+    step,
+    results['n_examples'],
+    results['crops'],
+    results['top1'],
+    results['top5'],
+    results['loss'],
+  )
   return results

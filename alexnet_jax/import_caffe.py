@@ -38,7 +38,8 @@ def _caffe_proto_subset() -> dict[str, type[message.Message]]:
   """
   f = descriptor_pb2.FieldDescriptorProto
   proto = descriptor_pb2.FileDescriptorProto(
-      name='alexnet_jax/caffe_subset.proto', package='caffe', syntax='proto2')
+    name='alexnet_jax/caffe_subset.proto', package='caffe', syntax='proto2'
+  )
 
   def add(message_name, *fields):
     """fields: (name, number, type[, 'repeated' | 'packed'][, message type name])."""
@@ -53,32 +54,40 @@ def _caffe_proto_subset() -> dict[str, type[message.Message]]:
         field.type_name = '.caffe.' + rest[-1]
 
   add('BlobShape', ('dim', 1, f.TYPE_INT64, 'packed'))
-  add('BlobProto',
-      ('shape', 7, f.TYPE_MESSAGE, 'BlobShape'),
-      ('data', 5, f.TYPE_FLOAT, 'packed'),
-      ('diff', 6, f.TYPE_FLOAT, 'packed'),
-      ('double_data', 8, f.TYPE_DOUBLE, 'packed'),
-      ('double_diff', 9, f.TYPE_DOUBLE, 'packed'),
-      # The deprecated 4-D shape (num, channels, height, width) of pre-2015 models.
-      ('num', 1, f.TYPE_INT32),
-      ('channels', 2, f.TYPE_INT32),
-      ('height', 3, f.TYPE_INT32),
-      ('width', 4, f.TYPE_INT32))
-  add('LayerParameter',
-      ('name', 1, f.TYPE_STRING),
-      ('type', 2, f.TYPE_STRING),
-      ('blobs', 7, f.TYPE_MESSAGE, 'repeated', 'BlobProto'))
+  add(
+    'BlobProto',
+    ('shape', 7, f.TYPE_MESSAGE, 'BlobShape'),
+    ('data', 5, f.TYPE_FLOAT, 'packed'),
+    ('diff', 6, f.TYPE_FLOAT, 'packed'),
+    ('double_data', 8, f.TYPE_DOUBLE, 'packed'),
+    ('double_diff', 9, f.TYPE_DOUBLE, 'packed'),
+    # The deprecated 4-D shape (num, channels, height, width) of pre-2015 models.
+    ('num', 1, f.TYPE_INT32),
+    ('channels', 2, f.TYPE_INT32),
+    ('height', 3, f.TYPE_INT32),
+    ('width', 4, f.TYPE_INT32),
+  )
+  add(
+    'LayerParameter',
+    ('name', 1, f.TYPE_STRING),
+    ('type', 2, f.TYPE_STRING),
+    ('blobs', 7, f.TYPE_MESSAGE, 'repeated', 'BlobProto'),
+  )
   # caffe.proto declares `type` as enum LayerType; int32 has the same wire format and,
   # unlike a partial enum, keeps values this subset does not name.
-  add('V1LayerParameter',
-      ('name', 4, f.TYPE_STRING),
-      ('type', 5, f.TYPE_INT32),
-      ('blobs', 6, f.TYPE_MESSAGE, 'repeated', 'BlobProto'))
-  add('NetParameter',
-      ('name', 1, f.TYPE_STRING),
-      # The V1 field, deprecated in 2015 but what 2014 models such as bvlc_alexnet use.
-      ('layers', 2, f.TYPE_MESSAGE, 'repeated', 'V1LayerParameter'),
-      ('layer', 100, f.TYPE_MESSAGE, 'repeated', 'LayerParameter'))
+  add(
+    'V1LayerParameter',
+    ('name', 4, f.TYPE_STRING),
+    ('type', 5, f.TYPE_INT32),
+    ('blobs', 6, f.TYPE_MESSAGE, 'repeated', 'BlobProto'),
+  )
+  add(
+    'NetParameter',
+    ('name', 1, f.TYPE_STRING),
+    # The V1 field, deprecated in 2015 but what 2014 models such as bvlc_alexnet use.
+    ('layers', 2, f.TYPE_MESSAGE, 'repeated', 'V1LayerParameter'),
+    ('layer', 100, f.TYPE_MESSAGE, 'repeated', 'LayerParameter'),
+  )
   # A pool of its own: no clash with a real caffe_pb2 imported by the same program.
   pool = descriptor_pool.DescriptorPool()
   pool.Add(proto)
@@ -105,8 +114,9 @@ def _blob_array(blob: message.Message, layer: str, path: str) -> np.ndarray:
     shape = tuple(blob.shape.dim)
   values = blob.double_data if len(blob.double_data) else blob.data
   if len(values) != np.prod(shape, dtype=np.int64):
-    raise ValueError(f'{path}: a blob of layer {layer!r} has {len(values)} values for '
-                     f'its shape {shape}.')
+    raise ValueError(
+      f'{path}: a blob of layer {layer!r} has {len(values)} values for its shape {shape}.'
+    )
   return np.array(values, np.float32).reshape(shape)
 
 
@@ -159,8 +169,8 @@ def _packed_floats(field_number: int, array: np.ndarray) -> bytes:
 
   def varint(n):
     out = bytearray()
-    while n > 0x7f:
-      out.append(n & 0x7f | 0x80)
+    while n > 0x7F:
+      out.append(n & 0x7F | 0x80)
       n >>= 7
     return bytes(out + bytes([n]))
 
@@ -168,8 +178,13 @@ def _packed_floats(field_number: int, array: np.ndarray) -> bytes:
   return varint(field_number << 3 | 2) + varint(len(raw)) + raw
 
 
-def write_caffemodel(path: str | os.PathLike, blobs: dict[str, list[np.ndarray]], *,
-                     v1: bool = True, legacy_shape: bool = False) -> None:
+def write_caffemodel(
+  path: str | os.PathLike,
+  blobs: dict[str, list[np.ndarray]],
+  *,
+  v1: bool = True,
+  legacy_shape: bool = False,
+) -> None:
   """Writes `blobs` (layer name → arrays) as a binary caffemodel; for tests.
 
   Args:
@@ -200,8 +215,7 @@ def write_caffemodel(path: str | os.PathLike, blobs: dict[str, list[np.ndarray]]
     f.write(net.SerializeToString())
 
 
-def _caffe_shape(name: str, array: np.ndarray, expected: tuple[int, ...],
-                 what: str) -> np.ndarray:
+def _caffe_shape(name: str, array: np.ndarray, expected: tuple[int, ...], what: str) -> np.ndarray:
   """`array` as `expected` (Caffe's layout), dropping leading 1s of legacy 4-D blobs.
 
   Raises:
@@ -211,12 +225,12 @@ def _caffe_shape(name: str, array: np.ndarray, expected: tuple[int, ...],
   if extra >= 0 and all(d == 1 for d in array.shape[:extra]):
     if array.shape[extra:] == expected:
       return array.reshape(expected)
-  raise ValueError(f'{name} {what}: expected Caffe shape {expected}, '
-                   f'found {array.shape}.')
+  raise ValueError(f'{name} {what}: expected Caffe shape {expected}, found {array.shape}.')
 
 
-def caffe_to_params(blobs: dict[str, list[np.ndarray]], *,
-                    image_size: int = 227) -> dict[str, dict[str, np.ndarray]]:
+def caffe_to_params(
+  blobs: dict[str, list[np.ndarray]], *, image_size: int = 227
+) -> dict[str, dict[str, np.ndarray]]:
   """bvlc_alexnet's blobs as `AlexNet(num_classes, image_size=..., lrn='caffe')` params.
 
   Conversions, from Caffe's conventions (base_conv_layer.cpp, inner_product_layer.cpp,
@@ -259,18 +273,23 @@ def caffe_to_params(blobs: dict[str, list[np.ndarray]], *,
   """
   missing = [name for name in LAYERS if name not in blobs]
   if missing:
-    raise ValueError(f'bvlc_alexnet layer(s) missing: {", ".join(missing)}; the blobs '
-                     f'hold: {", ".join(blobs) or "no layer"}.')
+    raise ValueError(
+      f'bvlc_alexnet layer(s) missing: {", ".join(missing)}; the blobs '
+      f'hold: {", ".join(blobs) or "no layer"}.'
+    )
   for name in LAYERS:
     if len(blobs[name]) != 2:
-      raise ValueError(f'{name}: expected 2 blobs (weights, bias), found '
-                       f'{len(blobs[name])}.')
+      raise ValueError(f'{name}: expected 2 blobs (weights, bias), found {len(blobs[name])}.')
   fc8_weights = blobs['fc8'][0]
   if fc8_weights.ndim < 2:
-    raise ValueError(f'fc8 weights: expected Caffe shape (classes, 4096), found '
-                     f'{fc8_weights.shape}.')
-  model = nnx.eval_shape(lambda: models.AlexNet(
-      fc8_weights.shape[-2], image_size=image_size, lrn='caffe', rngs=nnx.Rngs(0)))
+    raise ValueError(
+      f'fc8 weights: expected Caffe shape (classes, 4096), found {fc8_weights.shape}.'
+    )
+  model = nnx.eval_shape(
+    lambda: models.AlexNet(
+      fc8_weights.shape[-2], image_size=image_size, lrn='caffe', rngs=nnx.Rngs(0)
+    )
+  )
   target = nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
   params = {}
@@ -293,13 +312,16 @@ def caffe_to_params(blobs: dict[str, list[np.ndarray]], *,
       else:
         kernel = weights.T
     bias = _caffe_shape(name, blobs[name][1], target[name]['bias'].shape, 'bias')
-    params[name] = {'kernel': np.ascontiguousarray(kernel, np.float32),
-                    'bias': np.ascontiguousarray(bias, np.float32)}
+    params[name] = {
+      'kernel': np.ascontiguousarray(kernel, np.float32),
+      'bias': np.ascontiguousarray(bias, np.float32),
+    }
   return params
 
 
-def import_caffemodel(caffemodel: str, workdir: str,
-                      config: ml_collections.ConfigDict) -> dict[str, Any]:
+def import_caffemodel(
+  caffemodel: str, workdir: str, config: ml_collections.ConfigDict
+) -> dict[str, Any]:
   """Writes `caffemodel`'s weights as checkpoint 0 of `workdir`, with `config.json`.
 
   `--mode=eval`, `alexnet_jax.predict` and `alexnet_jax.plots` then read `workdir`
@@ -318,16 +340,19 @@ def import_caffemodel(caffemodel: str, workdir: str,
   params = caffe_to_params(read_caffemodel(caffemodel), image_size=config.image_size)
   num_classes = params['fc8']['bias'].shape[0]
   if num_classes != config.num_classes:
-    raise ValueError(f'{caffemodel} has {num_classes} classes (fc8) but '
-                     f'config.num_classes={config.num_classes}.')
+    raise ValueError(
+      f'{caffemodel} has {num_classes} classes (fc8) but config.num_classes={config.num_classes}.'
+    )
   if os.path.exists(checkpoints.directory(workdir)):
-    raise ValueError(f'{checkpoints.directory(workdir)} exists: import into a new '
-                     '--workdir.')
+    raise ValueError(f'{checkpoints.directory(workdir)} exists: import into a new --workdir.')
   os.makedirs(workdir, exist_ok=True)
   config_lib.save(config, workdir)
   checkpoints.save_params(workdir, params)
-  return {'workdir': os.path.abspath(workdir), 'num_classes': num_classes,
-          'parameters': sum(x.size for p in params.values() for x in p.values())}
+  return {
+    'workdir': os.path.abspath(workdir),
+    'num_classes': num_classes,
+    'parameters': sum(x.size for p in params.values() for x in p.values()),
+  }
 
 
 def main(argv):
@@ -339,16 +364,22 @@ def main(argv):
     summary = import_caffemodel(flags.FLAGS.caffemodel, flags.FLAGS.workdir, config)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'{type(e).__name__}: {e}')
-  print(f'Wrote {summary["parameters"]:,} parameters ({summary["num_classes"]} classes) '
-        f'to {summary["workdir"]}; evaluate with: python -m alexnet_jax.main --mode=eval '
-        f'--workdir={summary["workdir"]} --config.manual_dir=IMAGENET_TARS')
+  print(
+    f'Wrote {summary["parameters"]:,} parameters ({summary["num_classes"]} classes) '
+    f'to {summary["workdir"]}; evaluate with: python -m alexnet_jax.main --mode=eval '
+    f'--workdir={summary["workdir"]} --config.manual_dir=IMAGENET_TARS'
+  )
 
 
 if __name__ == '__main__':
   flags.DEFINE_string('caffemodel', None, 'bvlc_alexnet.caffemodel.', required=True)
-  flags.DEFINE_string('workdir', None, 'Where to write the checkpoint and config.json.',
-                      required=True)
+  flags.DEFINE_string(
+    'workdir', None, 'Where to write the checkpoint and config.json.', required=True
+  )
   config_flags.DEFINE_config_file(
-      'config', 'configs/caffe_bvlc_alexnet.py', "Caffe's network and preprocessing.",
-      lock_config=True)
+    'config',
+    'configs/caffe_bvlc_alexnet.py',
+    "Caffe's network and preprocessing.",
+    lock_config=True,
+  )
   app.run(main)

@@ -21,9 +21,11 @@ from alexnet_jax import datasets
 # Sec. 4.1 PCA ("fancy PCA") lighting: eigen-decomposition of the ImageNet RGB pixel
 # covariance, as published with fb.resnet.torch (pixels scaled to [0, 1]).
 IMAGENET_EIGVALS = (0.2175, 0.0188, 0.0045)
-IMAGENET_EIGVECS = ((-0.5675, 0.7192, 0.4009),
-                    (-0.5808, -0.0045, -0.8140),
-                    (-0.5836, -0.6948, 0.4203))
+IMAGENET_EIGVECS = (
+  (-0.5675, 0.7192, 0.4009),
+  (-0.5808, -0.0045, -0.8140),
+  (-0.5836, -0.6948, 0.4203),
+)
 
 # --------------------------------------------------------------------------------------
 # Augmentation (per example, float32 [H, W, 3] in 0-255).
@@ -55,7 +57,7 @@ def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   """The central `size`×`size` patch."""
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   top, left = (h - size) // 2, (w - size) // 2
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -65,8 +67,12 @@ def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
   the same five reflected horizontally.
   """
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  corners = [image[:size, :size], image[:size, w - size:],
-             image[h - size:, :size], image[h - size:, w - size:]]
+  corners = [
+    image[:size, :size],
+    image[:size, w - size :],
+    image[h - size :, :size],
+    image[h - size :, w - size :],
+  ]
   patches = tf.stack([*corners, central_crop(image, size)])
   return tf.concat([patches, tf.reverse(patches, axis=[2])], axis=0)
 
@@ -105,18 +111,29 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
   only inside the crop window.
   """
   is_jpeg = tf.io.is_jpeg(encoded)
-  shape = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(encoded),
-                  lambda: tf.shape(tf.io.decode_image(encoded, channels=3,
-                                                      expand_animations=False)))
+  shape = tf.cond(
+    is_jpeg,
+    lambda: tf.io.extract_jpeg_shape(encoded),
+    lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False)),
+  )
   top_left, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
+    shape,
+    tf.zeros([1, 0, 4]),
+    seed=seed,
+    min_object_covered=0.0,
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    area_range=(0.08, 1.0),
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
   window = tf.stack([top_left[0], top_left[1], crop_size[0], crop_size[1]])
   image = tf.cond(
-      is_jpeg, lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
-      lambda: tf.slice(tf.io.decode_image(encoded, channels=3, expand_animations=False),
-                       top_left, crop_size))
+    is_jpeg,
+    lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
+    lambda: tf.slice(
+      tf.io.decode_image(encoded, channels=3, expand_animations=False), top_left, crop_size
+    ),
+  )
   return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
 
 
@@ -131,15 +148,13 @@ def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Ten
 
   Raises (inside tf.data): InvalidArgumentError for undecodable bytes.
   """
-  crop_seed, flip_seed, light_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 3))
+  crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   if config.augment.crop == 'inception':
     image = inception_crop(encoded, config.image_size, crop_seed)
   elif config.augment.crop == 'paper':
     image = random_crop(rescale(decode(encoded), config), config.image_size, crop_seed)
   else:
-    raise ValueError(f"Unknown augment.crop {config.augment.crop!r}: use 'paper' or "
-                     "'inception'.")
+    raise ValueError(f"Unknown augment.crop {config.augment.crop!r}: use 'paper' or 'inception'.")
   if config.augment.flip:
     image = random_flip(image, flip_seed)
   if config.augment.pca_lighting_stddev > 0:
@@ -171,20 +186,21 @@ def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) 
 
 
 def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-  return int(builder.as_dataset(split=split, decoders={
-      'image': tfds.decode.SkipDecoding()}).cardinality())
+  return int(
+    builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()}).cardinality()
+  )
 
 
-def _read_part(builder: tfds.core.DatasetBuilder, split: str, part: int,
-               num_parts: int) -> tf.data.Dataset:
+def _read_part(
+  builder: tfds.core.DatasetBuilder, split: str, part: int, num_parts: int
+) -> tf.data.Dataset:
   """Part `part` of `num_parts` of `split` (all of it for one part), images encoded."""
   decoders = {'image': tfds.decode.SkipDecoding()}
   if num_parts == 1:
     return builder.as_dataset(split=split, decoders=decoders)
   if isinstance(builder, tfds.ImageFolder):  # It has no sub-splits.
     return builder.as_dataset(split=split, decoders=decoders).shard(num_parts, part)
-  return builder.as_dataset(split=tfds.even_splits(split, num_parts)[part],
-                            decoders=decoders)
+  return builder.as_dataset(split=tfds.even_splits(split, num_parts)[part], decoders=decoders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +212,7 @@ class Datasets:
   'mask' [B] (0 on padding), and `test_batches(crops=10)` gives 'image'
   [B, 10, S, S, 3] (`ten_crops`).
   """
+
   num_train_examples: int  # Of the whole split, over all parts.
   num_test_examples: int  # Of the whole split.
   steps_per_epoch: int  # Global batches per epoch: num_train_examples // batch_size.
@@ -204,8 +221,9 @@ class Datasets:
   test_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
 
 
-def create_datasets(config: ml_collections.ConfigDict, part: int = 0,
-                    num_parts: int = 1) -> Datasets:
+def create_datasets(
+  config: ml_collections.ConfigDict, part: int = 0, num_parts: int = 1
+) -> Datasets:
   """Prepares `config.dataset` if needed and returns its input pipelines.
 
   The data are read in `num_parts` disjoint parts, one per group of processes that
@@ -228,8 +246,10 @@ def create_datasets(config: ml_collections.ConfigDict, part: int = 0,
   builder = datasets.builder(config)
   num_classes = builder.info.features['label'].num_classes
   if num_classes != config.num_classes:
-    raise ValueError(f'{config.dataset} has {num_classes} classes but config.num_classes='
-                     f'{config.num_classes}; set --config.num_classes={num_classes}.')
+    raise ValueError(
+      f'{config.dataset} has {num_classes} classes but config.num_classes='
+      f'{config.num_classes}; set --config.num_classes={num_classes}.'
+    )
   train = _read_part(builder, config.train_split, part, num_parts)
   test = _read_part(builder, config.test_split, part, num_parts)
   num_train = _num_examples(builder, config.train_split)
@@ -249,8 +269,10 @@ def create_datasets(config: ml_collections.ConfigDict, part: int = 0,
       ValueError: if the split holds fewer examples than one batch.
     """
     if steps_per_epoch == 0:
-      raise ValueError(f'{config.dataset} {config.train_split} has {num_train} examples, '
-                       f'fewer than config.batch_size={config.batch_size}.')
+      raise ValueError(
+        f'{config.dataset} {config.train_split} has {num_train} examples, '
+        f'fewer than config.batch_size={config.batch_size}.'
+      )
     source = train.map(lambda ex: (ex['image'], ex['label']))
     if config.cache:
       source = source.cache()
@@ -266,44 +288,59 @@ def create_datasets(config: ml_collections.ConfigDict, part: int = 0,
     def preprocess(index, example):
       encoded, label = example
       seed = tf.stack([tf.constant(config.seed, tf.int64), index * num_parts + part])
-      return {'image': preprocess_train(encoded, seed, config),
-              'label': tf.cast(label, tf.int32), 'index': index}
+      return {
+        'image': preprocess_train(encoded, seed, config),
+        'label': tf.cast(label, tf.int32),
+        'index': index,
+      }
 
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _skip_counted(ds.with_options(options).as_numpy_iterator(),
-                         start_step * rows, 'train')
+    return _skip_counted(ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train')
 
   def test_batches(crops: int = 1):
     """Every decodable test example of the part once, in order, in `num_test_batches`
     batches, padded and masked."""
-    ds = test.enumerate().map(
-        lambda index, ex: {'image': preprocess_eval(ex['image'], config, crops),
-                           'label': tf.cast(ex['label'], tf.int32), 'index': index},
-        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ds = (
+      test.enumerate()
+      .map(
+        lambda index, ex: {
+          'image': preprocess_eval(ex['image'], config, crops),
+          'label': tf.cast(ex['label'], tf.int32),
+          'index': index,
+        },
+        num_parallel_calls=tf.data.AUTOTUNE,
+      )
+      .ignore_errors()
+    )
     ds = ds.batch(eval_rows).prefetch(tf.data.AUTOTUNE)
-    batches = _skip_counted(ds.with_options(options).as_numpy_iterator(), 0, 'test',
-                            total=int(test.cardinality()))
+    batches = _skip_counted(
+      ds.with_options(options).as_numpy_iterator(), 0, 'test', total=int(test.cardinality())
+    )
     image_shape = (config.image_size, config.image_size, 3)
     if crops != 1:
       image_shape = (crops, *image_shape)
-    empty = {'image': np.zeros((0, *image_shape), np.float32),
-             'label': np.zeros((0,), np.int32)}
+    empty = {'image': np.zeros((0, *image_shape), np.float32), 'label': np.zeros((0,), np.int32)}
     for _, batch in itertools.zip_longest(range(num_test_batches), batches, fillvalue=empty):
       yield pad_batch(batch, eval_rows)
 
   return Datasets(
-      num_train_examples=num_train, num_test_examples=num_test,
-      steps_per_epoch=steps_per_epoch, num_test_batches=num_test_batches,
-      train_batches=train_batches, test_batches=test_batches)
+    num_train_examples=num_train,
+    num_test_examples=num_test,
+    steps_per_epoch=steps_per_epoch,
+    num_test_batches=num_test_batches,
+    train_batches=train_batches,
+    test_batches=test_batches,
+  )
 
 
 def _ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def _skip_counted(batches: Iterator[dict[str, np.ndarray]], first_index: int,
-                  split: str, total: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def _skip_counted(
+  batches: Iterator[dict[str, np.ndarray]], first_index: int, split: str, total: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
   """Drops the 'index' key, logging how many examples failed to decode so far.
 
   Undecodable examples are left out by `ignore_errors`; the gaps in the stream's
@@ -331,7 +368,8 @@ def _skip_counted(batches: Iterator[dict[str, np.ndarray]], first_index: int,
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   """Pads every array to `size` rows with zeros and adds 'mask' (1 = real example)."""
   n = len(batch['label'])
-  padded = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
-            for k, v in batch.items()}
+  padded = {
+    k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+  }
   padded['mask'] = (np.arange(size) < n).astype(np.float32)
   return padded

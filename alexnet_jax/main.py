@@ -25,33 +25,51 @@ from alexnet_jax import sharding
 from alexnet_jax import train
 
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints, metrics and results; a rerun '
-    'resumes from it. Default: runs/<config file name>.')
+  'workdir',
+  None,
+  'Directory for checkpoints, metrics and results; a rerun '
+  'resumes from it. Default: runs/<config file name>.',
+)
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval'], 'train: train (or resume) and evaluate; eval: '
-    'evaluate a checkpoint of --workdir on the whole test split, writing '
-    'eval_<step>.json (--config.eval_crops=10 for the paper\'s 10-crop test); without '
-    '--config it uses the run\'s own config.json.')
+  'mode',
+  'train',
+  ['train', 'eval'],
+  'train: train (or resume) and evaluate; eval: '
+  'evaluate a checkpoint of --workdir on the whole test split, writing '
+  "eval_<step>.json (--config.eval_crops=10 for the paper's 10-crop test); without "
+  "--config it uses the run's own config.json.",
+)
 _CHECKPOINT_STEP = flags.DEFINE_integer(
-    'checkpoint_step', None, 'With --mode=eval: the step to evaluate; default the latest.')
+  'checkpoint_step', None, 'With --mode=eval: the step to evaluate; default the latest.'
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    'allow_config_change', False, 'Resume a workdir whose run was started with other '
-    'values of keys that change the model, the data order or the schedule; the change '
-    'is recorded in config_changes.jsonl.')
+  'allow_config_change',
+  False,
+  'Resume a workdir whose run was started with other '
+  'values of keys that change the model, the data order or the schedule; the change '
+  'is recorded in config_changes.jsonl.',
+)
 # As jax.distributed.initialize's arguments; SLURM's variables are read without them.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
-    'coordinator_address', None, 'Multi-process job: HOST:PORT of process 0, the same '
-    'for every process.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Multi-process job: how many processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'Multi-process job: this process, 0..num_processes-1.')
+  'coordinator_address',
+  None,
+  'Multi-process job: HOST:PORT of process 0, the same for every process.',
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  'num_processes', None, 'Multi-process job: how many processes.'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  'process_id', None, 'Multi-process job: this process, 0..num_processes-1.'
+)
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
-    'local_device_ids', None, 'Multi-process job: the GPUs this process uses, e.g. 0,1 '
-    '(default: all it sees).')
+  'local_device_ids',
+  None,
+  'Multi-process job: the GPUs this process uses, e.g. 0,1 (default: all it sees).',
+)
 _DEFAULT_CONFIG = 'configs/fashion_mnist.py'
 config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Training configuration file.', lock_config=True)
+  'config', _DEFAULT_CONFIG, 'Training configuration file.', lock_config=True
+)
 
 
 def _load_config(argv: list[str]) -> ml_collections.ConfigDict:
@@ -75,10 +93,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError) as e:
+  except (flags.Error, AttributeError, KeyError):
     valid = list(config_lib.flatten(_load_config(argv)))
-    given = [arg.removeprefix('--config.').split('=')[0]
-             for arg in argv if arg.startswith('--config.')]
+    given = [
+      arg.removeprefix('--config.').split('=')[0] for arg in argv if arg.startswith('--config.')
+    ]
     unknown = [key for key in given if key not in valid]
     if unknown:
       close = difflib.get_close_matches(unknown[0], valid, n=3)
@@ -95,10 +114,13 @@ def _workdir() -> str:
     config_lib.ConfigError: if it exists and is not a directory.
   """
   workdir = _WORKDIR.value or os.path.join(
-      'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
+    'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0]
+  )
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f'--workdir={workdir} exists and is not a directory: '
-                                 'pass a directory (it is created if missing).')
+    raise config_lib.ConfigError(
+      f'--workdir={workdir} exists and is not a directory: '
+      'pass a directory (it is created if missing).'
+    )
   return workdir
 
 
@@ -113,14 +135,16 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
 def _run():
   """Everything after flag parsing; raises what `main` turns into a one-line error."""
   sharding.initialize_distributed(
-      _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-      _LOCAL_DEVICE_IDS.value and [int(i) for i in _LOCAL_DEVICE_IDS.value])
+    _COORDINATOR_ADDRESS.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+    _LOCAL_DEVICE_IDS.value and [int(i) for i in _LOCAL_DEVICE_IDS.value],
+  )
   workdir = _workdir()
   config = _config(workdir)
   logging.info('Config:\n%s', config)
   logging.info('Workdir: %s', workdir)
-  config_lib.validate(config, num_devices=jax.device_count(),
-                      num_processes=jax.process_count())
+  config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   if _MODE.value == 'eval':
     evaluate.evaluate_checkpoint(config, workdir, _CHECKPOINT_STEP.value)
     return
@@ -129,14 +153,25 @@ def _run():
     # Several processes leave SIGTERM to JAX's preemption service, which makes them
     # all stop at the same step.
     signal.signal(signal.SIGTERM, train.request_stop)
-  results = train.train_and_evaluate(config, workdir,
-                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  train_and_plot(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+
+
+def train_and_plot(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict:
+  """`train.train_and_evaluate`, then the run's pictures (`plots.write_all`).
+
+  A plotting error is logged, never raised: the finished run stays finished.
+  """
+  results = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
   logging.info('Results: %s', results)
   try:  # Pictures are a convenience: never lose a finished run to a plotting error.
     from alexnet_jax import plots  # pylint: disable=g-import-not-at-top
+
     plots.write_all(config, workdir)
   except Exception:  # pylint: disable=broad-except
     logging.warning('Could not write the plots to %s.', workdir, exc_info=True)
+  return results
 
 
 def main(argv):

@@ -34,23 +34,24 @@ class LRNConvention:
     across_towers: the window runs over all maps of the layer, crossing the tower
       boundary (one GPU); False keeps it within each tower's maps (two GPUs).
   """
+
   k: float
   alpha: float
   across_towers: bool
 
 
 LRN_CONVENTIONS = {
-    # Krizhevsky's cuda-convnet2, the code behind the paper: layer.py divides the
-    # configured scale by the window (`dic['scale'] /= dic['size']`), and
-    # layer-params-imagenet-2gpu-model.cfg sets scale=0.0001, pow=0.75, minDiv=2 for
-    # rnorm1a/b and rnorm2a/b, each on one tower's maps (channels=48, 128).
-    'cuda-convnet': LRNConvention(k=LRN_K, alpha=LRN_ALPHA / LRN_SIZE, across_towers=False),
-    # The paper's text taken literally: α multiplies the sum itself.
-    'paper-text': LRNConvention(k=LRN_K, alpha=LRN_ALPHA, across_towers=False),
-    # BVLC Caffe, models/bvlc_alexnet: local_size 5, alpha 1e-4, beta 0.75, k = 1
-    # (LRNParameter's default), and lrn_layer.cpp scales by alpha / size; one GPU,
-    # so the window crosses from one tower's maps into the other's.
-    'caffe': LRNConvention(k=1.0, alpha=LRN_ALPHA / LRN_SIZE, across_towers=True),
+  # Krizhevsky's cuda-convnet2, the code behind the paper: layer.py divides the
+  # configured scale by the window (`dic['scale'] /= dic['size']`), and
+  # layer-params-imagenet-2gpu-model.cfg sets scale=0.0001, pow=0.75, minDiv=2 for
+  # rnorm1a/b and rnorm2a/b, each on one tower's maps (channels=48, 128).
+  'cuda-convnet': LRNConvention(k=LRN_K, alpha=LRN_ALPHA / LRN_SIZE, across_towers=False),
+  # The paper's text taken literally: α multiplies the sum itself.
+  'paper-text': LRNConvention(k=LRN_K, alpha=LRN_ALPHA, across_towers=False),
+  # BVLC Caffe, models/bvlc_alexnet: local_size 5, alpha 1e-4, beta 0.75, k = 1
+  # (LRNParameter's default), and lrn_layer.cpp scales by alpha / size; one GPU,
+  # so the window crosses from one tower's maps into the other's.
+  'caffe': LRNConvention(k=1.0, alpha=LRN_ALPHA / LRN_SIZE, across_towers=True),
 }
 
 # Sec. 5: weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden fc layers.
@@ -61,12 +62,12 @@ _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def local_response_norm(
-    x: jax.Array,
-    *,
-    size: int = LRN_SIZE,
-    k: float = LRN_K,
-    alpha: float = LRN_ALPHA,
-    beta: float = LRN_BETA,
+  x: jax.Array,
+  *,
+  size: int = LRN_SIZE,
+  k: float = LRN_K,
+  alpha: float = LRN_ALPHA,
+  beta: float = LRN_BETA,
 ) -> jax.Array:
   """Local response normalization across channels (paper Sec. 3.3).
 
@@ -141,9 +142,15 @@ def _lrn_backward(size, k, alpha, beta, residuals, g):
 _lrn.defvjp(_lrn_forward, _lrn_backward)
 
 
-def lrn_across_towers(x: jax.Array, model_axis: str, *, size: int = LRN_SIZE,
-                      k: float = 1.0, alpha: float = LRN_ALPHA / LRN_SIZE,
-                      beta: float = LRN_BETA) -> jax.Array:
+def lrn_across_towers(
+  x: jax.Array,
+  model_axis: str,
+  *,
+  size: int = LRN_SIZE,
+  k: float = 1.0,
+  alpha: float = LRN_ALPHA / LRN_SIZE,
+  beta: float = LRN_BETA,
+) -> jax.Array:
   """`local_response_norm` over all towers' maps, run per tower inside `shard_map`.
 
   `x` `[..., C]` holds this device's tower (tower i = index i on `model_axis`); the
@@ -159,7 +166,7 @@ def lrn_across_towers(x: jax.Array, model_axis: str, *, size: int = LRN_SIZE,
   left = jax.lax.ppermute(x[..., -r:], model_axis, [(i, i + 1) for i in range(n - 1)])
   right = jax.lax.ppermute(x[..., :r], model_axis, [(i + 1, i) for i in range(n - 1)])
   squares = jnp.square(jnp.concatenate([left, x, right], -1).astype(jnp.float32))
-  window = sum(squares[..., i:i + x.shape[-1]] for i in range(size))
+  window = sum(squares[..., i : i + x.shape[-1]] for i in range(size))
   y = x.astype(jnp.float32) * _inverse_power(k + alpha * window, beta)
   return y.astype(x.dtype)
 
@@ -173,8 +180,9 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   row-major order, like select-and-scatter (and Caffe, PyTorch), but is computed
   with window² strided compares and pads, 3-5× faster on CPU than XLA's scatter.
   """
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                               (1, stride, stride, 1), 'VALID')
+  return jax.lax.reduce_window(
+    x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), 'VALID'
+  )
 
 
 def _max_pool_forward(x, window, stride):
@@ -195,9 +203,11 @@ def _max_pool_backward(window, stride, residuals, g):
       hit = (candidate == y) & ~taken
       taken = taken | hit
       # Scatter back to rows i, i + stride, ...: a pad with stride - 1 between.
-      dx = dx + jax.lax.pad(jnp.where(hit, g, zero), zero, (
-          (0, 0, 0), (i, height - end[0], stride - 1), (j, width - end[1], stride - 1),
-          (0, 0, 0)))
+      dx = dx + jax.lax.pad(
+        jnp.where(hit, g, zero),
+        zero,
+        ((0, 0, 0), (i, height - end[0], stride - 1), (j, width - end[1], stride - 1), (0, 0, 0)),
+      )
   return (dx,)
 
 
@@ -208,12 +218,13 @@ def _initializers(init: str, name: str):
   """Returns (kernel_init, bias_init) for layer `name` under the named scheme."""
   if init == 'paper':
     bias_value = 1.0 if name in PAPER_BIAS_ONE_LAYERS else 0.0
-    return (nnx.initializers.normal(PAPER_INIT_STDDEV),
-            nnx.initializers.constant(bias_value))
+    return (nnx.initializers.normal(PAPER_INIT_STDDEV), nnx.initializers.constant(bias_value))
   if init == 'he':
     # He et al. 2015 (fan-in read from the kernel: what one tower sees); see configs.
-    return (nnx.initializers.variance_scaling(2.0, 'fan_in', 'normal'),
-            nnx.initializers.zeros_init())
+    return (
+      nnx.initializers.variance_scaling(2.0, 'fan_in', 'normal'),
+      nnx.initializers.zeros_init(),
+    )
   raise ValueError(f"Unknown init {init!r}: use 'paper' (Sec. 5) or 'he'.")
 
 
@@ -250,10 +261,20 @@ class TowerConv(nnx.Module):
   two on one device, one per device when the kernel is sharded over the towers.
   """
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
-               name: str, strides: int = 1, padding: int = 0,
-               tower_local: bool = False, init: str = 'paper',
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    name: str,
+    strides: int = 1,
+    padding: int = 0,
+    tower_local: bool = False,
+    init: str = 'paper',
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     groups = NUM_TOWERS if tower_local else 1
     kernel_shape = (kernel_size, kernel_size, in_features // groups, out_features)
     kernel_init, bias_init = _initializers(init, name)
@@ -275,15 +296,20 @@ class TowerConv(nnx.Module):
       # split, is the same sum and 1.5× faster on CPU than a conv per tower.
       return jnp.split(self._conv(inputs, kernel) + bias, num_towers, axis=-1)
     return [
-        self._conv(x, w) + b
-        for x, w, b in zip(inputs, jnp.split(kernel, num_towers, axis=-1),
-                           jnp.split(bias, num_towers), strict=True)
+      self._conv(x, w) + b
+      for x, w, b in zip(
+        inputs, jnp.split(kernel, num_towers, axis=-1), jnp.split(bias, num_towers), strict=True
+      )
     ]
 
   def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, (self.strides, self.strides),
-        [(self.padding, self.padding)] * 2, dimension_numbers=_DIMENSION_NUMBERS)
+      x.astype(self.dtype),
+      kernel,
+      (self.strides, self.strides),
+      [(self.padding, self.padding)] * 2,
+      dimension_numbers=_DIMENSION_NUMBERS,
+    )
 
 
 class Dropout(nnx.Module):
@@ -298,13 +324,20 @@ class Dropout(nnx.Module):
     self.rate = rate
     self.deterministic = False
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None,
-               data_axis: str | None = None, model_axis: str | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    rngs: nnx.Rngs | None,
+    data_axis: str | None = None,
+    model_axis: str | None = None,
+  ) -> jax.Array:
     if self.deterministic or self.rate == 0.0:
       return x
     if rngs is None:
-      raise ValueError('AlexNet in train mode needs rngs=nnx.Rngs(dropout=...); '
-                       'call model.eval() for inference.')
+      raise ValueError(
+        'AlexNet in train mode needs rngs=nnx.Rngs(dropout=...); call model.eval() for inference.'
+      )
     block = x.shape
     shape = (block[0] * _axis_size(data_axis), block[1] * _axis_size(model_axis))
     start = (_axis_index(data_axis) * block[0], _axis_index(model_axis) * block[1])
@@ -321,8 +354,9 @@ def _max_pool(towers: Sequence[jax.Array]) -> list[jax.Array]:
   return [max_pool(x) for x in towers]
 
 
-def _relu_lrn(towers: Sequence[jax.Array], lrn: LRNConvention,
-              model_axis: str | None) -> list[jax.Array]:
+def _relu_lrn(
+  towers: Sequence[jax.Array], lrn: LRNConvention, model_axis: str | None
+) -> list[jax.Array]:
   """Sec. 3.3: LRN after the ReLU, within each tower's maps or across both (`lrn`)."""
   towers = _relu(towers)
   norm = functools.partial(local_response_norm, k=lrn.k, alpha=lrn.alpha)
@@ -343,8 +377,10 @@ def pool5_size(image_size: int) -> int:
   for _ in range(3):  # pool1, pool2, pool5; conv2..conv5 keep the size.
     size = (size - 3) // 2 + 1
   if size < 1:
-    raise ValueError(f'image_size={image_size} is too small for AlexNet: pool5 '
-                     'would be empty; use at least 67 pixels.')
+    raise ValueError(
+      f'image_size={image_size} is too small for AlexNet: pool5 '
+      'would be empty; use at least 67 pixels.'
+    )
   return size
 
 
@@ -378,9 +414,17 @@ class AlexNet(nnx.Module):
     ValueError: for an unknown `init` or `lrn`, or an image below 67 pixels.
   """
 
-  def __init__(self, num_classes: int = 1000, *, image_size: int = 227,
-               dropout_rate: float = 0.5, init: str = 'paper',
-               lrn: str = 'cuda-convnet', dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_classes: int = 1000,
+    *,
+    image_size: int = 227,
+    dropout_rate: float = 0.5,
+    init: str = 'paper',
+    lrn: str = 'cuda-convnet',
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if lrn not in LRN_CONVENTIONS:
       raise ValueError(f'Unknown lrn {lrn!r}: use one of {", ".join(LRN_CONVENTIONS)}.')
     self.lrn = LRN_CONVENTIONS[lrn]
@@ -394,8 +438,14 @@ class AlexNet(nnx.Module):
 
     def dense(name, in_features, out_features):
       kernel_init, bias_init = _initializers(init, name)
-      return nnx.Linear(in_features, out_features, kernel_init=kernel_init,
-                        bias_init=bias_init, dtype=dtype, rngs=rngs)
+      return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dtype=dtype,
+        rngs=rngs,
+      )
 
     self.fc6 = dense('fc6', flat, 4096)
     self.fc7 = dense('fc7', 4096, 4096)
@@ -411,8 +461,14 @@ class AlexNet(nnx.Module):
     towers = _max_pool(_relu(self.conv5(towers)))
     return gather_towers(towers, model_axis)
 
-  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None,
-               data_axis: str | None = None, model_axis: str | None = None) -> jax.Array:
+  def __call__(
+    self,
+    images: jax.Array,
+    *,
+    rngs: nnx.Rngs | None = None,
+    data_axis: str | None = None,
+    model_axis: str | None = None,
+  ) -> jax.Array:
     """Logits for a batch.
 
     Args:
@@ -427,8 +483,7 @@ class AlexNet(nnx.Module):
     Raises:
       ValueError: in train mode without `rngs`.
     """
-    dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis,
-                                model_axis=model_axis)
+    dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis, model_axis=model_axis)
     x = self.features(images, model_axis=model_axis)
     # (h, w, c) order; Caffe's fc6 reads (c, h, w), so imported rows are permuted.
     x = x.reshape(x.shape[0], -1)

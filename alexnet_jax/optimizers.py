@@ -12,8 +12,9 @@ import optax
 from alexnet_jax import config_lib
 
 
-def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                                  num_steps: int) -> optax.Schedule:
+def create_learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
+) -> optax.Schedule:
   """Learning rate per step, from `config.lr_schedule`.
 
   'step' is the paper's (Sec. 5): the rate divided by 10 (`lr_decay_factor`) at
@@ -30,13 +31,18 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_e
     return optax.constant_schedule(base)
   if config.lr_schedule == 'step':
     return optax.piecewise_constant_schedule(
-        base, {step: config.lr_decay_factor
-               for step in config_lib.steps(config, 'lr_decay', steps_per_epoch)})
+      base,
+      {
+        step: config.lr_decay_factor
+        for step in config_lib.steps(config, 'lr_decay', steps_per_epoch)
+      },
+    )
   if config.lr_schedule == 'cosine':
     warmup = config_lib.steps(config, 'warmup', steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(0.0, base, warmup, max(num_steps, warmup + 1))
-  raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}: "
-                   "use 'step', 'cosine' or 'constant'.")
+  raise ValueError(
+    f"Unknown lr_schedule {config.lr_schedule!r}: use 'step', 'cosine' or 'constant'."
+  )
 
 
 class PaperMomentumState(NamedTuple):
@@ -44,8 +50,9 @@ class PaperMomentumState(NamedTuple):
   velocity: optax.Updates  # v, the last update itself.
 
 
-def paper_momentum(learning_rate: optax.ScalarOrSchedule,
-                   momentum: float) -> optax.GradientTransformation:
+def paper_momentum(
+  learning_rate: optax.ScalarOrSchedule, momentum: float
+) -> optax.GradientTransformation:
   """The paper's momentum (Sec. 5): v <- momentum * v - lr * g; the update is v.
 
   With g = grad + weight_decay * w (from `optax.add_decayed_weights` before it)
@@ -54,9 +61,11 @@ def paper_momentum(learning_rate: optax.ScalarOrSchedule,
   multiplies each gradient once, when it enters v: a drop of the rate acts on new
   gradients only, as in cuda-convnet2 and Caffe's SGDSolver.
   """
+
   def init(params):
-    return PaperMomentumState(count=jnp.zeros([], jnp.int32),
-                              velocity=jax.tree.map(jnp.zeros_like, params))
+    return PaperMomentumState(
+      count=jnp.zeros([], jnp.int32), velocity=jax.tree.map(jnp.zeros_like, params)
+    )
 
   def update(updates, state, params=None):
     del params
@@ -75,8 +84,9 @@ def _is_weight(params):
   return jax.tree.map(lambda bias: not bias, _is_bias(params))
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     schedule: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   """SGD with momentum and weight decay (Sec. 5), biases as in the reference code.
 
   Weights: g = grad + weight_decay * w. Biases: g = bias_lr_multiplier *
@@ -93,10 +103,10 @@ def create_optimizer(config: ml_collections.ConfigDict,
   elif config.momentum_form == 'optax':
     momentum = optax.sgd(schedule, momentum=config.momentum)
   else:
-    raise ValueError(f"Unknown momentum_form {config.momentum_form!r}: use 'paper' or "
-                     "'optax'.")
+    raise ValueError(f"Unknown momentum_form {config.momentum_form!r}: use 'paper' or 'optax'.")
   return optax.chain(
-      optax.masked(optax.add_decayed_weights(config.weight_decay), _is_weight),
-      optax.masked(optax.add_decayed_weights(config.bias_weight_decay), _is_bias),
-      optax.masked(optax.scale(config.bias_lr_multiplier), _is_bias),
-      momentum)
+    optax.masked(optax.add_decayed_weights(config.weight_decay), _is_weight),
+    optax.masked(optax.add_decayed_weights(config.bias_weight_decay), _is_bias),
+    optax.masked(optax.scale(config.bias_lr_multiplier), _is_bias),
+    momentum,
+  )

@@ -29,7 +29,7 @@ MAX_CONFUSION_CLASSES = 20
 GRID_ROWS, GRID_COLS = 4, 8  # Prediction grid.
 
 
-def _save(fig: Figure, path: str) -> str:
+def save(fig: Figure, path: str) -> str:
   """Writes `fig` as a PNG of exactly figsize * DPI pixels (Agg, no display needed)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=DPI, format='png')
@@ -43,22 +43,24 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
   return ([r for r in rows if 'train_loss' in r], [r for r in rows if 'test_loss' in r])
 
 
-def plot_learning_curves(workdir: str, path: str) -> str:
-  """Train and test loss (left) and top-1 (right) vs epoch; 1200×450 px."""
-  train_rows, test_rows = read_metrics(workdir)
+def learning_curves(train_rows: list[dict], test_rows: list[dict], title: str) -> Figure:
+  """Train and test loss (left) and top-1 (right) vs epoch, from `read_metrics`'s rows;
+  1200×450 px."""
   fig = Figure(figsize=(12, 4.5))
-  for ax, metric, title in zip(fig.subplots(1, 2), ('loss', 'top1'),
-                               ('cross-entropy loss', 'top-1 accuracy')):
+  for ax, metric, title in zip(
+    fig.subplots(1, 2), ('loss', 'top1'), ('cross-entropy loss', 'top-1 accuracy'), strict=True
+  ):
     for rows, split, style in ((train_rows, 'train', '-'), (test_rows, 'test', 'o-')):
       if rows:
-        ax.plot([r['epoch'] for r in rows], [r[f'{split}_{metric}'] for r in rows],
-                style, label=split)
+        ax.plot(
+          [r['epoch'] for r in rows], [r[f'{split}_{metric}'] for r in rows], style, label=split
+        )
     ax.set(xlabel='epoch', title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+  fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, path)
+  return fig
 
 
 def conv1_mosaic(kernel: np.ndarray, gap: int = 1, tower_gap: int = 4) -> np.ndarray:
@@ -80,8 +82,10 @@ def conv1_mosaic(kernel: np.ndarray, gap: int = 1, tower_gap: int = 4) -> np.nda
   k, _, channels, count = kernel.shape
   cols = 12
   if kernel.shape[1] != k or channels != 3 or count % (models.NUM_TOWERS * cols):
-    raise ValueError(f'Expected a [k, k, 3, C] kernel with C a multiple of '
-                     f'{models.NUM_TOWERS * cols}, got {kernel.shape}.')
+    raise ValueError(
+      f'Expected a [k, k, 3, C] kernel with C a multiple of '
+      f'{models.NUM_TOWERS * cols}, got {kernel.shape}.'
+    )
   rows = count // models.NUM_TOWERS // cols  # Per tower.
   kernel = np.asarray(kernel, np.float32)
   low = kernel.min(axis=(0, 1, 2), keepdims=True)
@@ -89,18 +93,17 @@ def conv1_mosaic(kernel: np.ndarray, gap: int = 1, tower_gap: int = 4) -> np.nda
   kernel = (kernel - low) / np.maximum(high - low, 1e-12)
   cell = k + gap
   tower_height = rows * cell + gap
-  mosaic = np.ones((models.NUM_TOWERS * tower_height + tower_gap, cols * cell + gap, 3),
-                   np.float32)
+  mosaic = np.ones((models.NUM_TOWERS * tower_height + tower_gap, cols * cell + gap, 3), np.float32)
   for index in range(count):
     tower, within = divmod(index, count // models.NUM_TOWERS)
     row, col = divmod(within, cols)
     top = tower * (tower_height + tower_gap) + gap + row * cell
     left = gap + col * cell
-    mosaic[top:top + k, left:left + k] = kernel[..., index]
+    mosaic[top : top + k, left : left + k] = kernel[..., index]
   return mosaic
 
 
-def plot_conv1_filters(kernel: np.ndarray, path: str, title: str = '') -> str:
+def conv1_filters(kernel: np.ndarray, title: str = '') -> Figure:
   """conv1's kernels `[11, 11, 3, 96]` as in Fig. 3, tower 0 on top; 1200×900 px."""
   mosaic = conv1_mosaic(kernel)
   fig = Figure(figsize=(12, 9))
@@ -111,13 +114,17 @@ def plot_conv1_filters(kernel: np.ndarray, path: str, title: str = '') -> str:
   ax.set_yticks([half / 2, half * 1.5], ['tower 0\n(GPU 1)', 'tower 1\n(GPU 2)'])
   for side in ax.spines.values():
     side.set_visible(False)
-  fig.suptitle(title or f'conv1: {kernel.shape[-1]} kernels of '
-               f'{kernel.shape[0]}×{kernel.shape[1]}×3, each contrast-normalised')
-  return _save(fig, path)
+  fig.suptitle(
+    title
+    or f'conv1: {kernel.shape[-1]} kernels of '
+    f'{kernel.shape[0]}×{kernel.shape[1]}×3, each contrast-normalised'
+  )
+  return fig
 
 
-def plot_predictions(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                     class_names: list[str], path: str) -> str:
+def predictions(
+  images: np.ndarray, labels: np.ndarray, probs: np.ndarray, class_names: list[str]
+) -> Figure:
   """The first 4 × 8 test images with predicted and true labels; 1600×900 px.
 
   Args:
@@ -125,18 +132,21 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
     labels: int `[N]` true classes.
     probs: float `[N, num_classes]` softmax outputs.
     class_names: one name per class.
-    path: PNG to write.
 
   Wrong predictions have a red title and frame.
   """
   fig = Figure(figsize=(16, 9))
-  for ax, image, label, p in zip(fig.subplots(GRID_ROWS, GRID_COLS).flat,
-                                 images, labels, probs):
+  for ax, image, label, p in zip(
+    fig.subplots(GRID_ROWS, GRID_COLS).flat, images, labels, probs, strict=False
+  ):
     predicted = int(np.argmax(p))
     color = 'tab:green' if predicted == label else 'red'
     ax.imshow(image, interpolation='nearest')
-    ax.set_title(f'{class_names[predicted]} ({p[predicted]:.2f})\n'
-                 f'true: {class_names[label]}', color=color, fontsize=9)
+    ax.set_title(
+      f'{class_names[predicted]} ({p[predicted]:.2f})\ntrue: {class_names[label]}',
+      color=color,
+      fontsize=9,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     for side in ax.spines.values():
@@ -144,19 +154,17 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
   fig.suptitle('predicted (probability) / true label; wrong in red')
   # Room for the two-line titles: tight_layout lets them touch the row above.
   fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.1, hspace=0.35)
-  return _save(fig, path)
+  return fig
 
 
-def confusion_counts(labels: np.ndarray, predictions: np.ndarray,
-                     num_classes: int) -> np.ndarray:
+def confusion_counts(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
   """int64 `[num_classes, num_classes]`: row = true class, column = predicted class."""
   counts = np.zeros((num_classes, num_classes), np.int64)
   np.add.at(counts, (labels, predictions), 1)
   return counts
 
 
-def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
-                          class_names: list[str], path: str) -> str:
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> Figure:
   """Counts, coloured by each true class's fraction; 900×800 px.
 
   Raises:
@@ -164,28 +172,43 @@ def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
   """
   n = len(class_names)
   if n > MAX_CONFUSION_CLASSES:
-    raise ValueError(f'{n} classes: a confusion matrix is drawn for at most '
-                     f'{MAX_CONFUSION_CLASSES}.')
-  counts = confusion_counts(labels, predictions, n)
+    raise ValueError(
+      f'{n} classes: a confusion matrix is drawn for at most {MAX_CONFUSION_CLASSES}.'
+    )
+  counts = confusion_counts(labels, predicted, n)
   fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
   fig = Figure(figsize=(9, 8))
   ax = fig.subplots()
   ax.imshow(fractions, cmap='Blues', vmin=0, vmax=1)
   for (i, j), count in np.ndenumerate(counts):
-    ax.text(j, i, str(count), ha='center', va='center', fontsize=8,
-            color='white' if fractions[i, j] > 0.5 else 'black')
+    ax.text(
+      j,
+      i,
+      str(count),
+      ha='center',
+      va='center',
+      fontsize=8,
+      color='white' if fractions[i, j] > 0.5 else 'black',
+    )
   ax.set_xticks(range(n), class_names, rotation=45, ha='right')
   ax.set_yticks(range(n), class_names)
-  ax.set(xlabel='predicted', ylabel='true',
-         title=f'confusion on {counts.sum()} test images, '
-               f'top-1 {np.trace(counts) / max(counts.sum(), 1):.4f}')
+  ax.set(
+    xlabel='predicted',
+    ylabel='true',
+    title=f'confusion on {counts.sum()} test images, '
+    f'top-1 {np.trace(counts) / max(counts.sum(), 1):.4f}',
+  )
   fig.tight_layout()
-  return _save(fig, path)
+  return fig
 
 
-def predict(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-            eval_graphdef: nnx.GraphDef, params, max_examples: int | None = None
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  eval_graphdef: nnx.GraphDef,
+  params,
+  max_examples: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Eval-mode predictions on the test split (`steps.eval_apply`), on every process.
 
   Returns:
@@ -212,8 +235,11 @@ def predict(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     if max_examples is not None and seen >= max_examples:
       break
   stop = max_examples if max_examples is not None else seen
-  return (np.concatenate(images)[:stop], np.concatenate(labels)[:stop],
-          np.concatenate(probs)[:stop])
+  return (
+    np.concatenate(images)[:stop],
+    np.concatenate(labels)[:stop],
+    np.concatenate(probs)[:stop],
+  )
 
 
 def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -226,30 +252,32 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """
   from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
 
-  out = os.path.join(workdir, 'plots')
-  write = jax.process_index() == 0
-  paths = []
-  if write:
-    paths.append(plot_learning_curves(workdir, os.path.join(out, 'learning_curves.png')))
   mesh = sharding.create_mesh(config.mesh)
   params, step = checkpoints.restore_params(config, workdir, mesh)
   conv1 = sharding.fetch(params['conv1']['kernel'])
   names = datasets.class_names(config)
   full = len(names) <= MAX_CONFUSION_CLASSES
   _, eval_graphdef = steps_lib.graphdefs(config)
-  images, labels, probs = predict(config, mesh, eval_graphdef, params,
-                                  None if full else GRID_ROWS * GRID_COLS)
-  if not write:
-    return paths
-  paths.append(plot_conv1_filters(
-      conv1, os.path.join(out, 'conv1_filters.png'),
-      title=f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), '
-            'each contrast-normalised'))
-  paths.append(plot_predictions(images, labels, probs, names,
-                                os.path.join(out, 'predictions.png')))
+  images, labels, probs = predict(
+    config, mesh, eval_graphdef, params, None if full else GRID_ROWS * GRID_COLS
+  )
+  if jax.process_index() > 0:
+    return []
+  figures = {
+    'learning_curves': learning_curves(
+      *read_metrics(workdir), os.path.basename(os.path.normpath(workdir))
+    ),
+    'conv1_filters': conv1_filters(
+      conv1,
+      f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), each contrast-normalised',
+    ),
+    'predictions': predictions(images, labels, probs, names),
+  }
   if full:
-    paths.append(plot_confusion_matrix(labels, probs.argmax(-1), names,
-                                       os.path.join(out, 'confusion_matrix.png')))
+    figures['confusion_matrix'] = confusion_matrix(labels, probs.argmax(-1), names)
+  paths = [
+    save(fig, os.path.join(workdir, 'plots', f'{name}.png')) for name, fig in figures.items()
+  ]
   for path in paths:
     logging.info('Wrote %s', path)
   return paths
@@ -259,6 +287,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
   workdir = flags.FLAGS.workdir
   write_all(config_lib.for_workdir(workdir, flags.FLAGS.config), workdir)
@@ -267,6 +296,9 @@ def main(argv):
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
   config_flags.DEFINE_config_file(
-      'config', None, "The run's training config file; default: its workdir's config.json.",
-      lock_config=True)
+    'config',
+    None,
+    "The run's training config file; default: its workdir's config.json.",
+    lock_config=True,
+  )
   app.run(main)

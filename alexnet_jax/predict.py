@@ -1,6 +1,6 @@
 """Classifies image files with a trained checkpoint and prints the top-5 classes.
 
-  python -m alexnet_jax.predict --workdir=runs/fashion_mnist shoe.png shirt.jpg
+python -m alexnet_jax.predict --workdir=runs/fashion_mnist shoe.png shirt.jpg
 """
 
 from absl import app
@@ -34,8 +34,9 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
     raise ValueError(f'Cannot decode {path!r} as an image: {e.message}') from e
 
 
-def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[str],
-                  k: int = 5) -> list[list[tuple[str, float]]]:
+def predict_files(
+  config: ml_collections.ConfigDict, workdir: str, paths: list[str], k: int = 5
+) -> list[list[tuple[str, float]]]:
   """Top-`k` (class name, softmax probability) per file, most probable first,
   from the latest checkpoint in `workdir` (`steps.eval_apply` on `config.mesh`).
 
@@ -50,11 +51,12 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   images = np.concatenate([images, np.zeros((padded, *images.shape[1:]), images.dtype)])
   _, eval_graphdef = steps_lib.graphdefs(config)
   logits = steps_lib.eval_apply(mesh, eval_graphdef, params)(
-      params, sharding.global_batch(mesh, {'image': images})['image'])
-  probabilities = np.asarray(jax.nn.softmax(logits))[:len(paths)]
+    params, sharding.global_batch(mesh, {'image': images})['image']
+  )
+  probabilities = np.asarray(jax.nn.softmax(logits))[: len(paths)]
   names = datasets.class_names(config)
   top = np.argsort(-probabilities, axis=-1)[:, :k]
-  return [[(names[c], float(p[c])) for c in row] for p, row in zip(probabilities, top)]
+  return [[(names[c], float(p[c])) for c in row] for p, row in zip(probabilities, top, strict=True)]
 
 
 def main(argv):
@@ -64,7 +66,7 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
   workdir = flags.FLAGS.workdir
   config = config_lib.for_workdir(workdir, flags.FLAGS.config)
-  for path, top in zip(paths, predict_files(config, workdir, paths)):
+  for path, top in zip(paths, predict_files(config, workdir, paths), strict=True):
     print(path)
     for name, probability in top:
       print(f'  {probability:6.3f}  {name}')
@@ -73,6 +75,9 @@ def main(argv):
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
   config_flags.DEFINE_config_file(
-      'config', None, "The run's training config file; default: its workdir's config.json.",
-      lock_config=True)
+    'config',
+    None,
+    "The run's training config file; default: its workdir's config.json.",
+    lock_config=True,
+  )
   app.run(main)

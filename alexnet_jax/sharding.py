@@ -28,18 +28,21 @@ MODEL_AXIS = 'model'
 # first match wins. Every layer but fc8 splits its output units over the towers (conv
 # kernels are HWIO, dense kernels (in, out)).
 PARTITION_RULES = (
-    (r'(.*/)?conv[1-5]/kernel', P(None, None, None, MODEL_AXIS)),
-    (r'(.*/)?(conv[1-5]|fc6|fc7)/bias', P(MODEL_AXIS)),
-    (r'(.*/)?fc[67]/kernel', P(None, MODEL_AXIS)),
-    (r'(.*/)?fc8/(kernel|bias)', P()),  # Fig. 2 draws fc8 whole: replicated.
-    (r'.*', P()),  # Step counters.
+  (r'(.*/)?conv[1-5]/kernel', P(None, None, None, MODEL_AXIS)),
+  (r'(.*/)?(conv[1-5]|fc6|fc7)/bias', P(MODEL_AXIS)),
+  (r'(.*/)?fc[67]/kernel', P(None, MODEL_AXIS)),
+  (r'(.*/)?fc8/(kernel|bias)', P()),  # Fig. 2 draws fc8 whole: replicated.
+  (r'.*', P()),  # Step counters.
 )
 _CATCH_ALL = PARTITION_RULES[-1][0]
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None,
-                           local_device_ids: list[int] | None = None):
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: list[int] | None = None,
+):
   """Joins a multi-process job (`jax.distributed.initialize`), if launched as one.
 
   From the arguments (main.py's flags of the same names), or from SLURM's variables
@@ -56,25 +59,34 @@ def initialize_distributed(coordinator_address: str | None = None,
   if all(v is None for v in given) and not slurm:
     if 'JAX_COORDINATOR_ADDRESS' in os.environ:
       raise ValueError(
-          f'JAX_COORDINATOR_ADDRESS={os.environ["JAX_COORDINATOR_ADDRESS"]} is set, but not '
-          'the process count and id: pass --coordinator_address=HOST:PORT '
-          '--num_processes=N --process_id=I to every process (or start them with srun).')
+        f'JAX_COORDINATOR_ADDRESS={os.environ["JAX_COORDINATOR_ADDRESS"]} is set, but not '
+        'the process count and id: pass --coordinator_address=HOST:PORT '
+        '--num_processes=N --process_id=I to every process (or start them with srun).'
+      )
     return
   if not slurm and any(v is None for v in given):
     raise ValueError(
-        'A multi-process job needs --coordinator_address=HOST:PORT, --num_processes=N and '
-        f'--process_id=I on every process (got {coordinator_address=}, {num_processes=}, '
-        f'{process_id=}), or SLURM to provide them (srun).')
+      'A multi-process job needs --coordinator_address=HOST:PORT, --num_processes=N and '
+      f'--process_id=I on every process (got {coordinator_address=}, {num_processes=}, '
+      f'{process_id=}), or SLURM to provide them (srun).'
+    )
   # Before any backend starts: CPU collectives across processes (a no-op on GPUs).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                             local_device_ids=local_device_ids)
-  logging.info('Process %d of %d, %d local device(s) of %d.', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  jax.distributed.initialize(
+    coordinator_address, num_processes, process_id, local_device_ids=local_device_ids
+  )
+  logging.info(
+    'Process %d of %d, %d local device(s) of %d.',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
-def create_mesh(mesh_config: ml_collections.ConfigDict,
-                devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+def create_mesh(
+  mesh_config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """A ('data', 'model') mesh over `devices` (default: all, of every process).
 
   `mesh_config.model`: 2 splits the towers over two devices as in the paper, 1 keeps
@@ -86,8 +98,9 @@ def create_mesh(mesh_config: ml_collections.ConfigDict,
   """
   devices = jax.devices() if devices is None else devices
   shape = config_lib.mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, (DATA_AXIS, MODEL_AXIS), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh(
+    shape, (DATA_AXIS, MODEL_AXIS), devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
 
 
 def _path(path) -> str:
@@ -110,8 +123,7 @@ def partition_specs(tree):
   unused = [p for p, _ in PARTITION_RULES[:-1] if p not in rules.values()]
   if unused:
     raise ValueError(f'Partition rule(s) {unused} match no parameter of {sorted(names)}.')
-  stray = [name for name, rule in rules.items()
-           if rule == _CATCH_ALL and name.endswith('kernel')]
+  stray = [name for name, rule in rules.items() if rule == _CATCH_ALL and name.endswith('kernel')]
   if stray:
     raise ValueError(f'No partition rule for {stray}: add one to PARTITION_RULES.')
   specs = dict(PARTITION_RULES)
@@ -122,14 +134,21 @@ def describe_partitioning(params) -> str:
   """One line per parameter: path, shape, spec and the rule that gave it."""
   specs = partition_specs(params)
   return '\n'.join(
-      f'  {_path(path)} {tuple(x.shape)} -> {spec}  (rule {_rule(_path(path))!r})'
-      for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                 jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))))
+    f'  {_path(path)} {tuple(x.shape)} -> {spec}  (rule {_rule(_path(path))!r})'
+    for (path, x), spec in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)),
+      strict=True,
+    )
+  )
 
 
 def named_shardings(mesh: jax.sharding.Mesh, tree):
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs(tree),
-                      is_leaf=lambda s: isinstance(s, P))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec),
+    partition_specs(tree),
+    is_leaf=lambda s: isinstance(s, P),
+  )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -160,30 +179,38 @@ def data_groups(mesh: jax.sharding.Mesh) -> tuple[int, int]:
   groups = sorted({frozenset(share) for share in shares.values()}, key=min)
   covered = sorted(i for group in groups for i in group)
   if covered != list(range(size)) or len({len(g) for g in groups}) != 1:
-    raise ValueError(f'The processes hold overlapping or unequal parts of the mesh\'s data '
-                     f'axis ({[sorted(g) for g in groups]}); use a mesh whose data axis '
-                     'splits evenly over the processes (e.g. mesh.data=None).')
+    raise ValueError(
+      f"The processes hold overlapping or unequal parts of the mesh's data "
+      f'axis ({[sorted(g) for g in groups]}); use a mesh whose data axis '
+      'splits evenly over the processes (e.g. mesh.data=None).'
+    )
   return groups.index(frozenset(shares[jax.process_index()])), len(groups)
 
 
-def global_batch(mesh: jax.sharding.Mesh, local_batch: dict[str, np.ndarray]
-                 ) -> dict[str, jax.Array]:
+def global_batch(
+  mesh: jax.sharding.Mesh, local_batch: dict[str, np.ndarray]
+) -> dict[str, jax.Array]:
   """This process's rows of a batch (its group's 1/num_groups, see `data_groups`) →
   global arrays split over 'data'."""
   sharding = batch_sharding(mesh)
   _, num_groups = data_groups(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(
-          sharding, x, (x.shape[0] * num_groups, *x.shape[1:])), local_batch)
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, x, (x.shape[0] * num_groups, *x.shape[1:])
+    ),
+    local_batch,
+  )
 
 
 def fetch(tree):
   """Numpy copies of global arrays, whole on every process (across processes this is a
   collective: every process must call it)."""
+
   def whole(x):
     if x.is_fully_addressable:
       return np.asarray(x)
     return multihost_utils.process_allgather(x, tiled=True)
+
   return jax.tree.map(whole, tree)
 
 
@@ -195,6 +222,7 @@ def sharded_apply(graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh) -> Ca
   `[N, classes]` are split over 'data'. Gradients through it are summed over
   'data' by `shard_map`'s transpose. On a one-device mesh it is the plain module.
   """
+
   def apply(params, images, dropout_key, **axes):
     model = nnx.merge(graphdef, params)
     return model(images, rngs=nnx.Rngs(dropout=dropout_key), **axes)
@@ -204,6 +232,9 @@ def sharded_apply(graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh) -> Ca
     # over one device) that XLA:CPU does not remove.
     return apply
   per_device = functools.partial(apply, data_axis=DATA_AXIS, model_axis=MODEL_AXIS)
-  return jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(partition_specs(params), P(DATA_AXIS), P()),
-                       out_specs=P(DATA_AXIS))
+  return jax.shard_map(
+    per_device,
+    mesh=mesh,
+    in_specs=(partition_specs(params), P(DATA_AXIS), P()),
+    out_specs=P(DATA_AXIS),
+  )

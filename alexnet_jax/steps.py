@@ -25,6 +25,7 @@ class TrainState:
 
   `params` is a plain dict, e.g. params['conv2']['kernel'] of shape (5, 5, 48, 256).
   """
+
   step: jax.Array
   params: dict[str, Any]
   opt_state: optax.OptState
@@ -32,9 +33,14 @@ class TrainState:
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
   return models.AlexNet(
-      config.num_classes, image_size=config.image_size,
-      dropout_rate=config.dropout_rate, init=config.init, lrn=config.lrn,
-      dtype=jnp.dtype(config.dtype), rngs=rngs)
+    config.num_classes,
+    image_size=config.image_size,
+    dropout_rate=config.dropout_rate,
+    init=config.init,
+    lrn=config.lrn,
+    dtype=jnp.dtype(config.dtype),
+    rngs=rngs,
+  )
 
 
 def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
@@ -54,21 +60,28 @@ def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, 
 def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """`jax.ShapeDtypeStruct`s of the parameters, with their shardings on `mesh`."""
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, sharding.named_shardings(mesh, shapes))
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    shapes,
+    sharding.named_shardings(mesh, shapes),
+  )
 
 
-def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       rng: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
+def create_train_state(
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh: jax.sharding.Mesh,
+) -> TrainState:
   """Initial state, created directly with its shardings on `mesh`.
 
   The initial values do not depend on the mesh (JAX's random bits are
   sharding-invariant), so runs on different meshes start from the same weights.
   """
+
   def init():
     params = init_params(config, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   shardings = sharding.named_shardings(mesh, jax.eval_shape(init))
   return jax.jit(init, out_shardings=shardings)()
@@ -86,9 +99,14 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
-               apply_fn, tx: optax.GradientTransformation
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  dropout_rng: jax.Array,
+  *,
+  apply_fn,
+  tx: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on `batch` = {'image': [N, H, W, 3] float32, 'label': [N] int32}.
 
   `apply_fn(params, images, dropout_key) -> logits` is the model in train mode,
@@ -106,12 +124,18 @@ def train_step(state: TrainState, batch: Batch, dropout_rng: jax.Array, *,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
-      'loss': loss,
-      'top1': correct_topk(logits, batch['label'], 1).mean(),
-      'top5': correct_topk(logits, batch['label'], 5).mean(),
-      'grad_norm': optax.tree.norm(grads),
+    'loss': loss,
+    'top1': correct_topk(logits, batch['label'], 1).mean(),
+    'top5': correct_topk(logits, batch['label'], 5).mean(),
+    'grad_norm': optax.tree.norm(grads),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True when no leaf of `tree` holds a NaN or Inf (a bool scalar, on every process)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def crop_averaged_logits(apply_fn, params, crops: jax.Array) -> jax.Array:
@@ -139,8 +163,9 @@ def compiler_options() -> dict[str, str] | None:
   return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 
 
-def eval_logits_fn(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params
-                   ) -> Callable[[Any, jax.Array], jax.Array]:
+def eval_logits_fn(
+  mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params
+) -> Callable[[Any, jax.Array], jax.Array]:
   """The model in eval mode for `mesh`, unjitted: `logits(params, images)`.
 
   `images` is `[N, H, W, 3]` float32 split over 'data' (N divisible by its size),
@@ -157,13 +182,17 @@ def eval_logits_fn(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params
   return logits
 
 
-def eval_apply(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params
-               ) -> Callable[[Any, jax.Array], jax.Array]:
+def eval_apply(
+  mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params
+) -> Callable[[Any, jax.Array], jax.Array]:
   """`eval_logits_fn` jitted, its logits replicated (readable on every process): the
   model's one inference path, for plots and predict (`eval_step` jits the same
   function together with its sums)."""
-  return jax.jit(eval_logits_fn(mesh, eval_graphdef, params),
-                 out_shardings=sharding.replicated(mesh), compiler_options=compiler_options())
+  return jax.jit(
+    eval_logits_fn(mesh, eval_graphdef, params),
+    out_shardings=sharding.replicated(mesh),
+    compiler_options=compiler_options(),
+  )
 
 
 def eval_step(params, batch: Batch, *, logits_fn) -> dict[str, jax.Array]:
@@ -175,27 +204,36 @@ def eval_step(params, batch: Batch, *, logits_fn) -> dict[str, jax.Array]:
   logits = logits_fn(params, batch['image'])
   mask = batch['mask'].astype(jnp.float32)
   return {
-      'loss': jnp.sum(cross_entropy_loss(logits, batch['label']) * mask),
-      'top1': jnp.sum(correct_topk(logits, batch['label'], 1) * mask),
-      'top5': jnp.sum(correct_topk(logits, batch['label'], 5) * mask),
-      'count': jnp.sum(mask),
+    'loss': jnp.sum(cross_entropy_loss(logits, batch['label']) * mask),
+    'top1': jnp.sum(correct_topk(logits, batch['label'], 1) * mask),
+    'top5': jnp.sum(correct_topk(logits, batch['label'], 5) * mask),
+    'count': jnp.sum(mask),
   }
 
 
-def jit_train_step(mesh: jax.sharding.Mesh, train_graphdef: nnx.GraphDef, state: TrainState,
-                   tx: optax.GradientTransformation):
+def jit_train_step(
+  mesh: jax.sharding.Mesh,
+  train_graphdef: nnx.GraphDef,
+  state: TrainState,
+  tx: optax.GradientTransformation,
+):
   """`train_step(state, batch, dropout_rng)` jitted for `mesh`: the state keeps its
   `sharding.PARTITION_RULES` placement (and is donated), batches are split over
   'data', metrics come back replicated."""
   train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
   return jax.jit(
-      functools.partial(train_step, apply_fn=train_apply, tx=tx),
-      out_shardings=(sharding.named_shardings(mesh, state), sharding.replicated(mesh)),
-      donate_argnums=0, compiler_options=compiler_options())
+    functools.partial(train_step, apply_fn=train_apply, tx=tx),
+    out_shardings=(sharding.named_shardings(mesh, state), sharding.replicated(mesh)),
+    donate_argnums=0,
+    compiler_options=compiler_options(),
+  )
 
 
 def jit_eval_step(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params):
   """`eval_step(params, batch)` jitted for `mesh`; the sums come back replicated."""
   logits_fn = eval_logits_fn(mesh, eval_graphdef, params)
-  return jax.jit(functools.partial(eval_step, logits_fn=logits_fn),
-                 out_shardings=sharding.replicated(mesh), compiler_options=compiler_options())
+  return jax.jit(
+    functools.partial(eval_step, logits_fn=logits_fn),
+    out_shardings=sharding.replicated(mesh),
+    compiler_options=compiler_options(),
+  )

@@ -103,21 +103,27 @@ class _MetricsLog:
         f.write(json.dumps({'step': step, **metrics}) + '\n')
 
 
-def _nonfinite_error(step: int, metrics: dict[str, float], config: ml_collections.ConfigDict,
-                     checkpoint_dir: str) -> FloatingPointError:
-  causes = [f'a learning rate too high for this run (config.learning_rate='
-            f'{config.learning_rate}; try a smaller one)']
+def _nonfinite_error(
+  step: int, metrics: dict[str, float], config: ml_collections.ConfigDict, checkpoint_dir: str
+) -> FloatingPointError:
+  causes = [
+    f'a learning rate too high for this run (config.learning_rate='
+    f'{config.learning_rate}; try a smaller one)'
+  ]
   if config.dtype == 'float16':
     causes.append("float16's narrow range (use config.dtype='bfloat16')")
   if config.dropout_rate >= 0.9:
-    causes.append(f'config.dropout_rate={config.dropout_rate}, which scales the kept '
-                  f'units by {1 / (1 - config.dropout_rate):.0f}')
+    causes.append(
+      f'config.dropout_rate={config.dropout_rate} (kept units are scaled by '
+      '1 / (1 - rate); 1 drops every unit)'
+    )
   causes.append('bad input data (check the dataset and config.pixel_std)')
   return FloatingPointError(
-      f'Step {step} is not finite (train loss {metrics["loss"]}, gradient norm '
-      f'{metrics["grad_norm"]}); the run stops without keeping it. Likely cause: '
-      f'{"; or ".join(causes)}. A rerun resumes from the last checkpoint in '
-      f'{checkpoint_dir}, which is finite.')
+    f'Step {step} is not finite (train loss {metrics["loss"]}, gradient norm '
+    f'{metrics["grad_norm"]}); the run stops without keeping it. Likely cause: '
+    f'{"; or ".join(causes)}. A rerun resumes from the last checkpoint in '
+    f'{checkpoint_dir}, which is finite.'
+  )
 
 
 def _check_finite(window: list[tuple[int, dict]], config, checkpoint_dir: str):
@@ -138,8 +144,9 @@ def _record_config(config, workdir: str, changes: dict, step: int):
   config_lib.save(config, workdir)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, Any]:
   """Trains, evaluates and checkpoints in `workdir`; resumes from its latest checkpoint.
 
   Every process runs it; process 0 writes `config.json`, `metrics.jsonl`,
@@ -167,14 +174,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   part, num_parts = sharding.data_groups(mesh)
   data = input_pipeline.create_datasets(config, part, num_parts)
   steps_per_epoch = data.steps_per_epoch
-  every = {name: config_lib.steps(config, name, steps_per_epoch)
-           for name in ('total', 'log_every', 'eval_every', 'checkpoint_every')}
+  every = {
+    name: config_lib.steps(config, name, steps_per_epoch)
+    for name in ('total', 'log_every', 'eval_every', 'checkpoint_every')
+  }
   num_steps = every['total']
   logging.info(
-      'Batch: global %d, per process %d (%d part(s) of the data), per device %d; '
-      '%d steps per epoch, %d steps; mesh %s over %d process(es).', config.batch_size,
-      config.batch_size // num_parts, num_parts, config.batch_size // mesh.shape['data'],
-      steps_per_epoch, num_steps, dict(mesh.shape), jax.process_count())
+    'Batch: global %d, per process %d (%d part(s) of the data), per device %d; '
+    '%d steps per epoch, %d steps; mesh %s over %d process(es).',
+    config.batch_size,
+    config.batch_size // num_parts,
+    num_parts,
+    config.batch_size // mesh.shape['data'],
+    steps_per_epoch,
+    num_steps,
+    dict(mesh.shape),
+    jax.process_count(),
+  )
 
   schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch, num_steps)
   tx = optimizers.create_optimizer(config, schedule)
@@ -185,8 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   checkpoint_dir = checkpoints.directory(workdir)
   manager = checkpoints.create_manager(
-      workdir, save_interval_steps=every['checkpoint_every'],
-      max_to_keep=config.keep_checkpoints)
+    workdir, save_interval_steps=every['checkpoint_every'], max_to_keep=config.keep_checkpoints
+  )
   if manager.latest_step() is not None:
     state = checkpoints.restore_state(manager, state, manager.latest_step())
     logging.info('Resumed from step %d in %s.', int(state.step), checkpoint_dir)
@@ -199,7 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), initial_step)
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=num_steps, writer=writer, every_steps=every['log_every'])
+    num_train_steps=num_steps, writer=writer, every_steps=every['log_every']
+  )
   if initial_step == 0:
     writer.write_hparams(config_lib.flatten(config))
 
@@ -209,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   test = None
   for step in range(initial_step + 1, num_steps + 1):
     state, step_metrics = train_step(
-        state, sharding.global_batch(mesh, next(train_iter)), dropout_rng)
+      state, sharding.global_batch(mesh, next(train_iter)), dropout_rng
+    )
     window.append((step, step_metrics))
     report_progress(step)
     if itstime(step, every['log_every'], num_steps):
@@ -231,18 +249,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       test_metrics = {f'test_{k}': v for k, v in test.items() if k != 'count'}
       writer.write_scalars(step, test_metrics)
       metrics_log.write(step, {'epoch': step / steps_per_epoch, **test_metrics})
-      logging.info('step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f', step,
-                   step / steps_per_epoch, test['top1'], test['top5'], test['loss'])
+      logging.info(
+        'step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f',
+        step,
+        step / steps_per_epoch,
+        test['top1'],
+        test['top5'],
+        test['loss'],
+      )
     preempted = (checkpoints.reached_preemption(manager, step) or _STOP.is_set()) and (
-        step < num_steps)
+      step < num_steps
+    )
     if manager.should_save(step) or preempted or step == num_steps:
-      _check_finite(window[checked:], config, checkpoint_dir)  # Never save NaNs.
+      # Never save NaNs: neither a step's loss and gradients nor the parameters it left.
+      _check_finite(window[checked:], config, checkpoint_dir)
       checked = len(window)
+      if not steps_lib.all_finite(state.params):
+        raise _nonfinite_error(
+          step,
+          {'loss': 'finite', 'grad_norm': 'finite, but the update left NaN or Inf parameters'},
+          config,
+          checkpoint_dir,
+        )
       checkpoints.save(manager, state, force=True)
     if preempted:
       manager.wait_until_finished()
-      raise Preempted(f'Stopped on request (SIGTERM) after step {step}, checkpointed in '
-                      f'{checkpoint_dir}; rerun the same command to resume.')
+      raise Preempted(
+        f'Stopped on request (SIGTERM) after step {step}, checkpointed in '
+        f'{checkpoint_dir}; rerun the same command to resume.'
+      )
   manager.wait_until_finished()
   manager.close()
 
@@ -250,18 +285,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     test = evaluate.evaluate(eval_step, state.params, test_batches())
   if not all(np.isfinite(test[k]) for k in ('loss', 'top1', 'top5')):
     raise FloatingPointError(
-        f'The test loss of step {int(state.step)} is {test["loss"]} although training '
-        f'was finite; results.json is not written. Check config.dtype={config.dtype!r} '
-        '(float16 overflows) and the test data.')
+      f'The test loss of step {int(state.step)} is {test["loss"]} although training '
+      f'was finite; results.json is not written. Check config.dtype={config.dtype!r} '
+      '(float16 overflows) and the test data.'
+    )
   results = {
-      'step': int(state.step),
-      'epoch': int(state.step) / steps_per_epoch,
-      'test_top1': test['top1'],
-      'test_top5': test['top5'],
-      'test_loss': test['loss'],
-      'n_test_examples': test['count'],
-      'train_images_per_sec': chrono.images_per_sec,
-      'wall_seconds': time.time() - start_time,
+    'step': int(state.step),
+    'epoch': int(state.step) / steps_per_epoch,
+    'test_top1': test['top1'],
+    'test_top5': test['top5'],
+    'test_loss': test['loss'],
+    'n_test_examples': test['count'],
+    'train_images_per_sec': chrono.images_per_sec,
+    'wall_seconds': time.time() - start_time,
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:

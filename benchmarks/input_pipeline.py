@@ -35,7 +35,8 @@ def write_image_folder(root: str, num_images: int, num_classes: int = 2):
       # Smooth noise compresses like a photo, unlike white noise.
       small = rng.randint(0, 256, (24, 32, 3), np.uint8)
       Image.fromarray(small).resize((500, 375), Image.BILINEAR).save(
-          os.path.join(folder, f'{i}.jpg'), quality=90)
+        os.path.join(folder, f'{i}.jpg'), quality=90
+      )
 
 
 def main(argv):
@@ -44,8 +45,15 @@ def main(argv):
   with tempfile.TemporaryDirectory() as root:
     if config.dataset == 'imagenet2012':
       write_image_folder(root, _NUM_IMAGES.value)
-      config.update({'dataset': 'image_folder', 'manual_dir': root, 'test_split': 'val',
-                     'num_classes': 2, 'shuffle_buffer': _NUM_IMAGES.value})
+      config.update(
+        {
+          'dataset': 'image_folder',
+          'manual_dir': root,
+          'test_split': 'val',
+          'num_classes': 2,
+          'shuffle_buffer': _NUM_IMAGES.value,
+        }
+      )
     batches = input_pipeline.create_datasets(config).train_batches()
     for _ in range(2):
       next(batches)
@@ -55,9 +63,11 @@ def main(argv):
     seconds = time.perf_counter() - start
     del batches  # Stop tf.data's prefetching before the folder is deleted.
   images_per_sec = _BATCHES.value * config.batch_size / seconds
-  print(f'{config.dataset}, {config.image_size} px, crop {config.augment.crop}, '
-        f'batch {config.batch_size}, {os.cpu_count()} CPUs: {_BATCHES.value} batches '
-        f'in {seconds:.1f} s')
+  print(
+    f'{config.dataset}, {config.image_size} px, crop {config.augment.crop}, '
+    f'batch {config.batch_size}, {os.cpu_count()} CPUs: {_BATCHES.value} batches '
+    f'in {seconds:.1f} s'
+  )
   print(f'images_per_sec={images_per_sec:.1f}')
 
 

@@ -29,15 +29,30 @@ def alexnet(num_classes: int, image_size: int) -> nn.Module:
   for _ in range(3):
     side = (side - 3) // 2 + 1
   return nn.Sequential(
-      nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), lrn(), pool(),
-      nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(), lrn(), pool(),
-      nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
-      nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(),
-      nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(), pool(),
-      nn.Flatten(),
-      nn.Linear(256 * side * side, 4096), nn.ReLU(), nn.Dropout(0.5),
-      nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
-      nn.Linear(4096, num_classes))
+    nn.Conv2d(3, 96, 11, stride=4),
+    nn.ReLU(),
+    lrn(),
+    pool(),
+    nn.Conv2d(96, 256, 5, padding=2, groups=2),
+    nn.ReLU(),
+    lrn(),
+    pool(),
+    nn.Conv2d(256, 384, 3, padding=1),
+    nn.ReLU(),
+    nn.Conv2d(384, 384, 3, padding=1, groups=2),
+    nn.ReLU(),
+    nn.Conv2d(384, 256, 3, padding=1, groups=2),
+    nn.ReLU(),
+    pool(),
+    nn.Flatten(),
+    nn.Linear(256 * side * side, 4096),
+    nn.ReLU(),
+    nn.Dropout(0.5),
+    nn.Linear(4096, 4096),
+    nn.ReLU(),
+    nn.Dropout(0.5),
+    nn.Linear(4096, num_classes),
+  )
 
 
 def main():
@@ -49,10 +64,16 @@ def main():
   parser.add_argument('--windows', type=int, default=3)
   parser.add_argument('--compile', action='store_true', help='torch.compile the model.')
   parser.add_argument('--channels_last', action='store_true')
-  parser.add_argument('--amp', action='store_true',
-                      help='bfloat16 autocast (fp32 weights); JAX then runs dtype=bfloat16.')
-  parser.add_argument('--config', default='configs/imagenet.py',
-                      help='alexnet_jax config for the JAX side (its classes are overridden).')
+  parser.add_argument(
+    '--amp',
+    action='store_true',
+    help='bfloat16 autocast (fp32 weights); JAX then runs dtype=bfloat16.',
+  )
+  parser.add_argument(
+    '--config',
+    default='configs/imagenet.py',
+    help='alexnet_jax config for the JAX side (its classes are overridden).',
+  )
   parser.add_argument('--no_jax', action='store_true', help='Time PyTorch only.')
   args = parser.parse_args()
   jax_line = '' if args.no_jax else time_jax(args)
@@ -64,8 +85,9 @@ def main():
   if args.compile:
     model = torch.compile(model)
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
-                       device=device).to(memory_format=memory_format)
+  images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(
+    memory_format=memory_format
+  )
   labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 
   def step():
@@ -87,22 +109,34 @@ def main():
     seconds.append((time.perf_counter() - start) / args.steps)
   step_time = statistics.median(seconds)
   images_per_sec = args.batch_size / step_time
-  print(f'torch {torch.__version__} on {device} ({torch.get_num_threads()} threads), '
-        f'batch {args.batch_size}, {args.image_size} px, compile={args.compile}, '
-        f'channels_last={args.channels_last}, amp={args.amp}: {step_time * 1e3:.1f} ms per step')
+  print(
+    f'torch {torch.__version__} on {device} ({torch.get_num_threads()} threads), '
+    f'batch {args.batch_size}, {args.image_size} px, compile={args.compile}, '
+    f'channels_last={args.channels_last}, amp={args.amp}: {step_time * 1e3:.1f} ms per step'
+  )
   if jax_line:
     jax_images_per_sec = float(dict(f.split('=') for f in jax_line.split())['images_per_sec'])
-    jax_line = (f' jax_images_per_sec={jax_images_per_sec:.2f}'
-                f' jax_over_torch={jax_images_per_sec / images_per_sec:.3f}')
+    jax_line = (
+      f' jax_images_per_sec={jax_images_per_sec:.2f}'
+      f' jax_over_torch={jax_images_per_sec / images_per_sec:.3f}'
+    )
   print(f'images_per_sec={images_per_sec:.2f}{jax_line}')
 
 
 def time_jax(args) -> str:
   """Last line of `train_throughput` run with the same settings in a subprocess."""
-  command = [sys.executable, '-m', 'benchmarks.train_throughput', f'--config={args.config}',
-             f'--config.num_classes={args.num_classes}', f'--batch_size={args.batch_size}',
-             f'--image_size={args.image_size}', f'--steps={args.steps}',
-             f'--windows={args.windows}', f'--dtype={"bfloat16" if args.amp else "float32"}']
+  command = [
+    sys.executable,
+    '-m',
+    'benchmarks.train_throughput',
+    f'--config={args.config}',
+    f'--config.num_classes={args.num_classes}',
+    f'--batch_size={args.batch_size}',
+    f'--image_size={args.image_size}',
+    f'--steps={args.steps}',
+    f'--windows={args.windows}',
+    f'--dtype={"bfloat16" if args.amp else "float32"}',
+  ]
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
     sys.exit(f'{" ".join(command)} failed:\n{result.stderr}')

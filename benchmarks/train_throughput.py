@@ -27,7 +27,7 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch size.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 227, 'Input side in pixels.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed window.')
 _WINDOWS = flags.DEFINE_integer('windows', 3, 'Timed windows; the median is reported.')
-_DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype; default: the config\'s.')
+_DTYPE = flags.DEFINE_string('dtype', None, "Compute dtype; default: the config's.")
 config_flags.DEFINE_config_file('config', 'configs/imagenet.py', 'Model settings.')
 
 
@@ -41,15 +41,15 @@ def matmul_peak_gflops(dtype, n: int = 4096, repeats: int = 5) -> float:
     start = time.perf_counter()
     matmul(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best / 1e9
+  return 2 * n**3 / best / 1e9
 
 
 def peak_memory_gib() -> float:
   """Peak device memory (accelerators) or peak resident host memory (CPU), GiB."""
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
-    return stats['peak_bytes_in_use'] / 2 ** 30
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux.
+    return stats['peak_bytes_in_use'] / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux.
 
 
 def main(argv):
@@ -64,10 +64,15 @@ def main(argv):
   state = steps.create_train_state(config, tx, jax.random.key(0), mesh)
   train_step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
   rng = np.random.RandomState(0)
-  batch = sharding.global_batch(mesh, {
-      'image': rng.randn(config.batch_size, config.image_size, config.image_size,
-                         3).astype(np.float32),
-      'label': rng.randint(0, config.num_classes, config.batch_size).astype(np.int32)})
+  batch = sharding.global_batch(
+    mesh,
+    {
+      'image': rng.randn(config.batch_size, config.image_size, config.image_size, 3).astype(
+        np.float32
+      ),
+      'label': rng.randint(0, config.num_classes, config.batch_size).astype(np.int32),
+    },
+  )
   dropout_rng = jax.random.key(1)
 
   compiled = train_step.lower(state, batch, dropout_rng).compile()
@@ -88,15 +93,21 @@ def main(argv):
   images_per_sec = config.batch_size / step_time
   gflops_per_sec = flops_per_step / step_time / 1e9
   peak = matmul_peak_gflops(jnp.dtype(config.dtype)) * len(jax.devices())
-  print(f'devices: {jax.device_count()} × {jax.devices()[0].device_kind}, mesh '
-        f'{dict(mesh.shape)}, batch {config.batch_size}, {config.image_size} px, '
-        f'{config.dtype}')
-  print(f'step: {step_time * 1e3:.1f} ms median of {_WINDOWS.value}×{_STEPS.value} '
-        f'(windows {", ".join(f"{s * 1e3:.1f}" for s in seconds)} ms); '
-        f'{flops_per_step / config.batch_size / 1e9:.2f} GFLOP per image (XLA cost analysis)')
+  print(
+    f'devices: {jax.device_count()} × {jax.devices()[0].device_kind}, mesh '
+    f'{dict(mesh.shape)}, batch {config.batch_size}, {config.image_size} px, '
+    f'{config.dtype}'
+  )
+  print(
+    f'step: {step_time * 1e3:.1f} ms median of {_WINDOWS.value}×{_STEPS.value} '
+    f'(windows {", ".join(f"{s * 1e3:.1f}" for s in seconds)} ms); '
+    f'{flops_per_step / config.batch_size / 1e9:.2f} GFLOP per image (XLA cost analysis)'
+  )
   print(f'matmul peak: {peak:.0f} GFLOP/s; peak memory: {peak_memory_gib():.2f} GiB')
-  print(f'images_per_sec={images_per_sec:.2f} gflops_per_sec={gflops_per_sec:.1f} '
-        f'peak_fraction={gflops_per_sec / peak:.3f}')
+  print(
+    f'images_per_sec={images_per_sec:.2f} gflops_per_sec={gflops_per_sec:.1f} '
+    f'peak_fraction={gflops_per_sec / peak:.3f}'
+  )
 
 
 if __name__ == '__main__':

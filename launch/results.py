@@ -42,10 +42,12 @@ def collect(sweep_dir: str) -> list[dict[str, Any]]:
       with open(metrics_path) as f:
         tests = [r for r in map(json.loads, filter(str.strip, f)) if 'test_top1' in r]
     overrides_path = os.path.join(workdir, 'overrides.json')
-    run = {'name': name,
-           'overrides': _read_json(overrides_path) if os.path.exists(overrides_path) else {},
-           'finished': os.path.exists(results_path),
-           'curve': [(r['epoch'], r['test_top1']) for r in tests]}
+    run = {
+      'name': name,
+      'overrides': _read_json(overrides_path) if os.path.exists(overrides_path) else {},
+      'finished': os.path.exists(results_path),
+      'curve': [(r['epoch'], r['test_top1']) for r in tests],
+    }
     latest = _read_json(results_path) if run['finished'] else (tests[-1] if tests else {})
     run.update({key: latest.get(key) for key in METRICS})
     runs.append(run)
@@ -55,16 +57,22 @@ def collect(sweep_dir: str) -> list[dict[str, Any]]:
 def table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
   """(header, rows) of strings: run, each swept key, the metrics, status."""
   keys = list(dict.fromkeys(k for run in runs for k in run['overrides']))
-  header = ['run', *keys, 'test top-1', 'test top-5', 'test loss', 'steps', 'wall (s)',
-            'status']
+  header = ['run', *keys, 'test top-1', 'test top-5', 'test loss', 'steps', 'wall (s)', 'status']
   rows = []
   for run in runs:
     fmt = lambda v, spec: '' if v is None else format(v, spec)
-    rows.append([run['name'], *(str(run['overrides'].get(k, '')) for k in keys),
-                 fmt(run['test_top1'], '.4f'), fmt(run['test_top5'], '.4f'),
-                 fmt(run['test_loss'], '.4f'), fmt(run['step'], 'd'),
-                 fmt(run['wall_seconds'], '.0f'),
-                 'finished' if run['finished'] else 'unfinished'])
+    rows.append(
+      [
+        run['name'],
+        *(str(run['overrides'].get(k, '')) for k in keys),
+        fmt(run['test_top1'], '.4f'),
+        fmt(run['test_top5'], '.4f'),
+        fmt(run['test_loss'], '.4f'),
+        fmt(run['step'], 'd'),
+        fmt(run['wall_seconds'], '.0f'),
+        'finished' if run['finished'] else 'unfinished',
+      ]
+    )
   return header, rows
 
 
@@ -79,7 +87,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str, title: str) -> str:
   ax = fig.subplots()
   for run in runs:
     if run['curve']:
-      epochs, top1 = zip(*run['curve'])
+      epochs, top1 = zip(*run['curve'], strict=True)
       ax.plot(epochs, top1, 'o-', label=run['name'])
   ax.set(xlabel='epoch', ylabel='test top-1', title=title)
   ax.grid(alpha=0.3)
@@ -104,8 +112,9 @@ def write_results(sweep_dir: str) -> str:
     f.write(text)
   with open(os.path.join(sweep_dir, 'results.csv'), 'w', newline='') as f:
     csv.writer(f).writerows([header, *rows])
-  plot_curves(runs, os.path.join(sweep_dir, 'test_top1.png'),
-              os.path.basename(os.path.normpath(sweep_dir)))
+  plot_curves(
+    runs, os.path.join(sweep_dir, 'test_top1.png'), os.path.basename(os.path.normpath(sweep_dir))
+  )
   return text
 
 

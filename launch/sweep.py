@@ -46,7 +46,7 @@ def product(**axes: Sequence[Any]) -> list[Overrides]:
   {'lr': 2, 'seed': 0}, {'lr': 2, 'seed': 1}].
   """
   keys = list(axes)
-  return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+  return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
 def zip_axes(**axes: Sequence[Any]) -> list[Overrides]:
@@ -59,7 +59,7 @@ def zip_axes(**axes: Sequence[Any]) -> list[Overrides]:
   if len(set(lengths.values())) > 1:
     raise ValueError(f'Zipped axes must have equal lengths, got {lengths}.')
   keys = list(axes)
-  return [dict(zip(keys, values)) for values in zip(*axes.values())]
+  return [dict(zip(keys, values, strict=True)) for values in zip(*axes.values(), strict=True)]
 
 
 def parse_axis(spec: str) -> tuple[str, list[Any]]:
@@ -73,8 +73,9 @@ def parse_axis(spec: str) -> tuple[str, list[Any]]:
   key, sep, values = spec.partition('=')
   values = values.strip()
   if not sep or not values.startswith('[') or not values.endswith(']'):
-    raise ValueError(f"--sweep={spec!r}: expected KEY=[V1,V2,...], e.g. "
-                     "'config.learning_rate=[0.005,0.01]'.")
+    raise ValueError(
+      f"--sweep={spec!r}: expected KEY=[V1,V2,...], e.g. 'config.learning_rate=[0.005,0.01]'."
+    )
   try:
     parsed = ast.literal_eval(values)
   except (ValueError, SyntaxError):
@@ -130,8 +131,7 @@ def expand(points: Sequence[Overrides], sweep_workdir: str) -> list[Run]:
   Raises:
     ValueError: if two points get the same name.
   """
-  runs = [Run(run_name(p), dict(p), os.path.join(sweep_workdir, run_name(p)))
-          for p in points]
+  runs = [Run(run_name(p), dict(p), os.path.join(sweep_workdir, run_name(p))) for p in points]
   names = [run.name for run in runs]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
@@ -139,8 +139,7 @@ def expand(points: Sequence[Overrides], sweep_workdir: str) -> list[Run]:
   return runs
 
 
-def check_overrides(config: ml_collections.ConfigDict, runs: Sequence[Run],
-                    passthrough: Overrides):
+def check_overrides(config: ml_collections.ConfigDict, runs: Sequence[Run], passthrough: Overrides):
   """Fails before anything is launched if a run's overrides do not fit `config`.
 
   Raises:
@@ -155,13 +154,19 @@ def check_overrides(config: ml_collections.ConfigDict, runs: Sequence[Run],
     copy.deepcopy(config).update_from_flattened_dict(run.overrides)
 
 
-def command(run: Run, config_arg: str, passthrough: Overrides,
-            python: str = sys.executable) -> list[str]:
+def command(
+  run: Run, config_arg: str, passthrough: Overrides, python: str = sys.executable
+) -> list[str]:
   """The trainer's command line for `run`: shared `passthrough` overrides, then its own."""
   overrides = {**passthrough, **run.overrides}
-  return [python, '-m', 'alexnet_jax.main', f'--config={config_arg}',
-          f'--workdir={run.workdir}',
-          *(f'--config.{k}={format_value(v)}' for k, v in overrides.items())]
+  return [
+    python,
+    '-m',
+    'alexnet_jax.main',
+    f'--config={config_arg}',
+    f'--workdir={run.workdir}',
+    *(f'--config.{k}={format_value(v)}' for k, v in overrides.items()),
+  ]
 
 
 def prepare(run: Run):
@@ -170,57 +175,77 @@ def prepare(run: Run):
     json.dump(run.overrides, f, indent=2)
 
 
-def run_local(runs: Sequence[Run], commands: Sequence[Sequence[str]],
-              parallel: int) -> dict[str, int]:
+def run_local(
+  runs: Sequence[Run], commands: Sequence[Sequence[str]], parallel: int
+) -> dict[str, int]:
   """Runs the commands, `parallel` at a time, each logging to `<workdir>/train.log`.
 
   Returns:
     The exit status of each run, by name.
   """
+
   def launch(run, cmd):
     prepare(run)
     start = time.time()
     logging.info('Started %s.', run.name)
     with open(os.path.join(run.workdir, 'train.log'), 'a') as log:
-      status = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              check=False).returncode
-    logging.info('%s %s after %.0f s (exit status %d).', 'Finished' if status == 0
-                 else 'FAILED', run.name, time.time() - start, status)
+      status = subprocess.run(
+        cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False
+      ).returncode
+    logging.info(
+      '%s %s after %.0f s (exit status %d).',
+      'Finished' if status == 0 else 'FAILED',
+      run.name,
+      time.time() - start,
+      status,
+    )
     return status
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
     statuses = pool.map(launch, runs, commands)
-    return {run.name: status for run, status in zip(runs, statuses)}
+    return {run.name: status for run, status in zip(runs, statuses, strict=True)}
 
 
-def slurm_script(runs: Sequence[Run], commands: Sequence[Sequence[str]], *,
-                 job_name: str, log_dir: str, nodes: int = 1, gpus_per_node: int = 1,
-                 sbatch_options: Sequence[str] = ()) -> str:
+def slurm_script(
+  runs: Sequence[Run],
+  commands: Sequence[Sequence[str]],
+  *,
+  job_name: str,
+  log_dir: str,
+  nodes: int = 1,
+  gpus_per_node: int = 1,
+  sbatch_options: Sequence[str] = (),
+) -> str:
   """An sbatch job array: task i runs `commands[i]` under srun, one process per node.
 
-  Preemption: SLURM sends SIGTERM 120 s before the kill (to the batch shell, which
-  passes it on through srun); the trainer checkpoints and exits non-zero, and the
-  task is requeued to resume from that checkpoint. With several nodes the script
-  exports `JAX_COORDINATOR_ADDRESS`, which makes `alexnet_jax.main` call
-  `jax.distributed.initialize()` (process count and ids come from srun).
+  With several nodes, srun starts the trainer once per node and `alexnet_jax.main`
+  joins them into one JAX job from SLURM's variables (SLURM_NTASKS, SLURM_PROCID,
+  SLURM_STEP_NODELIST; `sharding.initialize_distributed`). Preemption: SLURM sends
+  SIGTERM 120 s before the kill (to the batch shell, which passes it on through
+  srun); the trainers checkpoint the same step and exit non-zero, and the task is
+  requeued to resume from that checkpoint.
 
   Args:
     gpus_per_node: GPUs each node asks for; 0 asks for none (CPU clusters).
     sbatch_options: extra `#SBATCH` options without the dashes, e.g. 'partition=gpu'.
   """
-  cases = '\n'.join(f'  {i}) cmd=({shlex.join(cmd)}) ;;  # {run.name}'
-                    for i, (run, cmd) in enumerate(zip(runs, commands)))
-  options = [f'job-name={job_name}', f'array=0-{len(runs) - 1}', f'nodes={nodes}',
-             'ntasks-per-node=1', f'output={log_dir}/%A_%a.out', 'open-mode=append',
-             'requeue', 'signal=B:TERM@120', *sbatch_options]
+  cases = '\n'.join(
+    f'  {i}) cmd=({shlex.join(cmd)}) ;;  # {run.name}'
+    for i, (run, cmd) in enumerate(zip(runs, commands, strict=True))
+  )
+  options = [
+    f'job-name={job_name}',
+    f'array=0-{len(runs) - 1}',
+    f'nodes={nodes}',
+    'ntasks-per-node=1',
+    f'output={log_dir}/%A_%a.out',
+    'open-mode=append',
+    'requeue',
+    'signal=B:TERM@120',
+    *sbatch_options,
+  ]
   if gpus_per_node:
     options.insert(4, f'gpus-per-node={gpus_per_node}')
-  distributed = ''
-  if nodes > 1:
-    distributed = (
-        '# One JAX process per node; the first node coordinates (port as JAX picks it).\n'
-        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-        'export JAX_COORDINATOR_ADDRESS="$head:$((SLURM_JOB_ID % 4096 + 61440))"\n')
   return f"""#!/bin/bash
 {chr(10).join('#SBATCH --' + o for o in options)}
 set -uo pipefail
@@ -228,7 +253,8 @@ cd {shlex.quote(REPO)}
 case "$SLURM_ARRAY_TASK_ID" in
 {cases}
 esac
-{distributed}srun "${{cmd[@]}}" &
+# One trainer per node ({nodes} node(s)); they find each other through SLURM's variables.
+srun --ntasks-per-node=1 "${{cmd[@]}}" &
 trainer=$!
 # On SIGTERM: let the trainers checkpoint and exit, then put this task back in the queue.
 trap 'kill -TERM $trainer; wait $trainer; scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"; exit 143' TERM
@@ -236,25 +262,35 @@ wait $trainer
 """
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one subdirectory per run.',
-                               required=True)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Sweep directory: one subdirectory per run.', required=True
+)
 config_flags.DEFINE_config_file(
-    'config', None, 'Training config file (optionally FILE:ARG); its sweep(add) gives '
-    'the runs unless --sweep is given. --config.KEY=VALUE applies to every run.',
-    lock_config=True)
+  'config',
+  None,
+  'Training config file (optionally FILE:ARG); its sweep(add) gives '
+  'the runs unless --sweep is given. --config.KEY=VALUE applies to every run.',
+  lock_config=True,
+)
 _SWEEP = flags.DEFINE_multi_string(
-    'sweep', [], "An axis KEY=[V1,V2,...], e.g. 'config.seed=[0,1]'; several are "
-    "crossed (or zipped with --zip). Replaces the config's sweep().")
+  'sweep',
+  [],
+  "An axis KEY=[V1,V2,...], e.g. 'config.seed=[0,1]'; several are "
+  "crossed (or zipped with --zip). Replaces the config's sweep().",
+)
 _ZIP = flags.DEFINE_bool('zip', False, 'Zip the --sweep axes instead of crossing them.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local runs at a time.', lower_bound=1)
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs and commands; run nothing.')
-_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'slurm'],
-                             'local: subprocesses here; slurm: an sbatch job array.')
+_BACKEND = flags.DEFINE_enum(
+  'backend', 'local', ['local', 'slurm'], 'local: subprocesses here; slurm: an sbatch job array.'
+)
 _NODES = flags.DEFINE_integer('slurm_nodes', 1, 'Nodes per run (slurm).', lower_bound=1)
-_GPUS = flags.DEFINE_integer('slurm_gpus_per_node', 1, 'GPUs per node (slurm); 0: none.',
-                             lower_bound=0)
+_GPUS = flags.DEFINE_integer(
+  'slurm_gpus_per_node', 1, 'GPUs per node (slurm); 0: none.', lower_bound=0
+)
 _SBATCH = flags.DEFINE_multi_string(
-    'sbatch', [], "Extra #SBATCH option (slurm), e.g. 'partition=gpu', 'time=24:00:00'.")
+  'sbatch', [], "Extra #SBATCH option (slurm), e.g. 'partition=gpu', 'time=24:00:00'."
+)
 
 
 def main(argv):
@@ -277,8 +313,7 @@ def main(argv):
   check_overrides(config_flag.value, runs, passthrough)
   todo = [run for run in runs if not run.finished]
   commands = [command(run, config_arg, passthrough) for run in todo]
-  logging.info('%d runs, %d finished, %d to run.', len(runs), len(runs) - len(todo),
-               len(todo))
+  logging.info('%d runs, %d finished, %d to run.', len(runs), len(runs) - len(todo), len(todo))
   if _DRY_RUN.value or not todo:
     for run in runs:
       print(f'{run.name}: {"finished" if run.finished else "to run"}, {run.workdir}')
@@ -293,9 +328,17 @@ def main(argv):
     os.makedirs(log_dir, exist_ok=True)
     script = os.path.join(sweep_workdir, 'sweep.sbatch')
     with open(script, 'w') as f:
-      f.write(slurm_script(todo, commands, job_name=os.path.basename(sweep_workdir),
-                           log_dir=log_dir, nodes=_NODES.value, gpus_per_node=_GPUS.value,
-                           sbatch_options=_SBATCH.value))
+      f.write(
+        slurm_script(
+          todo,
+          commands,
+          job_name=os.path.basename(sweep_workdir),
+          log_dir=log_dir,
+          nodes=_NODES.value,
+          gpus_per_node=_GPUS.value,
+          sbatch_options=_SBATCH.value,
+        )
+      )
     if shutil.which('sbatch'):
       subprocess.run(['sbatch', script], check=True)
     else:
@@ -304,8 +347,10 @@ def main(argv):
 
   statuses = run_local(todo, commands, _PARALLEL.value)
   failed = [name for name, status in statuses.items() if status]
-  print(f'{len(statuses) - len(failed)} of {len(statuses)} runs finished; '
-        f'`python -m launch.results {_WORKDIR.value}` tabulates the sweep.')
+  print(
+    f'{len(statuses) - len(failed)} of {len(statuses)} runs finished; '
+    f'`python -m launch.results {_WORKDIR.value}` tabulates the sweep.'
+  )
   if failed:
     sys.exit(f'Failed (see their train.log): {", ".join(failed)}')
 

@@ -11,8 +11,18 @@ from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
 from configs import cifar10
 
-CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
-               'ship', 'truck')
+CLASS_NAMES = (
+  'airplane',
+  'automobile',
+  'bird',
+  'cat',
+  'deer',
+  'dog',
+  'frog',
+  'horse',
+  'ship',
+  'truck',
+)
 TRAIN_PER_BATCH, NUM_TEST = 4, 6
 
 
@@ -36,14 +46,22 @@ def archive(tmp_path_factory):
   """A 5 × 4 + 6 record cifar-10-binary.tar.gz; returns (manual_dir, split → (images,
   labels)) in record order. Pixels are random, so any plane or axis mix-up shows."""
   rng = np.random.RandomState(0)
-  expected = {'train': (rng.randint(0, 256, (5 * TRAIN_PER_BATCH, 32, 32, 3), np.uint8),
-                        np.arange(5 * TRAIN_PER_BATCH) % 10),
-              'test': (rng.randint(0, 256, (NUM_TEST, 32, 32, 3), np.uint8),
-                       (3 * np.arange(NUM_TEST) + 1) % 10)}
+  expected = {
+    'train': (
+      rng.randint(0, 256, (5 * TRAIN_PER_BATCH, 32, 32, 3), np.uint8),
+      np.arange(5 * TRAIN_PER_BATCH) % 10,
+    ),
+    'test': (
+      rng.randint(0, 256, (NUM_TEST, 32, 32, 3), np.uint8),
+      (3 * np.arange(NUM_TEST) + 1) % 10,
+    ),
+  }
   train_images, train_labels = expected['train']
-  members = {f'data_batch_{i + 1}.bin': records(train_images[s], train_labels[s])
-             for i in range(5)
-             for s in [slice(i * TRAIN_PER_BATCH, (i + 1) * TRAIN_PER_BATCH)]}
+  members = {
+    f'data_batch_{i + 1}.bin': records(train_images[s], train_labels[s])
+    for i in range(5)
+    for s in [slice(i * TRAIN_PER_BATCH, (i + 1) * TRAIN_PER_BATCH)]
+  }
   members['test_batch.bin'] = records(*expected['test'])
   members['batches.meta.txt'] = ('\n'.join(CLASS_NAMES) + '\n\n').encode()
   manual_dir = tmp_path_factory.mktemp('manual')

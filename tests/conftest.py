@@ -2,21 +2,31 @@
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Before JAX starts: 4 CPU devices for the ('data', 'model') = (2, 2) mesh tests.
 # Runs without an explicit mesh (train_and_evaluate) then use that mesh too.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=4')
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# One on-disk compilation cache for the test processes and the commands they start:
+# the same small programs are compiled by many tests.
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'alexnet_jax_tests_jax_cache')
+)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# Commands started by the tests compile fast too (read by JAX from the environment).
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
-import jax  # pylint: disable=g-import-not-at-top
+import jax  # noqa: E402  (after the environment above)
 
 # Tiny shapes and few steps: compile time dominates, and numerics are unaffected.
 jax.config.update('jax_disable_most_optimizations', True)
 
 
-import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import pytest  # noqa: E402
 
 
 @pytest.fixture
@@ -25,5 +35,20 @@ def fashion_mnist_as_is(monkeypatch):
   from the real files is tested in input_pipeline_test."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(datasets, 'prepare_fashion_mnist',
-                      lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir))
+
+  monkeypatch.setattr(
+    datasets,
+    'prepare_fashion_mnist',
+    lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir),
+  )
+
+
+@pytest.fixture(scope='session')
+def toy_image_folder(tmp_path_factory):
+  """A small image-folder dataset on disk (helpers.write_image_folder), for commands run
+  as subprocesses, where TFDS's mock data cannot reach."""
+  from helpers import write_image_folder  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp('image_folder')
+  write_image_folder(str(root))
+  return str(root)

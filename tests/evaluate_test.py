@@ -30,8 +30,9 @@ _CREATE_MESH = sharding.create_mesh
 
 def on_devices(monkeypatch, n):
   """Makes training and evaluation use the first `n` of the 4 simulated devices."""
-  monkeypatch.setattr(sharding, 'create_mesh',
-                      functools.partial(_CREATE_MESH, devices=jax.devices()[:n]))
+  monkeypatch.setattr(
+    sharding, 'create_mesh', functools.partial(_CREATE_MESH, devices=jax.devices()[:n])
+  )
 
 
 def small_config(**overrides):
@@ -48,8 +49,13 @@ def test_ten_crops_are_the_corners_centre_and_their_reflections():
   image = np.arange(h * w * 3, dtype=np.float32).reshape(h, w, 3)
   crops = input_pipeline.ten_crops(tf.constant(image), size).numpy()
   top, left = (h - size) // 2, (w - size) // 2
-  patches = [image[:size, :size], image[:size, w - size:], image[h - size:, :size],
-             image[h - size:, w - size:], image[top:top + size, left:left + size]]
+  patches = [
+    image[:size, :size],
+    image[:size, w - size :],
+    image[h - size :, :size],
+    image[h - size :, w - size :],
+    image[top : top + size, left : left + size],
+  ]
   expected = np.stack(patches + [p[:, ::-1] for p in patches])
   assert crops.shape == (10, size, size, 3)
   np.testing.assert_array_equal(crops, expected)
@@ -74,15 +80,18 @@ def test_ten_crop_eval_averages_the_softmax_of_each_crop():
   h, w = 75, 75
   probs = []
   for image in images:
-    patches = [image[:67, :67], image[:67, w - 67:], image[h - 67:, :67],
-               image[h - 67:, w - 67:], image[4:71, 4:71]]
+    patches = [
+      image[:67, :67],
+      image[:67, w - 67 :],
+      image[h - 67 :, :67],
+      image[h - 67 :, w - 67 :],
+      image[4:71, 4:71],
+    ]
     patches += [p[:, ::-1] for p in patches]
-    probs.append(np.mean([jax.nn.softmax(model(jnp.asarray(p[None])))[0] for p in patches],
-                         axis=0))
+    probs.append(np.mean([jax.nn.softmax(model(jnp.asarray(p[None])))[0] for p in patches], axis=0))
   probs = np.stack(probs)
   assert not np.allclose(probs[0], jax.nn.softmax(model(jnp.asarray(crops[0, 4:5])))[0])
-  assert float(sums['loss']) == pytest.approx(
-      -np.log(probs[np.arange(2), labels]).sum(), rel=1e-4)
+  assert float(sums['loss']) == pytest.approx(-np.log(probs[np.arange(2), labels]).sum(), rel=1e-4)
   assert float(sums['top1']) == np.sum(probs.argmax(-1) == labels)
   top5 = np.argsort(-probs, axis=-1)[:, :5]
   assert float(sums['top5']) == np.sum(np.any(top5 == labels[:, None], axis=-1))
@@ -97,8 +106,12 @@ def test_every_test_example_counts_once(tmp_path, crops):
   with tfds.testing.mock_data(num_examples=37):
     results = evaluate.evaluate_checkpoint(config, str(tmp_path))
     test = tfds.as_numpy(tfds.builder('fashion_mnist').as_dataset(split='test'))
-    images = np.stack([input_pipeline.preprocess_eval(
-        tf.io.encode_png(ex['image']), config, crops).numpy() for ex in test])
+    images = np.stack(
+      [
+        input_pipeline.preprocess_eval(tf.io.encode_png(ex['image']), config, crops).numpy()
+        for ex in test
+      ]
+    )
     labels = np.array([ex['label'] for ex in test])
 
   assert results['n_examples'] == len(labels) == 37
@@ -107,8 +120,7 @@ def test_every_test_example_counts_once(tmp_path, crops):
   model = nnx.merge(eval_graphdef, params)
   flat = jnp.asarray(images.reshape(-1, 67, 67, 3))
   probs = np.asarray(jax.nn.softmax(model(flat))).reshape(37, crops, -1).mean(1)
-  assert results['loss'] == pytest.approx(-np.log(probs[np.arange(37), labels]).mean(),
-                                          rel=1e-4)
+  assert results['loss'] == pytest.approx(-np.log(probs[np.arange(37), labels]).mean(), rel=1e-4)
   assert results['top1'] == pytest.approx(np.mean(probs.argmax(-1) == labels))
   with open(tmp_path / 'eval_4.json') as f:
     assert json.load(f) == results

@@ -28,11 +28,11 @@ from alexnet_jax import models
 
 # deploy.prototxt: name → (num_output, in_channels / group, kernel, stride, pad, group).
 CONV = {
-    'conv1': (96, 3, 11, 4, 0, 1),
-    'conv2': (256, 48, 5, 1, 2, 2),
-    'conv3': (384, 256, 3, 1, 1, 1),
-    'conv4': (384, 192, 3, 1, 1, 2),
-    'conv5': (256, 192, 3, 1, 1, 2),
+  'conv1': (96, 3, 11, 4, 0, 1),
+  'conv2': (256, 48, 5, 1, 2, 2),
+  'conv3': (384, 256, 3, 1, 1, 1),
+  'conv4': (384, 192, 3, 1, 1, 2),
+  'conv5': (256, 192, 3, 1, 1, 2),
 }
 FC = {'fc6': (4096, 256 * 6 * 6), 'fc7': (4096, 4096), 'fc8': (1000, 4096)}
 
@@ -47,8 +47,8 @@ def caffe_conv(x, weights, bias, stride, pad, group):
   n, _, oh, ow = patches.shape[:4]
   outputs = []
   for g in range(group):
-    cols = patches[:, g * group_in:(g + 1) * group_in].transpose(0, 2, 3, 1, 4, 5)
-    w = weights[g * out_channels // group:(g + 1) * out_channels // group]
+    cols = patches[:, g * group_in : (g + 1) * group_in].transpose(0, 2, 3, 1, 4, 5)
+    w = weights[g * out_channels // group : (g + 1) * out_channels // group]
     outputs.append(cols.reshape(n * oh * ow, -1) @ w.reshape(len(w), -1).T)
   y = np.concatenate(outputs, axis=1).reshape(n, oh, ow, out_channels)
   return y.transpose(0, 3, 1, 2) + bias[None, :, None, None]
@@ -63,7 +63,7 @@ def caffe_lrn(a, local_size=5, alpha=1e-4, beta=0.75, k=1.0, groups=1):
   for part in np.split(a, groups, axis=1):
     r = local_size // 2
     padded = np.pad(part**2, ((0, 0), (r, r), (0, 0), (0, 0)))
-    window = sum(padded[:, i:i + part.shape[1]] for i in range(local_size))
+    window = sum(padded[:, i : i + part.shape[1]] for i in range(local_size))
     outs.append(part * (k + alpha / local_size * window) ** -beta)
   return np.concatenate(outs, axis=1)
 
@@ -90,6 +90,7 @@ def caffe_alexnet(images_bgr, weights, lrn_groups=1):
   Returns:
     (logits [N, 1000], {'norm1': relu1 output, 'norm2': relu2 output}).
   """
+
   def conv_relu(x, name):
     _, _, _, stride, pad, group = CONV[name]
     return np.maximum(caffe_conv(x, *weights[name], stride, pad, group), 0)
@@ -113,10 +114,26 @@ def caffe_alexnet(images_bgr, weights, lrn_groups=1):
 # 2, alpha vs alpha/n and the tower boundary all move the logits. The later layers'
 # keep the activations' rms ~15-20 and the logits O(10), and the biases small enough
 # that every layer's output depends on its input, not mostly on its bias.
-WEIGHT_STD = {'conv1': 0.1, 'conv2': 0.04, 'conv3': 0.01, 'conv4': 0.03,
-              'conv5': 0.03, 'fc6': 0.01, 'fc7': 0.02, 'fc8': 0.003}
-BIAS_STD = {'conv1': 10, 'conv2': 10, 'conv3': 3, 'conv4': 3, 'conv5': 3, 'fc6': 1,
-            'fc7': 1, 'fc8': 0.3}
+WEIGHT_STD = {
+  'conv1': 0.1,
+  'conv2': 0.04,
+  'conv3': 0.01,
+  'conv4': 0.03,
+  'conv5': 0.03,
+  'fc6': 0.01,
+  'fc7': 0.02,
+  'fc8': 0.003,
+}
+BIAS_STD = {
+  'conv1': 10,
+  'conv2': 10,
+  'conv3': 3,
+  'conv4': 3,
+  'conv5': 3,
+  'fc6': 1,
+  'fc7': 1,
+  'fc8': 0.3,
+}
 
 
 def random_bvlc_weights(seed=0):
@@ -132,15 +149,16 @@ def random_bvlc_weights(seed=0):
   for name, shape in shapes.items():
     levels = np.frombuffer(rng.bytes(np.prod(shape)), np.int8).reshape(shape)
     scale = np.float32(WEIGHT_STD[name] / np.sqrt((256**2 - 1) / 12))
-    weights[name] = [(levels.astype(np.float32) + np.float32(0.5)) * scale,
-                     (rng.randn(shape[0]) * BIAS_STD[name]).astype(np.float32)]
+    weights[name] = [
+      (levels.astype(np.float32) + np.float32(0.5)) * scale,
+      (rng.randn(shape[0]) * BIAS_STD[name]).astype(np.float32),
+    ]
   return weights
 
 
 def alexnet_with(params, lrn):
   """`models.AlexNet(1000, image_size=227, lrn=lrn)` in eval mode holding `params`."""
-  abstract = nnx.eval_shape(
-      lambda: models.AlexNet(1000, image_size=227, lrn=lrn, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: models.AlexNet(1000, image_size=227, lrn=lrn, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
@@ -149,8 +167,7 @@ def alexnet_with(params, lrn):
 
 
 def relative_error(logits, reference):
-  return float(np.abs(np.asarray(logits, np.float64) - reference).max()
-               / np.abs(reference).max())
+  return float(np.abs(np.asarray(logits, np.float64) - reference).max() / np.abs(reference).max())
 
 
 TOLERANCE = 1e-4
@@ -169,12 +186,18 @@ def bvlc(tmp_path_factory):
   images = np.random.RandomState(1).uniform(-128, 128, (2, 227, 227, 3))
   images = images.astype(np.float32)
   images_bgr = images[..., ::-1].transpose(0, 3, 1, 2).astype(np.float64)
-  weights64 = {name: [a.astype(np.float64) for a in arrays]
-               for name, arrays in weights.items()}
+  weights64 = {name: [a.astype(np.float64) for a in arrays] for name, arrays in weights.items()}
   logits, lrn_inputs = caffe_alexnet(images_bgr, weights64)
-  return dict(weights=weights, blobs=blobs, params=params, images=images,
-              images_bgr=images_bgr, weights64=weights64, logits=logits,
-              lrn_inputs=lrn_inputs)
+  return dict(
+    weights=weights,
+    blobs=blobs,
+    params=params,
+    images=images,
+    images_bgr=images_bgr,
+    weights64=weights64,
+    logits=logits,
+    lrn_inputs=lrn_inputs,
+  )
 
 
 def test_read_keeps_the_stored_legacy_shapes(bvlc):
@@ -193,7 +216,7 @@ def test_lrn_inputs_make_the_normalization_matter(bvlc):
   the window's extent all change the output."""
   for name, a in bvlc['lrn_inputs'].items():
     padded = np.pad(a**2, ((0, 0), (2, 2), (0, 0), (0, 0)))
-    term = 1e-4 / 5 * sum(padded[:, i:i + a.shape[1]] for i in range(5))
+    term = 1e-4 / 5 * sum(padded[:, i : i + a.shape[1]] for i in range(5))
     assert 0.5 < np.median(term) < 5, (name, np.median(term))
 
 
@@ -223,14 +246,17 @@ def test_params_have_the_model_shapes_and_load(bvlc):
   params = bvlc['params']
   abstract = nnx.eval_shape(lambda: models.AlexNet(1000, lrn='caffe', rngs=nnx.Rngs(0)))
   expected = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  assert (jax.tree.map(lambda x: (x.shape, x.dtype), params)
-          == jax.tree.map(lambda x: (x.shape, x.dtype), expected))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
+    lambda x: (x.shape, x.dtype), expected
+  )
   # conv1 takes RGB: its input channel 0 is Caffe's channel 2 (red in BGR).
-  np.testing.assert_array_equal(params['conv1']['kernel'][:, :, 0, :],
-                                bvlc['weights']['conv1'][0][:, 2].transpose(1, 2, 0))
+  np.testing.assert_array_equal(
+    params['conv1']['kernel'][:, :, 0, :], bvlc['weights']['conv1'][0][:, 2].transpose(1, 2, 0)
+  )
   # fc6's row for pool5 (h, w, c) = (1, 2, 3) is Caffe's column c * 36 + h * 6 + w.
-  np.testing.assert_array_equal(params['fc6']['kernel'][(1 * 6 + 2) * 256 + 3],
-                                bvlc['weights']['fc6'][0][:, 3 * 36 + 1 * 6 + 2])
+  np.testing.assert_array_equal(
+    params['fc6']['kernel'][(1 * 6 + 2) * 256 + 3], bvlc['weights']['fc6'][0][:, 3 * 36 + 1 * 6 + 2]
+  )
 
 
 def small_bvlc_blobs(num_classes=10):
@@ -239,11 +265,15 @@ def small_bvlc_blobs(num_classes=10):
   rng = np.random.RandomState(3)
   shapes = {name: (out, group_in, k, k) for name, (out, group_in, k, *_) in CONV.items()}
   shapes.update(fc6=(4096, 256), fc7=(4096, 4096), fc8=(num_classes, 4096))
-  blobs = {name: [np.zeros(shape, np.float32), np.zeros(shape[0], np.float32)]
-           for name, shape in shapes.items()}
+  blobs = {
+    name: [np.zeros(shape, np.float32), np.zeros(shape[0], np.float32)]
+    for name, shape in shapes.items()
+  }
   for name in ('conv1', 'fc8'):
-    blobs[name] = [rng.randn(*shapes[name]).astype(np.float32),
-                   rng.randn(shapes[name][0]).astype(np.float32)]
+    blobs[name] = [
+      rng.randn(*shapes[name]).astype(np.float32),
+      rng.randn(shapes[name][0]).astype(np.float32),
+    ]
   return blobs
 
 
@@ -252,19 +282,18 @@ def test_fc8_of_any_class_count_and_other_image_sizes():
   params = import_caffe.caffe_to_params(blobs, image_size=67)
   np.testing.assert_array_equal(params['fc8']['kernel'], blobs['fc8'][0].T)
   np.testing.assert_array_equal(params['fc8']['bias'], blobs['fc8'][1])
-  model = nnx.eval_shape(
-      lambda: models.AlexNet(10, image_size=67, lrn='caffe', rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: models.AlexNet(10, image_size=67, lrn='caffe', rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
   assert model.fc8.kernel.shape == (4096, 10)
   assert model.fc6.kernel.shape == (256, 4096)
-  np.testing.assert_array_equal(model.conv1.kernel[...],
-                                blobs['conv1'][0][:, ::-1].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    model.conv1.kernel[...], blobs['conv1'][0][:, ::-1].transpose(2, 3, 1, 0)
+  )
 
 
-@pytest.mark.parametrize('v1, legacy_shape',
-                         [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize('v1, legacy_shape', [(False, False), (False, True), (True, False)])
 def test_round_trip_of_both_layer_fields_and_shape_encodings(tmp_path, v1, legacy_shape):
   rng = np.random.RandomState(4)
   blobs = {'conv': [rng.randn(4, 3, 2, 2), rng.randn(4)], 'ip': [rng.randn(5, 7)]}
@@ -275,18 +304,21 @@ def test_round_trip_of_both_layer_fields_and_shape_encodings(tmp_path, v1, legac
   assert list(read) == ['conv', 'ip']
   net = import_caffe.NetParameter.FromString(path.read_bytes())
   assert (len(net.layers), len(net.layer)) == ((2, 0) if v1 else (0, 2))
-  expected_shapes = ([(4, 3, 2, 2), (1, 1, 1, 4)], [(1, 1, 5, 7)]) if legacy_shape else (
-      [(4, 3, 2, 2), (4,)], [(5, 7)])
-  for (name, arrays), shapes in zip(blobs.items(), expected_shapes):
+  expected_shapes = (
+    ([(4, 3, 2, 2), (1, 1, 1, 4)], [(1, 1, 5, 7)])
+    if legacy_shape
+    else ([(4, 3, 2, 2), (4,)], [(5, 7)])
+  )
+  for (name, arrays), shapes in zip(blobs.items(), expected_shapes, strict=True):
     assert [a.shape for a in read[name]] == shapes
-    for array, back in zip(arrays, read[name]):
+    for array, back in zip(arrays, read[name], strict=True):
       np.testing.assert_array_equal(back.reshape(array.shape), array)
 
 
 def _varint(n):
   out = bytearray()
-  while n > 0x7f:
-    out.append(n & 0x7f | 0x80)
+  while n > 0x7F:
+    out.append(n & 0x7F | 0x80)
     n >>= 7
   return bytes(out + bytes([n]))
 
@@ -302,19 +334,39 @@ def test_reads_hand_encoded_caffe_messages_and_skips_unknown_fields(tmp_path):
   """Wire bytes written from caffe.proto's field numbers, without this module's
   descriptors: a V1 layer and a new layer, with fields the subset leaves out."""
   floats = lambda *v: np.asarray(v, '<f4').tobytes()
-  v1_blob = (_field(1, 1) + _field(2, 1) + _field(3, 2) + _field(4, 3)  # num..width
-             + _field(5, floats(*range(6))))  # data, packed.
-  v1_layer = (_field(2, b'data') + _field(3, b'conv1')  # bottom, top.
-              + _field(4, b'conv1') + _field(5, 4)  # name, type CONVOLUTION.
-              + _field(6, v1_blob)  # blobs.
-              + _field(10, _field(1, 96)))  # convolution_param { num_output }.
-  blob = (_field(7, _field(1, _varint(2) + _varint(3)))  # shape { dim: packed }.
-          + _field(8, np.asarray([0.5] * 6, '<f8').tobytes()))  # double_data.
-  layer = (_field(1, b'fc') + _field(2, b'InnerProduct') + _field(3, b'x')
-           + _field(7, blob) + _field(117, _field(1, 2)))  # inner_product_param.
-  net = (_field(1, b'AlexNet') + _field(4, 10)  # name, input_dim.
-         + _field(2, v1_layer) + _field(2, _field(4, b'relu1'))  # a layer without blobs.
-         + _field(100, layer))
+  v1_blob = (
+    _field(1, 1)
+    + _field(2, 1)
+    + _field(3, 2)
+    + _field(4, 3)  # num..width
+    + _field(5, floats(*range(6)))
+  )  # data, packed.
+  v1_layer = (
+    _field(2, b'data')
+    + _field(3, b'conv1')  # bottom, top.
+    + _field(4, b'conv1')
+    + _field(5, 4)  # name, type CONVOLUTION.
+    + _field(6, v1_blob)  # blobs.
+    + _field(10, _field(1, 96))
+  )  # convolution_param { num_output }.
+  blob = (
+    _field(7, _field(1, _varint(2) + _varint(3)))  # shape { dim: packed }.
+    + _field(8, np.asarray([0.5] * 6, '<f8').tobytes())
+  )  # double_data.
+  layer = (
+    _field(1, b'fc')
+    + _field(2, b'InnerProduct')
+    + _field(3, b'x')
+    + _field(7, blob)
+    + _field(117, _field(1, 2))
+  )  # inner_product_param.
+  net = (
+    _field(1, b'AlexNet')
+    + _field(4, 10)  # name, input_dim.
+    + _field(2, v1_layer)
+    + _field(2, _field(4, b'relu1'))  # a layer without blobs.
+    + _field(100, layer)
+  )
   path = tmp_path / 'hand.caffemodel'
   path.write_bytes(net)
   blobs = import_caffe.read_caffemodel(path)
@@ -326,9 +378,11 @@ def test_reads_hand_encoded_caffe_messages_and_skips_unknown_fields(tmp_path):
 def test_read_errors(tmp_path):
   with pytest.raises(FileNotFoundError):
     import_caffe.read_caffemodel(tmp_path / 'absent.caffemodel')
-  for name, content in [('random.bin', np.random.RandomState(5).bytes(1000)),
-                        ('deploy.prototxt', b'name: "AlexNet"\nlayer { name: "data" }\n'),
-                        ('empty.caffemodel', b'')]:
+  for name, content in [
+    ('random.bin', np.random.RandomState(5).bytes(1000)),
+    ('deploy.prototxt', b'name: "AlexNet"\nlayer { name: "data" }\n'),
+    ('empty.caffemodel', b''),
+  ]:
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(ValueError, match=name):
@@ -339,23 +393,24 @@ def test_read_errors(tmp_path):
   net.layer.add(name='conv1').blobs.append(blob)
   path = tmp_path / 'short.caffemodel'
   path.write_bytes(net.SerializeToString())
-  with pytest.raises(ValueError, match=r"conv1.* 3 values for its shape \(2, 2\)"):
+  with pytest.raises(ValueError, match=r'conv1.* 3 values for its shape \(2, 2\)'):
     import_caffe.read_caffemodel(path)
 
 
 def test_conversion_errors():
   blobs = small_bvlc_blobs()
   with pytest.raises(ValueError, match='missing: fc8; the blobs hold: conv1, .*fc7'):
-    import_caffe.caffe_to_params({k: v for k, v in blobs.items() if k != 'fc8'},
-                                 image_size=67)
+    import_caffe.caffe_to_params({k: v for k, v in blobs.items() if k != 'fc8'}, image_size=67)
   # conv2 without `group: 2` (every output map reading all 96 inputs).
   ungrouped = [np.zeros((256, 96, 5, 5), np.float32), blobs['conv2'][1]]
-  with pytest.raises(ValueError, match=r'conv2 weights: expected Caffe shape '
-                     r'\(256, 48, 5, 5\), found \(256, 96, 5, 5\)'):
+  with pytest.raises(
+    ValueError,
+    match=r'conv2 weights: expected Caffe shape '
+    r'\(256, 48, 5, 5\), found \(256, 96, 5, 5\)',
+  ):
     import_caffe.caffe_to_params(dict(blobs, conv2=ungrouped), image_size=67)
   # 67 px weights in a 227 px model: fc6 expects 9216 inputs.
-  with pytest.raises(ValueError,
-                     match=r'fc6 weights: .*\(4096, 9216\), found \(4096, 256\)'):
+  with pytest.raises(ValueError, match=r'fc6 weights: .*\(4096, 9216\), found \(4096, 256\)'):
     import_caffe.caffe_to_params(blobs, image_size=227)
   with pytest.raises(ValueError, match='fc7: expected 2 blobs'):
     import_caffe.caffe_to_params(dict(blobs, fc7=blobs['fc7'][:1]), image_size=67)
@@ -382,12 +437,14 @@ def test_imported_workdir_on_the_tower_mesh_and_predict(bvlc, tmp_path):
   assert relative_error(logits, bvlc['logits']) < TOLERANCE
 
   image = tmp_path / 'photo.png'
-  tf.io.write_file(str(image), tf.io.encode_png(
-      np.random.RandomState(2).randint(0, 256, (200, 300, 3), np.uint8)))
+  tf.io.write_file(
+    str(image), tf.io.encode_png(np.random.RandomState(2).randint(0, 256, (200, 300, 3), np.uint8))
+  )
   [top5] = predict.predict_files(config_lib.for_workdir(workdir, None), workdir, [str(image)])
   pixels = predict.load_image(str(image), config)[None].repeat(2, axis=0)
-  probs = np.asarray(jax.nn.softmax(logits_fn(
-      params, sharding.global_batch(mesh, {'image': pixels})['image'])))[0]
+  probs = np.asarray(
+    jax.nn.softmax(logits_fn(params, sharding.global_batch(mesh, {'image': pixels})['image']))
+  )[0]
   names = datasets.class_names(config)
   assert [name for name, _ in top5] == [names[i] for i in np.argsort(-probs)[:5]]
   assert all(name.startswith('n') and len(name) == 9 for name, _ in top5)  # Synsets.

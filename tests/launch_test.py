@@ -7,14 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import matplotlib.image
 import pytest
-import tensorflow_datasets as tfds
 
-from alexnet_jax import train
 from configs import fashion_mnist
 from launch import results
 from launch import sweep
@@ -25,25 +22,34 @@ FASHION_MNIST = os.path.join(REPO, 'configs', 'fashion_mnist.py')
 
 def test_product_crosses_the_axes_last_fastest():
   assert sweep.product(learning_rate=[0.1, 0.2], seed=[0, 1, 2]) == [
-      {'learning_rate': 0.1, 'seed': 0}, {'learning_rate': 0.1, 'seed': 1},
-      {'learning_rate': 0.1, 'seed': 2}, {'learning_rate': 0.2, 'seed': 0},
-      {'learning_rate': 0.2, 'seed': 1}, {'learning_rate': 0.2, 'seed': 2}]
+    {'learning_rate': 0.1, 'seed': 0},
+    {'learning_rate': 0.1, 'seed': 1},
+    {'learning_rate': 0.1, 'seed': 2},
+    {'learning_rate': 0.2, 'seed': 0},
+    {'learning_rate': 0.2, 'seed': 1},
+    {'learning_rate': 0.2, 'seed': 2},
+  ]
 
 
 def test_zip_pairs_the_axes_and_rejects_unequal_lengths():
   assert sweep.zip_axes(learning_rate=[0.1, 0.2], warmup_steps=[10, 20]) == [
-      {'learning_rate': 0.1, 'warmup_steps': 10}, {'learning_rate': 0.2, 'warmup_steps': 20}]
+    {'learning_rate': 0.1, 'warmup_steps': 10},
+    {'learning_rate': 0.2, 'warmup_steps': 20},
+  ]
   with pytest.raises(ValueError, match='equal lengths'):
     sweep.zip_axes(learning_rate=[0.1, 0.2], seed=[0])
 
 
-@pytest.mark.parametrize('spec, expected', [
+@pytest.mark.parametrize(
+  'spec, expected',
+  [
     ('config.learning_rate=[0.005,0.01,0.02]', ('learning_rate', [0.005, 0.01, 0.02])),
     ('seed=[0, 1]', ('seed', [0, 1])),
     ('config.lr_schedule=[step,cosine]', ('lr_schedule', ['step', 'cosine'])),
-    ("lr_decay_epochs=[(10, 20), (30,)]", ('lr_decay_epochs', [(10, 20), (30,)])),
+    ('lr_decay_epochs=[(10, 20), (30,)]', ('lr_decay_epochs', [(10, 20), (30,)])),
     ('config.augment.flip=[True,False]', ('augment.flip', [True, False])),
-])
+  ],
+)
 def test_parse_axis(spec, expected):
   assert sweep.parse_axis(spec) == expected
 
@@ -55,14 +61,21 @@ def test_parse_axis_rejects_non_lists(spec):
 
 
 def test_runs_get_readable_unique_names_and_their_own_workdirs():
-  runs = sweep.expand(sweep.product(learning_rate=[0.01, 0.02], seed=[1]) +
-                      [{'lr_schedule': 'step', 'lr_decay_epochs': (1, 2)}], '/s/lr')
+  runs = sweep.expand(
+    sweep.product(learning_rate=[0.01, 0.02], seed=[1])
+    + [{'lr_schedule': 'step', 'lr_decay_epochs': (1, 2)}],
+    '/s/lr',
+  )
   assert [r.name for r in runs] == [
-      'learning_rate=0.01,seed=1', 'learning_rate=0.02,seed=1',
-      'lr_schedule=step,lr_decay_epochs=(1,2)']
+    'learning_rate=0.01,seed=1',
+    'learning_rate=0.02,seed=1',
+    'lr_schedule=step,lr_decay_epochs=(1,2)',
+  ]
   assert [r.workdir for r in runs] == [
-      '/s/lr/learning_rate=0.01,seed=1', '/s/lr/learning_rate=0.02,seed=1',
-      '/s/lr/lr_schedule=step,lr_decay_epochs=(1,2)']
+    '/s/lr/learning_rate=0.01,seed=1',
+    '/s/lr/learning_rate=0.02,seed=1',
+    '/s/lr/lr_schedule=step,lr_decay_epochs=(1,2)',
+  ]
   assert sweep.expand([{}], '/s')[0].name == 'base'
   with pytest.raises(ValueError, match='repeated'):
     sweep.expand([{'seed': 1}, {'seed': 1}], '/s')
@@ -70,7 +83,10 @@ def test_runs_get_readable_unique_names_and_their_own_workdirs():
 
 def test_fashion_mnist_config_declares_a_learning_rate_sweep():
   assert sweep.config_sweep(FASHION_MNIST) == [
-      {'learning_rate': 0.01}, {'learning_rate': 0.02}, {'learning_rate': 0.04}]
+    {'learning_rate': 0.01},
+    {'learning_rate': 0.02},
+    {'learning_rate': 0.04},
+  ]
   assert fashion_mnist.get_config().learning_rate == 0.02  # get_config() takes no arg.
 
 
@@ -78,7 +94,8 @@ def test_overrides_are_checked_against_the_config():
   config = fashion_mnist.get_config()
   config.lock()
   check = lambda overrides, passthrough={}: sweep.check_overrides(
-      config, sweep.expand([overrides], '/s'), passthrough)
+    config, sweep.expand([overrides], '/s'), passthrough
+  )
   check({'learning_rate': 0.1, 'augment.flip': False})
   with pytest.raises(KeyError, match='learning_rate'):
     check({'learning_rat': 0.1})
@@ -91,47 +108,74 @@ def test_overrides_are_checked_against_the_config():
 
 def test_command_passes_shared_then_own_overrides():
   run = sweep.expand([{'learning_rate': 0.01, 'lr_schedule': 'step'}], '/s')[0]
-  assert sweep.command(run, '/r/configs/fashion_mnist.py', {'num_train_steps': 150},
-                       python='py') == [
-      'py', '-m', 'alexnet_jax.main', '--config=/r/configs/fashion_mnist.py',
-      '--workdir=/s/learning_rate=0.01,lr_schedule=step', '--config.num_train_steps=150',
-      '--config.learning_rate=0.01', '--config.lr_schedule=step']
+  assert sweep.command(
+    run, '/r/configs/fashion_mnist.py', {'num_train_steps': 150}, python='py'
+  ) == [
+    'py',
+    '-m',
+    'alexnet_jax.main',
+    '--config=/r/configs/fashion_mnist.py',
+    '--workdir=/s/learning_rate=0.01,lr_schedule=step',
+    '--config.num_train_steps=150',
+    '--config.learning_rate=0.01',
+    '--config.lr_schedule=step',
+  ]
 
 
 def launch_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'launch.sweep', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120, check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'launch.sweep', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
 
 
 def test_relaunch_skips_finished_runs(tmp_path):
   finished = tmp_path / 'learning_rate=0.02'
   finished.mkdir()
   (finished / 'results.json').write_text('{}')
-  result = launch_cli(f'--config={FASHION_MNIST}', f'--workdir={tmp_path}', '--dry_run',
-                      '--config.num_train_steps=150')
+  result = launch_cli(
+    f'--config={FASHION_MNIST}',
+    f'--workdir={tmp_path}',
+    '--dry_run',
+    '--config.num_train_steps=150',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
   assert f'learning_rate=0.02: finished, {finished}' in out
   commands = [line for line in out.splitlines() if 'alexnet_jax.main' in line]
   assert len(commands) == 2
-  for lr, command in zip(('0.01', '0.04'), commands):
+  for lr, command in zip(('0.01', '0.04'), commands, strict=True):
     assert f'--workdir={tmp_path}/learning_rate={lr}' in command
     assert command.endswith(f'--config.num_train_steps=150 --config.learning_rate={lr}')
   assert not (tmp_path / 'learning_rate=0.01').exists()  # A dry run writes nothing.
 
 
 def test_command_line_axes_replace_the_config_sweep(tmp_path):
-  result = launch_cli(f'--config={FASHION_MNIST}', f'--workdir={tmp_path}', '--dry_run',
-                      "--sweep=config.learning_rate=[0.005,0.01]", '--sweep=config.seed=[0,1]')
+  result = launch_cli(
+    f'--config={FASHION_MNIST}',
+    f'--workdir={tmp_path}',
+    '--dry_run',
+    '--sweep=config.learning_rate=[0.005,0.01]',
+    '--sweep=config.seed=[0,1]',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   names = [line.split(':')[0] for line in result.stdout.splitlines() if ': to run' in line]
-  assert names == ['learning_rate=0.005,seed=0', 'learning_rate=0.005,seed=1',
-                   'learning_rate=0.01,seed=0', 'learning_rate=0.01,seed=1']
+  assert names == [
+    'learning_rate=0.005,seed=0',
+    'learning_rate=0.005,seed=1',
+    'learning_rate=0.01,seed=0',
+    'learning_rate=0.01,seed=1',
+  ]
 
 
 def test_misspelt_axis_fails_before_launching(tmp_path):
-  result = launch_cli(f'--config={FASHION_MNIST}', f'--workdir={tmp_path}',
-                      '--sweep=config.learning_rat=[0.1]')
+  result = launch_cli(
+    f'--config={FASHION_MNIST}', f'--workdir={tmp_path}', '--sweep=config.learning_rat=[0.1]'
+  )
   assert result.returncode != 0
   assert 'Did you mean "learning_rate"' in result.stderr
   assert not os.listdir(tmp_path)
@@ -139,8 +183,9 @@ def test_misspelt_axis_fails_before_launching(tmp_path):
 
 def test_run_local_runs_every_command_and_logs_to_files(tmp_path):
   runs = sweep.expand([{'seed': s} for s in range(3)], str(tmp_path))
-  commands = [[sys.executable, '-c', f'import sys; print("run {i}"); sys.exit({i})']
-              for i in range(3)]
+  commands = [
+    [sys.executable, '-c', f'import sys; print("run {i}"); sys.exit({i})'] for i in range(3)
+  ]
   statuses = sweep.run_local(runs, commands, parallel=2)
   assert statuses == {'seed=0': 0, 'seed=1': 1, 'seed=2': 2}
   for i, run in enumerate(runs):
@@ -157,29 +202,39 @@ def slurm_runs(tmp_path, n):
 
 def test_slurm_script_has_one_array_task_per_run(tmp_path):
   runs, commands = slurm_runs(tmp_path, 3)
-  script = sweep.slurm_script(runs, commands, job_name='lr', log_dir='/logs',
-                              sbatch_options=['partition=gpu'])
+  script = sweep.slurm_script(
+    runs, commands, job_name='lr', log_dir='/logs', sbatch_options=['partition=gpu']
+  )
   lines = script.splitlines()
-  for option in ('--array=0-2', '--requeue', '--signal=B:TERM@120', '--nodes=1',
-                 '--gpus-per-node=1', '--output=/logs/%A_%a.out', '--partition=gpu'):
+  for option in (
+    '--array=0-2',
+    '--requeue',
+    '--signal=B:TERM@120',
+    '--nodes=1',
+    '--gpus-per-node=1',
+    '--output=/logs/%A_%a.out',
+    '--partition=gpu',
+  ):
     assert f'#SBATCH {option}' in lines, option
   for i, run in enumerate(runs):
     [case] = [line for line in lines if shlex.quote(f'--workdir={run.workdir}') + ' ' in line]
     assert case.strip().startswith(f'{i}) cmd=(') and 'alexnet_jax.main' in case
-  assert 'srun "${cmd[@]}" &' in lines
-  assert 'JAX_COORDINATOR_ADDRESS' not in script  # One process: no jax.distributed.
+  assert 'srun --ntasks-per-node=1 "${cmd[@]}" &' in lines
   cpu_only = sweep.slurm_script(runs, commands, job_name='lr', log_dir='/l', gpus_per_node=0)
   assert 'gpus-per-node' not in cpu_only
   subprocess.run(['bash', '-n'], input=script, text=True, check=True)
 
 
-def test_multi_node_slurm_script_sets_the_jax_coordinator(tmp_path):
+def test_multi_node_slurm_script_starts_one_trainer_per_node(tmp_path):
   runs, commands = slurm_runs(tmp_path, 2)
-  script = sweep.slurm_script(runs, commands, job_name='lr', log_dir='/logs', nodes=4,
-                              gpus_per_node=8)
+  script = sweep.slurm_script(
+    runs, commands, job_name='lr', log_dir='/logs', nodes=4, gpus_per_node=8
+  )
   assert '#SBATCH --nodes=4' in script and '#SBATCH --gpus-per-node=8' in script
-  assert '#SBATCH --ntasks-per-node=1' in script  # srun starts one process per node.
-  assert 'export JAX_COORDINATOR_ADDRESS="$head:$((SLURM_JOB_ID % 4096 + 61440))"' in script
+  assert '#SBATCH --ntasks-per-node=1' in script
+  assert 'srun --ntasks-per-node=1 "${cmd[@]}" &' in script.splitlines()
+  # The trainers join from SLURM's variables, not from an exported address alone.
+  assert 'JAX_COORDINATOR_ADDRESS' not in script
   subprocess.run(['bash', '-n'], input=script, text=True, check=True)
 
 
@@ -188,9 +243,22 @@ def test_slurm_backend_writes_the_script_for_the_unfinished_runs(tmp_path):
   (tmp_path / 'learning_rate=0.01' / 'results.json').write_text('{}')
   env = {**os.environ, 'PATH': os.path.dirname(sys.executable)}  # No sbatch on it.
   result = subprocess.run(
-      [sys.executable, '-m', 'launch.sweep', f'--config={FASHION_MNIST}',
-       f'--workdir={tmp_path}', '--backend=slurm', '--sbatch=partition=gpu'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      '-m',
+      'launch.sweep',
+      f'--config={FASHION_MNIST}',
+      f'--workdir={tmp_path}',
+      '--backend=slurm',
+      '--sbatch=partition=gpu',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   script = tmp_path / 'sweep.sbatch'
   assert f'wrote {script}' in result.stdout
@@ -206,7 +274,9 @@ def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
   """Runs array task 1 with stand-ins for srun and scontrol, then preempts it."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
-  (bin_dir / 'srun').write_text('#!/bin/bash\nexec "$@"\n')
+  (bin_dir / 'srun').write_text(  # Drops srun's own options, runs the command.
+    '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n'
+  )
   (bin_dir / 'scontrol').write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
   for tool in ('srun', 'scontrol'):
     (bin_dir / tool).chmod(0o755)
@@ -223,8 +293,12 @@ def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
   commands = [[sys.executable, '-c', trainer, run.name] for run in runs]
   script = tmp_path / 'sweep.sbatch'
   script.write_text(sweep.slurm_script(runs, commands, job_name='t', log_dir='/logs'))
-  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}',
-         'SLURM_ARRAY_TASK_ID': '1', 'SLURM_ARRAY_JOB_ID': '77'}
+  env = {
+    **os.environ,
+    'PATH': f'{bin_dir}:{os.environ["PATH"]}',
+    'SLURM_ARRAY_TASK_ID': '1',
+    'SLURM_ARRAY_JOB_ID': '77',
+  }
   task = subprocess.Popen(['bash', str(script)], env=env)
   deadline = time.time() + 30
   while not (tmp_path / 'started').exists() and time.time() < deadline:
@@ -236,45 +310,6 @@ def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
   assert (tmp_path / 'scontrol.log').read_text() == 'requeue 77_1\n'
 
 
-@pytest.fixture
-def mock_fashion_mnist(fashion_mnist_as_is):
-  del fashion_mnist_as_is
-  with tfds.testing.mock_data(num_examples=32):
-    yield
-
-
-def test_sigterm_checkpoints_stops_and_the_rerun_resumes(tmp_path, monkeypatch,
-                                                         mock_fashion_mnist):
-  config = fashion_mnist.get_config()
-  config.update(batch_size=8, eval_batch_size=16, shuffle_buffer=32, num_train_steps=4,
-                log_every_steps=1, checkpoint_every_steps=100)
-  monkeypatch.setattr(train, '_STOP', threading.Event())
-  write = train._MetricsLog.write
-
-  def write_then_preempt(self, step, metrics):  # A real SIGTERM during step 2.
-    write(self, step, metrics)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(train._MetricsLog, 'write', write_then_preempt)
-  previous = signal.signal(signal.SIGTERM, train.request_stop)  # As main.py does.
-  try:
-    with pytest.raises(train.Preempted, match='after step 2'):
-      train.train_and_evaluate(config, str(tmp_path))
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-  # Orbax saves the first step of a fresh run; step 2 is the forced save.
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
-  assert not (tmp_path / 'results.json').exists()
-
-  monkeypatch.setattr(train, '_STOP', threading.Event())
-  monkeypatch.setattr(train._MetricsLog, 'write', write)
-  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 4
-  with open(tmp_path / 'metrics.jsonl') as f:
-    steps = [row['step'] for row in map(json.loads, f) if 'train_loss' in row]
-  assert steps == [1, 2, 3, 4]
-
-
 def write_run(workdir, overrides, test_top1s, finished=True):
   os.makedirs(workdir)
   with open(os.path.join(workdir, 'overrides.json'), 'w') as f:
@@ -282,14 +317,33 @@ def write_run(workdir, overrides, test_top1s, finished=True):
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     for i, top1 in enumerate(test_top1s, 1):
       f.write(json.dumps({'step': 50 * i, 'epoch': i / 10, 'train_loss': 1.0}) + '\n')
-      f.write(json.dumps({'step': 50 * i, 'epoch': i / 10, 'test_loss': 1 - top1,
-                          'test_top1': top1, 'test_top5': 0.99}) + '\n')
+      f.write(
+        json.dumps(
+          {
+            'step': 50 * i,
+            'epoch': i / 10,
+            'test_loss': 1 - top1,
+            'test_top1': top1,
+            'test_top5': 0.99,
+          }
+        )
+        + '\n'
+      )
   if finished:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump({'step': 50 * len(test_top1s), 'epoch': 0.3, 'test_top1': test_top1s[-1],
-                 'test_top5': 0.99, 'test_loss': 1 - test_top1s[-1],
-                 'n_test_examples': 10_000, 'train_images_per_sec': 200.0,
-                 'wall_seconds': 123.4}, f)
+      json.dump(
+        {
+          'step': 50 * len(test_top1s),
+          'epoch': 0.3,
+          'test_top1': test_top1s[-1],
+          'test_top5': 0.99,
+          'test_loss': 1 - test_top1s[-1],
+          'n_test_examples': 10_000,
+          'train_images_per_sec': 200.0,
+          'wall_seconds': 123.4,
+        },
+        f,
+      )
 
 
 def test_results_table_ranks_runs_best_first(tmp_path):
@@ -300,16 +354,18 @@ def test_results_table_ranks_runs_best_first(tmp_path):
 
   text = results.write_results(str(tmp_path))
   assert text.splitlines() == [
-      '| run | learning_rate | test top-1 | test top-5 | test loss | steps | wall (s) | status |',
-      '| --- | --- | --- | --- | --- | --- | --- | --- |',
-      '| learning_rate=0.02 | 0.02 | 0.8500 | 0.9900 | 0.1500 | 150 | 123 | finished |',
-      '| learning_rate=0.01 | 0.01 | 0.7500 | 0.9900 | 0.2500 | 150 | 123 | finished |',
-      '| learning_rate=0.04 | 0.04 | 0.9000 | 0.9900 | 0.1000 | 50 |  | unfinished |']
+    '| run | learning_rate | test top-1 | test top-5 | test loss | steps | wall (s) | status |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- |',
+    '| learning_rate=0.02 | 0.02 | 0.8500 | 0.9900 | 0.1500 | 150 | 123 | finished |',
+    '| learning_rate=0.01 | 0.01 | 0.7500 | 0.9900 | 0.2500 | 150 | 123 | finished |',
+    '| learning_rate=0.04 | 0.04 | 0.9000 | 0.9900 | 0.1000 | 50 |  | unfinished |',
+  ]
   with open(tmp_path / 'results.md') as f:
     assert f.read() == text
   with open(tmp_path / 'results.csv') as f:
     assert f.read().splitlines()[1] == (
-        'learning_rate=0.02,0.02,0.8500,0.9900,0.1500,150,123,finished')
+      'learning_rate=0.02,0.02,0.8500,0.9900,0.1500,150,123,finished'
+    )
   assert matplotlib.image.imread(tmp_path / 'test_top1.png').shape[:2] == (600, 1000)
 
 

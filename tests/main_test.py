@@ -1,17 +1,36 @@
-"""Tests of the command line, run as a user would run it."""
+"""Tests of the command line, run as a user would run it (separate processes)."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+from helpers import TIMEOUT
+from helpers import folder_flags
+from helpers import processes
+from helpers import run
+from helpers import wait_all
 
 
 def run_main(*args, devices=1):
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  return subprocess.run([sys.executable, '-m', 'alexnet_jax.main', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'alexnet_jax.main', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    check=False,
+  )
+
+
+def last_line(text: str) -> str:
+  return text.strip().splitlines()[-1]
 
 
 def test_misspelt_config_key_names_the_valid_ones():
@@ -22,24 +41,60 @@ def test_misspelt_config_key_names_the_valid_ones():
   assert 'augment.pca_lighting_stddev' in result.stderr  # The list of valid keys.
 
 
-def test_main_trains_real_fashion_mnist_with_towers_on_two_devices(tmp_path):
-  workdir = tmp_path / 'run'
-  result = run_main('--config=configs/fashion_mnist.py', f'--workdir={workdir}',
-                    f'--config.data_dir={tmp_path / "tfds"}', '--config.mesh.model=2',
-                    '--config.num_train_steps=3', '--config.eval_batch_size=1000',
-                    devices=2)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "mesh {'data': 1, 'model': 2}" in result.stderr
-  with open(workdir / 'results.json') as f:
-    results = json.load(f)
-  assert results['step'] == 3 and results['n_test_examples'] == 10_000
-  assert '3' in os.listdir(workdir / 'checkpoints')  # The final step is always saved.
-  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+def test_bad_values_stop_before_any_data_with_the_key_as_last_line(tmp_path):
+  result = run_main(f'--workdir={tmp_path / "run"}', '--config.dropout_rate=1.0')
+  assert result.returncode == 1
+  assert last_line(result.stderr) == (
+    'ConfigError: config.dropout_rate=1.0: must be a number in [0, 1).'
+  )
+  assert not (tmp_path / 'run').exists()  # Nothing was started.
+  (tmp_path / 'file').write_text('')
+  result = run_main(f'--workdir={tmp_path / "file"}')
+  assert result.returncode == 1
+  assert last_line(result.stderr) == (
+    f'ConfigError: --workdir={tmp_path / "file"} exists and is not a directory: pass a '
+    'directory (it is created if missing).'
+  )
 
 
 def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
-  result = run_main('--config=configs/fashion_mnist.py', f'--workdir={tmp_path / "none"}',
-                    '--mode=eval')
+  result = run_main(
+    '--config=configs/fashion_mnist.py', f'--workdir={tmp_path / "none"}', '--mode=eval'
+  )
   assert result.returncode != 0
-  assert 'FileNotFoundError: No checkpoint in' in result.stderr
+  assert last_line(result.stderr).startswith('FileNotFoundError: No checkpoint in')
   assert 'train first' in result.stderr
+
+
+def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(toy_image_folder, tmp_path):
+  """main's own SIGTERM handler (one process): the current step is checkpointed, the
+  exit status is 1 (a cluster requeues), and the same command resumes and finishes;
+  run once more, a finished run only evaluates and reports the same results."""
+  workdir = tmp_path / 'run'
+  args = [f'--workdir={workdir}', *folder_flags(toy_image_folder, num_train_steps=12)]
+  log_dir = tmp_path / 'logs'
+  os.makedirs(log_dir)
+  log = log_dir / 'process0.log'
+  with processes(1, 1, args, log_dir) as [trainer]:
+    deadline = time.time() + TIMEOUT
+    while '] [2] ' not in log.read_text():
+      assert time.time() < deadline and trainer.poll() is None, log.read_text()[-3000:]
+      time.sleep(0.2)
+    trainer.send_signal(signal.SIGTERM)
+    assert wait_all([trainer]) == [1], log.read_text()[-3000:]
+  stopped = int(re.search(r'Stopped on request \(SIGTERM\) after step (\d+)', log.read_text())[1])
+  assert stopped < 12 and str(stopped) in os.listdir(workdir / 'checkpoints')
+  assert not (workdir / 'results.json').exists()
+
+  [log] = run(1, 1, args, tmp_path / 'rerun')
+  assert f'Resumed from step {stopped}' in log
+  with open(workdir / 'results.json') as f:
+    results = json.load(f)
+  assert results['step'] == 12
+  [log] = run(1, 1, args, tmp_path / 'again')
+  assert 'Resumed from step 12' in log and '] [13] ' not in log
+  with open(workdir / 'results.json') as f:
+    again = json.load(f)
+  assert {k: again[k] for k in ('step', 'test_loss', 'test_top1', 'n_test_examples')} == {
+    k: results[k] for k in ('step', 'test_loss', 'test_top1', 'n_test_examples')
+  }

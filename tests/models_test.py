@@ -16,7 +16,7 @@ def lrn_numpy_loop(a, size=5, k=2.0, alpha=1e-4, beta=0.75):
   b = np.empty_like(a)
   for i in range(n_channels):
     lo, hi = max(0, i - size // 2), min(n_channels - 1, i + size // 2)
-    b[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo:hi + 1] ** 2, axis=-1)) ** beta
+    b[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo : hi + 1] ** 2, axis=-1)) ** beta
   return b
 
 
@@ -25,17 +25,18 @@ def test_lrn_matches_numpy_and_tensorflow(scale):
   x = np.random.RandomState(0).randn(2, 5, 5, 48).astype(np.float32) * scale
   ours = np.asarray(models.local_response_norm(jnp.asarray(x)))
   tf_lrn = tf.nn.local_response_normalization(
-      x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75).numpy()
+    x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75
+  ).numpy()
   np.testing.assert_allclose(ours, lrn_numpy_loop(x), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ours, tf_lrn, rtol=1e-5, atol=1e-6)
   if scale > 1:  # Large activations: the squared sum visibly matters.
-    assert not np.allclose(ours, x / 2.0 ** 0.75, rtol=1e-3)
+    assert not np.allclose(ours, x / 2.0**0.75, rtol=1e-3)
 
 
 def lrn_formula(x, size=5, k=2.0, alpha=1e-4, beta=0.75):
   """The formula with a general power, differentiated by JAX's autodiff."""
   padded = jnp.pad(jnp.square(x), [(0, 0)] * (x.ndim - 1) + [(size // 2, size // 2)])
-  window = sum(padded[..., i:i + x.shape[-1]] for i in range(size))
+  window = sum(padded[..., i : i + x.shape[-1]] for i in range(size))
   return x / jnp.power(k + alpha * window, beta)
 
 
@@ -49,13 +50,12 @@ def test_lrn_gradient_matches_autodiff_and_tensorflow(beta):
   x_tf = tf.constant(x)
   with tf.GradientTape() as tape:
     tape.watch(x_tf)
-    y = tf.nn.local_response_normalization(x_tf, depth_radius=2, bias=2.0, alpha=1e-4,
-                                           beta=beta)
+    y = tf.nn.local_response_normalization(x_tf, depth_radius=2, bias=2.0, alpha=1e-4, beta=beta)
   tf_grad = tape.gradient(y, x_tf, output_gradients=tf.constant(g)).numpy()
   np.testing.assert_allclose(ours, autodiff, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ours, tf_grad, rtol=1e-4, atol=1e-5)
   # The cross-channel term matters at this scale: not just g * s^-beta.
-  assert not np.allclose(ours, g / 2.0 ** beta, rtol=1e-2)
+  assert not np.allclose(ours, g / 2.0**beta, rtol=1e-2)
 
 
 def test_max_pool_gradient_matches_select_and_scatter():
@@ -88,9 +88,15 @@ def test_parameter_count_and_caffe_shapes():
   assert sum(x.size for x in jax.tree.leaves(params)) == 60_965_224
   kernels = {name: layer['kernel'].shape for name, layer in params.items()}
   assert kernels == {
-      'conv1': (11, 11, 3, 96), 'conv2': (5, 5, 48, 256), 'conv3': (3, 3, 256, 384),
-      'conv4': (3, 3, 192, 384), 'conv5': (3, 3, 192, 256), 'fc6': (9216, 4096),
-      'fc7': (4096, 4096), 'fc8': (4096, 1000)}
+    'conv1': (11, 11, 3, 96),
+    'conv2': (5, 5, 48, 256),
+    'conv3': (3, 3, 256, 384),
+    'conv4': (3, 3, 192, 384),
+    'conv5': (3, 3, 192, 256),
+    'fc6': (9216, 4096),
+    'fc7': (4096, 4096),
+    'fc8': (4096, 1000),
+  }
   assert all(params[n]['bias'].shape == (s[-1],) for n, s in kernels.items())
 
 
@@ -115,8 +121,9 @@ def test_too_small_image_raises():
 
 
 def test_paper_init_statistics():
-  params = nnx.to_pure_dict(nnx.state(
-      models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0)), nnx.Param))
+  params = nnx.to_pure_dict(
+    nnx.state(models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0)), nnx.Param)
+  )
   for name in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8'):
     assert abs(float(jnp.std(params[name]['kernel'])) - 0.01) < 1e-3, name
     bias = 1.0 if name in ('conv2', 'conv4', 'conv5', 'fc6', 'fc7') else 0.0
@@ -147,27 +154,59 @@ def test_towers_equal_caffe_grouped_convolution():
   model = models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.RandomState(3).randn(2, 7, 7, 96), jnp.float32)
   towers = model.conv2(jnp.split(x, 2, axis=-1))
-  grouped = jax.lax.conv_general_dilated(
-      x, model.conv2.kernel[...], (1, 1), [(2, 2), (2, 2)],
+  grouped = (
+    jax.lax.conv_general_dilated(
+      x,
+      model.conv2.kernel[...],
+      (1, 1),
+      [(2, 2), (2, 2)],
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=2) + model.conv2.bias[...]
+      feature_group_count=2,
+    )
+    + model.conv2.bias[...]
+  )
   np.testing.assert_allclose(jnp.concatenate(towers, -1), grouped, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_only_in_train_mode():
+def test_dropout_keeps_1_minus_p_and_scales_by_1_over_1_minus_p():
+  dropout = models.Dropout(0.5)
+  x = jnp.full((200, 500), 3.0)
+  out = np.asarray(dropout(x, rngs=nnx.Rngs(dropout=0)))
+  kept = out != 0
+  assert set(np.unique(out)) == {0.0, 6.0}  # 3 / (1 - 0.5).
+  assert abs(kept.mean() - 0.5) < 4 * np.sqrt(0.25 / kept.size)  # 4 sigma.
+  other = np.asarray(dropout(x, rngs=nnx.Rngs(dropout=1))) != 0
+  assert (kept != other).mean() > 0.4  # Another key, another mask.
+  dropout = models.Dropout(0.2)
+  out = np.asarray(dropout(x, rngs=nnx.Rngs(dropout=0)))
+  assert set(np.unique(out)) == {0.0, 3.75}  # 3 / 0.8.
+  assert abs((out != 0).mean() - 0.8) < 4 * np.sqrt(0.16 / out.size)
+
+
+def test_dropout_acts_on_the_fc6_and_fc7_outputs_only_and_in_train_mode(monkeypatch):
   model = models.AlexNet(10, image_size=67, init='he', rngs=nnx.Rngs(0))
   images = jnp.asarray(np.random.RandomState(4).randn(2, 67, 67, 3), jnp.float32)
-  model.eval()
-  np.testing.assert_array_equal(model(images), model(images))
+  seen = []
+  drop = models.Dropout.__call__
+
+  def recording(self, x, **kwargs):
+    out = drop(self, x, **kwargs)
+    seen.append((x.shape, bool(np.any(np.asarray(out) != np.asarray(x)))))
+    return out
+
+  monkeypatch.setattr(models.Dropout, '__call__', recording)
   model.train()
-  a = model(images, rngs=nnx.Rngs(dropout=0))
-  b = model(images, rngs=nnx.Rngs(dropout=1))
-  assert not np.allclose(a, b)
+  model(images, rngs=nnx.Rngs(dropout=0))
+  assert seen == [((2, 4096), True), ((2, 4096), True)]  # fc6, fc7 outputs: dropped.
+  seen.clear()
+  model.eval()
+  logits = model(images)
+  assert [changed for _, changed in seen] == [False, False]
+  np.testing.assert_array_equal(logits, model(images))
 
 
 def test_bfloat16_compute_gives_float32_logits():
-  model = models.AlexNet(10, image_size=67, init='he', dtype=jnp.bfloat16,
-                         rngs=nnx.Rngs(0))
+  model = models.AlexNet(10, image_size=67, init='he', dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   model.eval()
   logits = model(jnp.ones((1, 67, 67, 3)))
   assert logits.dtype == jnp.float32

@@ -5,107 +5,21 @@ hosts (`--coordinator_address --num_processes --process_id`), bounds their time 
 kills them on failure. The data are a small image folder (no dataset to build).
 """
 
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
-import numpy as np
-from PIL import Image
 import pytest
 
-from helpers import REPO
-
-TIMEOUT = 240  # Seconds a job may take on 2 busy cores before it counts as hung.
-NUM_TEST_IMAGES = 37  # Not a multiple of any batch: the last batches are padded.
-
-
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
-  """train/ (80 images) and val/ (37) of 10 classes of 28×28 grey PNGs whose brightness
-  depends on the class."""
-  root = tmp_path_factory.mktemp('folder')
-  rng = np.random.RandomState(0)
-  for split, counts in (('train', [8] * 10), ('val', [3] * 3 + [4] * 7)):
-    for label, count in enumerate(counts):
-      os.makedirs(root / split / f'class{label}')
-      for i in range(count):
-        pixels = (rng.rand(28, 28) * 60 + label * 19).astype(np.uint8)
-        Image.fromarray(pixels).save(root / split / f'class{label}' / f'{i}.png')
-  return root
-
-
-def config_flags(image_folder, **overrides):
-  flags = {'dataset': 'image_folder', 'manual_dir': image_folder, 'test_split': 'val',
-           'num_classes': 10, 'batch_size': 8, 'eval_batch_size': 8, 'shuffle_buffer': 80,
-           'num_train_steps': 4, 'log_every_steps': 1, 'checkpoint_every_steps': 100,
-           **overrides}
-  return ['--config=configs/fashion_mnist.py',
-          *(f'--config.{key}={value}' for key, value in flags.items())]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def processes(num_processes, devices_each, args, log_dir):
-  """Starts a job of `num_processes` processes with `devices_each` CPU devices each
-  (1 process: a plain single-process run); yields the Popens, kills them on exit."""
-  port = free_port()
-  env = {**os.environ, 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',  # Fast compiles.
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
-  running = []
-  try:
-    for i in range(num_processes):
-      job = ([f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
-              f'--process_id={i}'] if num_processes > 1 else [])
-      log = open(os.path.join(log_dir, f'process{i}.log'), 'w')  # pylint: disable=consider-using-with
-      running.append(subprocess.Popen(
-          [sys.executable, '-m', 'alexnet_jax.main', *args, *job], cwd=REPO, env=env,
-          stdout=log, stderr=subprocess.STDOUT, text=True))
-      log.close()
-    yield running
-  finally:
-    for p in running:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-
-
-def wait_all(running, timeout=TIMEOUT) -> list[int]:
-  deadline = time.time() + timeout
-  codes = []
-  for p in running:
-    try:
-      codes.append(p.wait(timeout=max(1, deadline - time.time())))
-    except subprocess.TimeoutExpired:
-      pytest.fail(f'A process did not finish within {timeout} s.')
-  return codes
-
-
-def run(num_processes, devices_each, args, log_dir) -> list[str]:
-  """Runs a job to its end; returns every process's log. Fails unless all exit 0."""
-  os.makedirs(log_dir, exist_ok=True)
-  with processes(num_processes, devices_each, args, log_dir) as running:
-    codes = wait_all(running)
-  logs = [open(os.path.join(log_dir, f'process{i}.log')).read()
-          for i in range(num_processes)]
-  assert codes == [0] * num_processes, '\n'.join(log[-3000:] for log in logs)
-  return logs
-
-
-def train_losses(log: str) -> dict[int, float]:
-  """{step: train_loss} from a process's log (clu's logging writer)."""
-  return {int(step): float(loss) for step, loss in
-          re.findall(r'\] \[(\d+)\] .*train_loss=([-\d.e]+)', log)}
+from helpers import NUM_FOLDER_TEST_IMAGES as NUM_TEST_IMAGES
+from helpers import TIMEOUT
+from helpers import folder_flags
+from helpers import processes
+from helpers import run
+from helpers import train_losses
+from helpers import wait_all
 
 
 def read_json(path):
@@ -113,12 +27,12 @@ def read_json(path):
     return json.load(f)
 
 
-def test_two_processes_train_alike_and_evaluate_as_one(image_folder, tmp_path):
+def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_path):
   """2 processes × 1 device, mesh (data 1, model 2): each holds one tower of the same
   rows. Same step and metrics in both logs as in a 1-process run on 2 devices; every
   test image counted once; `--mode=eval` on 2 processes = on 1 process."""
   workdir = tmp_path / 'run'
-  args = [f'--workdir={workdir}', *config_flags(image_folder)]
+  args = [f'--workdir={workdir}', *folder_flags(toy_image_folder)]
   logs = run(2, 1, args, tmp_path / 'logs')
   assert "mesh {'data': 1, 'model': 2} over 2 process(es)" in logs[0]
   assert 'per process 8 (1 part(s) of the data)' in logs[0]  # Replicas: identical rows.
@@ -130,11 +44,12 @@ def test_two_processes_train_alike_and_evaluate_as_one(image_folder, tmp_path):
   assert (workdir / 'plots' / 'confusion_matrix.png').exists()
 
   one = tmp_path / 'one'
-  [log] = run(1, 2, [f'--workdir={one}', *config_flags(image_folder)], tmp_path / 'logs1')
+  [log] = run(1, 2, [f'--workdir={one}', *folder_flags(toy_image_folder)], tmp_path / 'logs1')
   for step, loss in train_losses(log).items():
     assert loss == pytest.approx(losses[0][step], rel=1e-5)
   assert read_json(one / 'results.json')['test_loss'] == pytest.approx(
-      results['test_loss'], rel=1e-5)
+    results['test_loss'], rel=1e-5
+  )
 
   # The checkpoint evaluated by a 2 × 2 job (2 parts of the test split) and by one
   # process on one device.
@@ -150,26 +65,28 @@ def test_two_processes_train_alike_and_evaluate_as_one(image_folder, tmp_path):
   assert one_process['loss'] == pytest.approx(results['test_loss'], abs=1e-5)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(image_folder, tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tmp_path):
   """2 processes × 2 devices, mesh 2 × 2 (each process feeds half of every batch).
   SIGTERM to process 1 alone: both checkpoint the same step and exit 1; the rerun, on
   one process, restores that checkpoint and finishes."""
   workdir = tmp_path / 'run'
-  args = [f'--workdir={workdir}', *config_flags(image_folder, num_train_steps=30)]
+  args = [f'--workdir={workdir}', *folder_flags(toy_image_folder, num_train_steps=30)]
   log_dir = tmp_path / 'logs'
   os.makedirs(log_dir)
   with processes(2, 2, args, log_dir) as running:
     deadline = time.time() + TIMEOUT
     while '] [2] ' not in (log_dir / 'process1.log').read_text():
       assert time.time() < deadline and all(p.poll() is None for p in running), (
-          (log_dir / 'process1.log').read_text()[-3000:])
+        log_dir / 'process1.log'
+      ).read_text()[-3000:]
       time.sleep(0.2)
     running[1].send_signal(signal.SIGTERM)
     codes = wait_all(running)
   logs = [(log_dir / f'process{i}.log').read_text() for i in range(2)]
   assert codes == [1, 1], '\n'.join(log[-3000:] for log in logs)
-  stopped = [int(re.search(r'Stopped on request \(SIGTERM\) after step (\d+)', log)[1])
-             for log in logs]
+  stopped = [
+    int(re.search(r'Stopped on request \(SIGTERM\) after step (\d+)', log)[1]) for log in logs
+  ]
   assert stopped[0] == stopped[1] < 30
   assert 'per process 4 (2 part(s) of the data)' in logs[0]
   losses = [train_losses(log) for log in logs]

@@ -14,8 +14,10 @@ from helpers import small_config
 
 
 def toy_params():
-  return {'conv1': {'kernel': jnp.array([1.0, -2.0]), 'bias': jnp.array([0.5])},
-          'fc8': {'kernel': jnp.array([[3.0]]), 'bias': jnp.array([-1.0, 2.0])}}
+  return {
+    'conv1': {'kernel': jnp.array([1.0, -2.0]), 'bias': jnp.array([0.5])},
+    'fc8': {'kernel': jnp.array([[3.0]]), 'bias': jnp.array([-1.0, 2.0])},
+  }
 
 
 def toy_grads(params):
@@ -42,15 +44,15 @@ def test_paper_momentum_across_a_learning_rate_drop():
       w, b = ref[layer]['kernel'], ref[layer]['bias']
       velocity[layer]['kernel'] = 0.9 * velocity[layer]['kernel'] - lr * (2 * w + 1 + 5e-4 * w)
       velocity[layer]['bias'] = 0.9 * velocity[layer]['bias'] - 2 * lr * (2 * b + 1)
-      ref[layer] = {'kernel': w + velocity[layer]['kernel'],
-                    'bias': b + velocity[layer]['bias']}
+      ref[layer] = {'kernel': w + velocity[layer]['kernel'], 'bias': b + velocity[layer]['bias']}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, ref)
 
 
 def test_optax_momentum_form_rescales_the_whole_momentum():
   """'optax': m <- 0.9 m + g; w <- w - lr m. After the drop it moves less than 'paper'."""
-  config = small_config(momentum=0.9, weight_decay=0.0, bias_lr_multiplier=1.0,
-                        momentum_form='optax')
+  config = small_config(
+    momentum=0.9, weight_decay=0.0, bias_lr_multiplier=1.0, momentum_form='optax'
+  )
   schedule = optax.piecewise_constant_schedule(0.1, {2: 0.1})
   params = {'fc8': {'kernel': jnp.array([1.0]), 'bias': jnp.array([1.0])}}
   grads = {'fc8': {'kernel': jnp.array([1.0]), 'bias': jnp.array([1.0])}}
@@ -72,15 +74,16 @@ def test_step_schedule_divides_by_ten_at_the_given_epochs():
   config = imagenet.get_config()
   schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
   np.testing.assert_allclose(
-      [schedule(s) for s in (0, 299, 300, 599, 600, 800)],
-      [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5], rtol=1e-5)
+    [schedule(s) for s in (0, 299, 300, 599, 600, 800)],
+    [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5],
+    rtol=1e-5,
+  )
 
 
 def test_warmup_cosine_schedule_of_the_default_run():
   """Linear from 0 over 300 steps, then base * (1 + cos(pi t / T)) / 2 to 0 at the end."""
   config = small_config(learning_rate=0.02, lr_schedule='cosine', warmup_steps=300)
-  schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch=468,
-                                                      num_steps=2340)
+  schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch=468, num_steps=2340)
   for step in (0, 150, 299, 300, 1000, 2000, 2340):
     if step < 300:
       expected = 0.02 * step / 300

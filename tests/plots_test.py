@@ -32,11 +32,32 @@ def red_pixels(path):
 def write_metrics(workdir, epochs=3):
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     for e in range(1, epochs + 1):
-      f.write(json.dumps({'step': 10 * e, 'epoch': e, 'train_loss': 2 / e, 'train_top1': 0.3 * e,
-                          'train_top5': 0.9, 'train_images_per_sec': 1.0,
-                          'learning_rate': 0.1}) + '\n')
-      f.write(json.dumps({'step': 10 * e, 'epoch': e, 'test_loss': 2.5 / e,
-                          'test_top1': 0.25 * e, 'test_top5': 0.8}) + '\n')
+      f.write(
+        json.dumps(
+          {
+            'step': 10 * e,
+            'epoch': e,
+            'train_loss': 2 / e,
+            'train_top1': 0.3 * e,
+            'train_top5': 0.9,
+            'train_images_per_sec': 1.0,
+            'learning_rate': 0.1,
+          }
+        )
+        + '\n'
+      )
+      f.write(
+        json.dumps(
+          {
+            'step': 10 * e,
+            'epoch': e,
+            'test_loss': 2.5 / e,
+            'test_top1': 0.25 * e,
+            'test_top5': 0.8,
+          }
+        )
+        + '\n'
+      )
 
 
 def test_read_metrics_splits_train_and_test_lines(tmp_path):
@@ -46,9 +67,18 @@ def test_read_metrics_splits_train_and_test_lines(tmp_path):
   assert [r['test_top1'] for r in test_rows] == [0.25, 0.5, 0.75]
 
 
-def test_learning_curves_png(tmp_path):
+def test_learning_curves_plot_the_metrics_against_epochs(tmp_path):
   write_metrics(tmp_path)
-  path = plots.plot_learning_curves(str(tmp_path), str(tmp_path / 'curves.png'))
+  fig = plots.learning_curves(*plots.read_metrics(str(tmp_path)), 'run')
+  loss_ax, top1_ax = fig.axes
+  for ax, metric in ((loss_ax, 'loss'), (top1_ax, 'top1')):
+    train_line, test_line = ax.lines
+    assert train_line.get_label() == 'train' and test_line.get_label() == 'test'
+    train = {'loss': [2.0, 1.0, 2 / 3], 'top1': [0.3, 0.6, 0.9]}[metric]
+    test = {'loss': [2.5, 1.25, 2.5 / 3], 'top1': [0.25, 0.5, 0.75]}[metric]
+    np.testing.assert_allclose(train_line.get_xydata(), np.c_[[1, 2, 3], train])
+    np.testing.assert_allclose(test_line.get_xydata(), np.c_[[1, 2, 3], test])
+  path = plots.save(fig, str(tmp_path / 'curves.png'))
   assert png_size(path) == (450, 1200)
 
 
@@ -65,13 +95,18 @@ def test_conv1_mosaic_puts_tower_0_on_top_and_normalises_each_kernel():
   red = np.stack([ramp, 0 * ramp, 0 * ramp], -1)
   blue = np.stack([0 * ramp, 0 * ramp, ramp], -1)
   tower1_top = 4 * 12 + 1 + 4 + 1
-  for c, top, left, expected in [(0, 1, 1, red), (13, 13, 13, red), (47, 37, 133, red),
-                                 (48, tower1_top, 1, blue),
-                                 (95, tower1_top + 36, 133, blue)]:
-    np.testing.assert_allclose(mosaic[top:top + 11, left:left + 11], expected, atol=1e-6,
-                               err_msg=f'kernel {c}')
+  for c, top, left, expected in [
+    (0, 1, 1, red),
+    (13, 13, 13, red),
+    (47, 37, 133, red),
+    (48, tower1_top, 1, blue),
+    (95, tower1_top + 36, 133, blue),
+  ]:
+    np.testing.assert_allclose(
+      mosaic[top : top + 11, left : left + 11], expected, atol=1e-6, err_msg=f'kernel {c}'
+    )
   np.testing.assert_array_equal(mosaic[0], 1.0)  # White gap rows.
-  np.testing.assert_array_equal(mosaic[tower1_top - 5:tower1_top], 1.0)
+  np.testing.assert_array_equal(mosaic[tower1_top - 5 : tower1_top], 1.0)
 
 
 def test_conv1_mosaic_rejects_other_shapes():
@@ -79,10 +114,11 @@ def test_conv1_mosaic_rejects_other_shapes():
     plots.conv1_mosaic(np.zeros((11, 11, 3, 50)))
 
 
-def test_conv1_filters_png(tmp_path):
+def test_conv1_filters_show_the_mosaic():
   kernel = np.random.RandomState(0).randn(11, 11, 3, 96).astype(np.float32)
-  path = plots.plot_conv1_filters(kernel, str(tmp_path / 'filters.png'))
-  assert png_size(path) == (900, 1200)
+  [ax] = plots.conv1_filters(kernel).axes
+  np.testing.assert_array_equal(ax.images[0].get_array(), plots.conv1_mosaic(kernel))
+  assert [t.get_text() for t in ax.get_yticklabels()] == ['tower 0\n(GPU 1)', 'tower 1\n(GPU 2)']
 
 
 def fake_predictions(num_wrong):
@@ -96,13 +132,18 @@ def fake_predictions(num_wrong):
   return grey, labels, probs
 
 
-def test_prediction_grid_png_marks_wrong_predictions_in_red(tmp_path):
+def test_prediction_grid_titles_and_marks_wrong_predictions_in_red(tmp_path):
   names = [f'class {i}' for i in range(10)]
-  right = plots.plot_predictions(*fake_predictions(0), names, str(tmp_path / 'right.png'))
-  wrong = plots.plot_predictions(*fake_predictions(3), names, str(tmp_path / 'wrong.png'))
-  assert png_size(right) == png_size(wrong) == (900, 1600)
-  assert red_pixels(right) == 0
-  assert red_pixels(wrong) > 3 * 4 * 100  # Three thick frames, at least.
+  images, labels, probs = fake_predictions(3)
+  fig = plots.predictions(images, labels, probs, names)
+  for i, ax in enumerate(fig.axes):
+    predicted = (labels[i] + 1) % 10 if i < 3 else labels[i]
+    assert ax.get_title() == f'class {predicted} (0.82)\ntrue: class {labels[i]}'
+    assert ax.title.get_color() == ('red' if i < 3 else 'tab:green')
+    np.testing.assert_array_equal(ax.images[0].get_array(), images[i])
+  path = plots.save(fig, str(tmp_path / 'wrong.png'))
+  assert png_size(path) == (900, 1600)
+  assert red_pixels(path) > 3 * 4 * 100  # Three thick frames, at least.
 
 
 def test_confusion_counts():
@@ -110,14 +151,15 @@ def test_confusion_counts():
   np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
 
 
-def test_confusion_matrix_png_and_its_class_limit(tmp_path):
-  labels = np.random.RandomState(0).randint(0, 10, 200)
-  path = plots.plot_confusion_matrix(labels, labels[::-1], [str(i) for i in range(10)],
-                                     str(tmp_path / 'confusion.png'))
-  assert png_size(path) == (800, 900)
+def test_confusion_matrix_shows_counts_coloured_by_fraction():
+  labels = np.array([0, 0, 1, 2, 2, 2, 2])
+  predicted = np.array([0, 1, 1, 2, 0, 2, 2])
+  [ax] = plots.confusion_matrix(labels, predicted, ['a', 'b', 'c']).axes
+  assert [t.get_text() for t in ax.texts] == ['1', '1', '0', '0', '1', '0', '1', '0', '3']
+  np.testing.assert_allclose(ax.images[0].get_array(), [[0.5, 0.5, 0], [0, 1, 0], [0.25, 0, 0.75]])
+  assert ax.get_title() == 'confusion on 7 test images, top-1 0.7143'
   with pytest.raises(ValueError, match='at most 20'):
-    plots.plot_confusion_matrix(labels, labels, [str(i) for i in range(21)],
-                                str(tmp_path / 'big.png'))
+    plots.confusion_matrix(labels, labels, [str(i) for i in range(21)])
 
 
 @pytest.fixture
@@ -142,6 +184,8 @@ def test_write_all_draws_every_picture_from_a_workdir(tiny_workdir):
   names = ['learning_curves', 'conv1_filters', 'predictions', 'confusion_matrix']
   assert paths == [os.path.join(workdir, 'plots', f'{n}.png') for n in names]
   assert [png_size(p) for p in paths] == [(450, 1200), (900, 1200), (900, 1600), (800, 900)]
+  drawn = matplotlib.image.imread(paths[1])[..., :3]
+  assert np.abs(drawn - drawn.mean()).max() > 0.2  # The filters, not a blank page.
 
 
 def test_predict_returns_the_test_images_as_the_model_saw_them(tiny_workdir):

@@ -13,8 +13,18 @@ from alexnet_jax import steps
 from configs import fashion_mnist
 from helpers import save_checkpoint
 
-FASHION_MNIST_NAMES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
-                       'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+FASHION_MNIST_NAMES = [
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+]
 
 
 @pytest.fixture
@@ -38,7 +48,7 @@ def test_top5_are_the_model_softmax_sorted(workdir, tmp_path):
   config, run_dir, model = workdir
   paths = [write_png(tmp_path / f'{i}.png', i) for i in range(2)]
   results = predict.predict_files(config, run_dir, paths)
-  for path, top in zip(paths, results):
+  for path, top in zip(paths, results, strict=True):
     image = input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
     expected = np.asarray(jax.nn.softmax(model(image[None]))[0])
     assert len(top) == 5

@@ -30,9 +30,11 @@ def setup(mesh, config=None):
 
 def fixed_batch(n=8):
   rng = np.random.RandomState(0)
-  return {'image': rng.randn(n, 67, 67, 3).astype(np.float32),
-          'label': rng.randint(0, 10, n).astype(np.int32),
-          'mask': np.ones(n, np.float32)}
+  return {
+    'image': rng.randn(n, 67, 67, 3).astype(np.float32),
+    'label': rng.randint(0, 10, n).astype(np.int32),
+    'mask': np.ones(n, np.float32),
+  }
 
 
 def one_step(data, model):
@@ -57,8 +59,7 @@ def test_sharded_step_equals_single_device(single_device_step, data, model):
   assert float(evals['loss']) == pytest.approx(float(ref_evals['loss']), rel=1e-5)
   momentum = lambda s: s.opt_state[-1].velocity  # -lr (grads + decay) after step 1.
   for got, want in ((state.params, ref_state.params), (momentum(state), momentum(ref_state))):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
-                 got, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), got, want)
   assert not np.allclose(momentum(state)['fc6']['kernel'], 0)
 
 
@@ -74,36 +75,48 @@ def test_each_device_holds_its_own_tower():
   state, _, _, _ = setup(mesh)
   params = state.params
   total = sum(x.nbytes for x in jax.tree.leaves(params))
-  on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(params)
-                   for s in x.addressable_shards if s.device == mesh.devices.flat[0])
+  on_device0 = sum(
+    s.data.nbytes
+    for x in jax.tree.leaves(params)
+    for s in x.addressable_shards
+    if s.device == mesh.devices.flat[0]
+  )
   # Every layer but fc8 (4096×10 + 10 here) is split in two.
   assert on_device0 / total == pytest.approx(0.5, abs=0.01)
   kernel = params['conv2']['kernel']
   for shard in kernel.addressable_shards:
     tower = list(mesh.devices.flat).index(shard.device)
     assert shard.data.shape == (5, 5, 48, 128)
-    np.testing.assert_array_equal(shard.data, kernel[..., tower * 128:(tower + 1) * 128])
+    np.testing.assert_array_equal(shard.data, kernel[..., tower * 128 : (tower + 1) * 128])
 
 
 def test_partition_rules_cover_optimizer_state():
   mesh = mesh_of(1, 2)
   state, _, _, _ = setup(mesh)
   assert state.opt_state[-1].velocity['conv4']['kernel'].sharding.spec == P(
-      None, None, None, 'model')
+    None, None, None, 'model'
+  )
   assert state.params['fc8']['kernel'].sharding.spec == P()
 
 
 def collectives(hlo_text):
-  ops = re.findall(r'= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|'
-                   r'collective-permute)(?:-start)?\(', hlo_text)
+  ops = re.findall(
+    r'= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|'
+    r'collective-permute)(?:-start)?\(',
+    hlo_text,
+  )
   return {op: ops.count(op) for op in set(ops)}
 
 
 def tower_local_hlo(mesh, fn, params, x):
   """Compiled HLO of `fn(params, x)` run per device with its tower's parameters."""
   specs = sharding.partition_specs(params)
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(specs, P(None, None, None, 'model')),
-                         out_specs=P(None, None, None, 'model'))
+  mapped = jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(specs, P(None, None, None, 'model')),
+    out_specs=P(None, None, None, 'model'),
+  )
   return jax.jit(mapped).lower(params, x).compile().as_text()
 
 
@@ -129,6 +142,7 @@ def test_collectives_only_where_the_towers_communicate():
   def conv3(p, x):
     m = nnx.merge(nnx.graphdef(model), p)
     from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+
     return jnp.concatenate(m.conv3(models.gather_towers([x], 'model')), -1)
 
   assert collectives(tower_local_hlo(mesh, conv4_conv5, params, jnp.ones((2, 3, 3, 384)))) == {}
@@ -151,10 +165,48 @@ def test_checkpoint_from_two_devices_restores_on_one(tmp_path):
   assert int(state1.step) == 1
   assert state1.params['conv2']['kernel'].sharding.mesh.size == 1
   logits1 = sharding.sharded_apply(eval_graphdef, state1.params, mesh1)(
-      state1.params, sharding.global_batch(mesh1, batch)['image'], jax.random.key(0))
+    state1.params, sharding.global_batch(mesh1, batch)['image'], jax.random.key(0)
+  )
   logits2 = sharding.sharded_apply(eval_graphdef, state2.params, mesh2)(
-      state2.params, sharding.global_batch(mesh2, batch)['image'], jax.random.key(0))
+    state2.params, sharding.global_batch(mesh2, batch)['image'], jax.random.key(0)
+  )
   np.testing.assert_allclose(logits1, logits2, rtol=1e-5, atol=1e-6)
   # And the plain, unsharded module gives the same.
   model = nnx.merge(eval_graphdef, jax.device_get(state1.params))
   np.testing.assert_allclose(model(jnp.asarray(batch['image'])), logits1, rtol=1e-5, atol=1e-6)
+
+
+def abstract_params():
+  return jax.eval_shape(lambda: steps.init_params(fashion_mnist.get_config(), jax.random.key(0)))
+
+
+def test_partition_rules_match_whole_paths():
+  specs = sharding.partition_specs(abstract_params())
+  assert specs['conv2']['kernel'] == P(None, None, None, 'model')
+  assert specs['fc7']['bias'] == P('model') and specs['fc7']['kernel'] == P(None, 'model')
+  assert specs['fc8']['kernel'] == P() and specs['fc8']['bias'] == P()
+
+
+def test_a_renamed_layer_is_refused_not_silently_replicated():
+  params = abstract_params()
+  params['conv2x'] = params.pop('conv2')  # 'conv2x/kernel' no longer fullmatches.
+  with pytest.raises(ValueError, match=r"No partition rule for \['conv2x/kernel'\]"):
+    sharding.partition_specs(params)
+  params = abstract_params()
+  del params['fc8']
+  with pytest.raises(
+    ValueError,
+    match=r"rule\(s\) \['\(\.\*/\)\?fc8/\(kernel\|bias\)'\] "
+    'match no parameter',
+  ):
+    sharding.partition_specs(params)
+
+
+def test_the_placement_overview_names_each_parameter_and_its_rule():
+  lines = sharding.describe_partitioning(abstract_params()).splitlines()
+  assert len(lines) == 16
+  assert (
+    "  conv2/kernel (5, 5, 48, 256) -> P(None, None, None, 'model')  "
+    "(rule '(.*/)?conv[1-5]/kernel')"
+  ) in lines
+  assert "  fc8/bias (10,) -> P()  (rule '(.*/)?fc8/(kernel|bias)')" in lines

@@ -1,25 +1,19 @@
-"""Tests of the train step, schedules, checkpoint resume and the whole loop on mock data."""
+"""Tests of the training loop on mock data: resume, results, NaN guards, config changes."""
 
 import json
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from alexnet_jax import optimizers
-from alexnet_jax import sharding
-from alexnet_jax import steps
+from alexnet_jax import main
+from alexnet_jax import plots
 from alexnet_jax import train
-from configs import imagenet
-from helpers import mesh_of
 from helpers import small_config as base_config
-from helpers import train_state
 
 
 pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is')
@@ -27,44 +21,6 @@ pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is')
 
 def small_config(**overrides):
   return base_config(eval_batch_size=12, **overrides)  # 64 test examples: padded.
-
-
-def test_cpu_compiler_options_leave_convolutions_to_xla():
-  """The options move the convs out of YNNPACK (see `steps.compiler_options`)."""
-  x, kernel = jnp.ones((2, 27, 27, 48)), jnp.ones((5, 5, 48, 128))
-
-  def conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-  def count_ynnpack_calls(**jit_kwargs):
-    hlo = jax.jit(conv, **jit_kwargs).lower(x, kernel).compile().as_text()
-    return hlo.count('%ynn_fusion')
-
-  # Optimised as in training (conftest's fast compiles keep YNNPACK convs regardless).
-  unoptimised = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', False)
-  try:
-    assert count_ynnpack_calls() > 0  # jaxlib's default, which the options undo.
-    assert count_ynnpack_calls(compiler_options=steps.compiler_options()) == 0
-  finally:
-    jax.config.update('jax_disable_most_optimizations', unoptimised)
-
-
-def test_train_steps_lower_the_loss_on_a_fixed_batch():
-  config = small_config(learning_rate=0.01, lr_schedule='constant')
-  mesh = mesh_of(1, 1)
-  state, tx = train_state(config, mesh, learning_rate=config.learning_rate)
-  rng = np.random.RandomState(0)
-  batch = {'image': rng.randn(16, 67, 67, 3).astype(np.float32),
-           'label': rng.randint(0, 10, 16).astype(np.int32)}
-  step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
-  losses = []
-  for _ in range(8):
-    state, metrics = step(state, sharding.global_batch(mesh, batch), jax.random.key(1))
-    losses.append(float(metrics['loss']))
-  assert int(state.step) == 8
-  assert losses[-1] < 0.5 * losses[0], losses
 
 
 def read_metrics(workdir):
@@ -77,55 +33,116 @@ def restore_params(workdir, step):
     return manager.restore(step)['params']
 
 
+def saved_steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
-  config = small_config()
+  """Killed after step 9 (epoch 1 of 8 steps, plus one): the resumed run builds epoch 1
+  directly, skips its first step's examples, and continues bit for bit; its metrics
+  log drops what the killed run had logged after the checkpoint."""
+  config = small_config(num_train_steps=12, eval_every_steps=6)
   full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
   with tfds.testing.mock_data(num_examples=64):
     results = train.train_and_evaluate(config, full)
-    # A run killed after step 3: only that checkpoint exists.
-    shutil.copytree(os.path.join(full, 'checkpoints', '3'),
-                    os.path.join(resumed, 'checkpoints', '3'))
+    shutil.copytree(
+      os.path.join(full, 'checkpoints', '9'), os.path.join(resumed, 'checkpoints', '9')
+    )
+    shutil.copy(os.path.join(full, 'metrics.jsonl'), resumed)  # Logged up to step 12.
     resumed_results = train.train_and_evaluate(config, resumed)
 
-  assert results['step'] == resumed_results['step'] == 6
+  assert results['step'] == resumed_results['step'] == 12
   assert results['n_test_examples'] == 64
   for key in ('test_top1', 'test_top5', 'test_loss'):
     assert results[key] == pytest.approx(resumed_results[key], rel=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               restore_params(full, 6), restore_params(resumed, 6))
-  after_3 = lambda rows: [r for r in rows if r['step'] > 3 and 'train_loss' in r]
-  full_rows, resumed_rows = after_3(read_metrics(full)), after_3(read_metrics(resumed))
-  assert [r['step'] for r in full_rows] == [4, 5, 6]
-  for a, b in zip(full_rows, resumed_rows):
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    restore_params(full, 12),
+    restore_params(resumed, 12),
+  )
+  train_rows = lambda rows: [r for r in rows if 'train_loss' in r]
+  full_rows, resumed_rows = train_rows(read_metrics(full)), train_rows(read_metrics(resumed))
+  assert [r['step'] for r in resumed_rows] == list(range(1, 13))  # Each step once.
+  for a, b in zip(full_rows, resumed_rows, strict=True):
     assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-6)
 
 
-def test_results_json_is_written_with_fractions(tmp_path):
+def test_results_survive_a_plotting_error(tmp_path, monkeypatch, caplog):
+  def broken(*unused_args):
+    raise RuntimeError('no display')
+
+  monkeypatch.setattr(plots, 'write_all', broken)
   with tfds.testing.mock_data(num_examples=64):
-    train.train_and_evaluate(small_config(num_train_steps=2), str(tmp_path))
+    returned = main.train_and_plot(small_config(num_train_steps=2), str(tmp_path))
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)
-  assert set(results) == {'step', 'epoch', 'test_top1', 'test_top5', 'test_loss',
-                          'n_test_examples', 'train_images_per_sec', 'wall_seconds'}
-  assert 0 <= results['test_top1'] <= results['test_top5'] <= 1
+  assert results == returned
   assert results['step'] == 2 and results['n_test_examples'] == 64
+  [last_test] = [r for r in read_metrics(tmp_path) if 'test_loss' in r]
+  assert results['test_loss'] == last_test['test_loss']
+  assert results['test_top1'] == last_test['test_top1']
+  assert 'Could not write the plots' in caplog.text
 
 
-def test_nan_loss_stops_with_a_clear_error(tmp_path):
+def test_non_finite_gradients_stop_the_run_before_anything_is_saved(tmp_path):
+  """Dropout 1 keeps the loss finite (every fc7 output is 0) while the gradients are
+  NaN (0 · x / 0): the gradient norm is what catches it."""
   with tfds.testing.mock_data(num_examples=64):
-    with pytest.raises(FloatingPointError, match='learning_rate'):
+    with pytest.raises(
+      FloatingPointError,
+      match=r'Step 1 is not finite \(train loss '
+      r'[\d.]+, gradient norm nan\).*dropout_rate=1.0',
+    ):
+      train.train_and_evaluate(small_config(dropout_rate=1.0), str(tmp_path))
+  assert saved_steps(tmp_path) == []
+  assert not (tmp_path / 'results.json').exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_a_rerun_resumes_from_it(tmp_path):
+  config = small_config()
+  workdir = str(tmp_path)
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(small_config(num_train_steps=3), workdir, allow_config_change=True)
+    assert saved_steps(workdir) == [1, 3]
+    # Step 4's update (lr 1e30) leaves huge but finite weights; step 5 overflows.
+    with pytest.raises(FloatingPointError, match=r'Step 5 is not finite.*learning_rate=1e\+30'):
       train.train_and_evaluate(
-          small_config(learning_rate=1e30, lr_schedule='constant'), str(tmp_path))
+        small_config(learning_rate=1e30, lr_schedule='constant'), workdir, allow_config_change=True
+      )
+    assert saved_steps(workdir) == [1, 3]
+    jax.tree.map(
+      lambda x: np.testing.assert_array_equal(np.isfinite(x), True), restore_params(workdir, 3)
+    )
+    results = train.train_and_evaluate(config, workdir, allow_config_change=True)
+  assert results['step'] == 6 and np.isfinite(results['test_loss'])
+  with open(tmp_path / 'config_changes.jsonl') as f:
+    changes = [json.loads(line) for line in f]
+  assert [c['from_step'] for c in changes] == [3, 3]
+  assert changes[0]['changes']['learning_rate'] == [0.02, 1e30]
 
 
-def test_imagenet_config_trains_on_mock_data(tmp_path):
-  config = imagenet.get_config()
-  config.batch_size = 2
-  config.eval_batch_size = 2
-  config.shuffle_buffer = 4
-  config.num_train_steps = 2
-  config.log_every_steps = 1
-  with tfds.testing.mock_data(num_examples=3):
-    results = train.train_and_evaluate(config, str(tmp_path))
-  assert results['step'] == 2 and results['n_test_examples'] == 3
-  assert np.isfinite(results['test_loss'])
+def test_itstime_every_n_steps_and_at_the_last():
+  assert [s for s in range(1, 11) if train.itstime(s, 4, 10)] == [4, 8, 10]
+
+
+def test_chrono_leaves_out_compilation_and_evaluation(monkeypatch):
+  clock = iter(
+    [
+      0.0,  # Created.
+      10.0,  # First window: 2 steps, compilation included.
+      12.0,
+      13.0,  # Evaluation, paused.
+      15.0,  # Second window: 2 steps, 4 s of which 1 s was evaluation.
+      16.0,
+    ]
+  )  # Third: 1 step in 1 s.
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: next(clock))
+  chrono = train.Chrono(images_per_step=8)
+  assert chrono.images_per_sec is None
+  assert chrono.window(2) == pytest.approx(16 / 10)
+  assert chrono.images_per_sec is None  # The first window does not count.
+  with chrono.paused():
+    pass
+  assert chrono.window(2) == pytest.approx(16 / 4)
+  assert chrono.window(1) == pytest.approx(8 / 1)
+  assert chrono.images_per_sec == pytest.approx(24 / 5)

@@ -1,0 +1,159 @@
+"""Tests of config validation, durations and the config kept with a run."""
+
+import json
+import re
+
+import ml_collections
+import pytest
+
+from alexnet_jax import config_lib
+from configs import caffe_bvlc_alexnet
+from configs import cifar10
+from configs import default
+from configs import fashion_mnist
+from configs import imagenet
+
+
+@pytest.mark.parametrize(
+  'get_config',
+  [
+    default.get_config,
+    fashion_mnist.get_config,
+    imagenet.get_config,
+    cifar10.get_config,
+    caffe_bvlc_alexnet.get_config,
+  ],
+)
+def test_every_shipped_config_is_valid(get_config):
+  config_lib.validate(get_config(), num_devices=4, num_processes=2)
+
+
+@pytest.mark.parametrize(
+  'key, value, allowed',
+  [
+    ('dropout_rate', 1.0, r'a number in \[0, 1\)'),
+    ('learning_rate', -1.0, r'a number in \(0, inf\)'),
+    ('eval_batch_size', -4, 'an integer >= 1'),
+    ('batch_size', 0, 'an integer >= 1'),
+    ('dtype', 'float8', "one of 'float32', 'bfloat16', 'float16'"),
+    ('augment.crop', 'foo', "one of 'paper', 'inception'"),
+    ('momentum', 1.0, r'a number in \[0, 1\)'),
+    ('weight_decay', -5e-4, r'a number in \[0, inf\)'),
+    ('image_size', 63, 'an integer >= 67'),
+    ('init', 'xavier', "one of 'paper', 'he'"),
+    ('lr_schedule', 'linear', "one of 'step', 'cosine', 'constant'"),
+    ('eval_crops', 5, 'one of 1, 10'),
+    ('lrn', 'pytorch', "one of 'cuda-convnet', 'paper-text', 'caffe'"),
+    ('num_train_steps', 0, 'None or an integer >= 1'),
+    ('eval_every_epochs', 0.0, r'None or a number in \(0, inf\)'),
+    ('pixel_std', (1.0, 0.0, 1.0), r'a sequence of 3 values, each a number in \(0, inf\)'),
+    ('mesh.model', 4, 'None or one of 1, 2'),
+  ],
+)
+def test_a_bad_value_names_its_key_value_and_what_is_allowed(key, value, allowed):
+  config = fashion_mnist.get_config()
+  config.update_from_flattened_dict({key: value})
+  prefix = re.escape(f'config.{key}={value!r}: must be ')
+  with pytest.raises(config_lib.ConfigError, match=rf'^{prefix}{allowed}\.$'):
+    config_lib.validate(config)
+
+
+def test_keys_that_must_fit_together():
+  config = fashion_mnist.get_config()
+  config.image_size = 99
+  with pytest.raises(
+    config_lib.ConfigError, match='image_size=99 must be <= config.resize_size=67'
+  ):
+    config_lib.validate(config)
+  config = fashion_mnist.get_config()
+  config.num_epochs = None
+  with pytest.raises(config_lib.ConfigError, match='num_train_steps and config.num_epochs'):
+    config_lib.validate(config)
+  config = fashion_mnist.get_config()
+  config.dataset = 'fashion_mnits'
+  with pytest.raises(config_lib.ConfigError, match="dataset='fashion_mnits'"):
+    config_lib.validate(config)
+  config = ml_collections.ConfigDict({**fashion_mnist.get_config().to_dict(), 'extra': 1})
+  with pytest.raises(config_lib.ConfigError, match='config.extra=1: unknown key'):
+    config_lib.validate(config)
+
+
+def test_batch_sizes_must_split_over_the_mesh():
+  config = fashion_mnist.get_config()
+  config.batch_size = 6
+  config_lib.validate(config, num_devices=4, num_processes=2)  # mesh 2 × 2.
+  config.mesh.model = 1  # mesh 4 × 1.
+  with pytest.raises(config_lib.ConfigError, match='batch_size=6 must be divisible by the 4'):
+    config_lib.validate(config, num_devices=4, num_processes=2)
+  config.mesh.data = 3
+  with pytest.raises(config_lib.ConfigError, match='must equal the 4 devices'):
+    config_lib.validate(config, num_devices=4)
+
+
+def test_durations_in_steps_or_epochs():
+  config = fashion_mnist.get_config()  # 5 epochs, eval every epoch, warm-up 300 steps.
+  assert config_lib.steps(config, 'total', 468) == 2340
+  assert config_lib.steps(config, 'eval_every', 468) == 468
+  assert config_lib.steps(config, 'warmup', 468) == 300
+  config.num_train_steps = 10  # Steps, when set, win over epochs.
+  config.eval_every_epochs = 0.5
+  config.warmup_steps = None
+  config.warmup_epochs = 0.25
+  assert config_lib.steps(config, 'total', 468) == 10
+  assert config_lib.steps(config, 'eval_every', 468) == 234
+  assert config_lib.steps(config, 'warmup', 468) == 117
+  config = imagenet.get_config()
+  assert config_lib.steps(config, 'lr_decay', 10_009) == [300_270, 600_540, 800_720]
+  config.lr_decay_steps = (5, 7)
+  assert config_lib.steps(config, 'lr_decay', 10_009) == [5, 7]
+  config.eval_every_epochs = None
+  with pytest.raises(config_lib.ConfigError, match='eval_every_steps and config.eval_every'):
+    config_lib.steps(config, 'eval_every', 10)
+
+
+def test_saved_config_round_trips(tmp_path):
+  config = imagenet.get_config()
+  config_lib.save(config, str(tmp_path))
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['lr_decay_epochs'] == [30, 60, 80]
+  loaded = config_lib.load(str(tmp_path))
+  assert config_lib.differences(config, loaded) == {}
+  assert loaded.pixel_mean == (123.68, 116.78, 103.94)  # Tuples again.
+  assert config_lib.load(str(tmp_path / 'none')) is None
+
+
+def test_rerun_with_a_changed_config_is_refused_unless_allowed(tmp_path):
+  workdir = str(tmp_path)
+  config = fashion_mnist.get_config()
+  assert config_lib.check_rerun(config, workdir) == {}  # A new workdir.
+  config_lib.save(config, workdir)
+  bookkeeping = fashion_mnist.get_config()
+  bookkeeping.update(eval_batch_size=1000, log_every_steps=10, keep_checkpoints=1)
+  bookkeeping.mesh.model = 1
+  assert config_lib.check_rerun(bookkeeping, workdir) == {}
+  changed = fashion_mnist.get_config()
+  changed.update(learning_rate=0.05, seed=3)
+  with pytest.raises(
+    config_lib.ConfigError, match=r'learning_rate: 0.02 -> 0.05; seed: 0 -> 3\). Resuming'
+  ):
+    config_lib.check_rerun(changed, workdir)
+  assert config_lib.check_rerun(changed, workdir, allow_change=True) == {
+    'learning_rate': (0.02, 0.05),
+    'seed': (0, 3),
+  }
+  other_shape = fashion_mnist.get_config()
+  other_shape.num_classes = 20
+  with pytest.raises(config_lib.ConfigError, match='other parameter shapes'):
+    config_lib.check_rerun(other_shape, workdir, allow_change=True)
+
+
+def test_config_for_a_workdir(tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match='pass --config'):
+    config_lib.for_workdir(workdir, None)
+  config_lib.save(fashion_mnist.get_config(), workdir)
+  saved = config_lib.for_workdir(workdir, None, {'eval_crops': 10, 'mesh.model': 1})
+  assert saved.eval_crops == 10 and saved.mesh.model == 1 and saved.num_classes == 10
+  given = imagenet.get_config()  # 1000 classes at 227 px: not this run's shapes.
+  with pytest.raises(config_lib.ConfigError, match=r'num_classes: 10 -> 1000'):
+    config_lib.for_workdir(workdir, given)

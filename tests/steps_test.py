@@ -1,0 +1,82 @@
+"""Tests of the jitted steps: the train step, NaN detection, the compiler options."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from alexnet_jax import sharding
+from alexnet_jax import steps
+from helpers import mesh_of
+from helpers import small_config
+from helpers import train_state
+
+
+def test_cpu_compiler_options_leave_convolutions_to_xla():
+  """The options move the convs out of YNNPACK (see `steps.compiler_options`)."""
+  x, kernel = jnp.ones((2, 27, 27, 48)), jnp.ones((5, 5, 48, 128))
+
+  def conv(x, kernel):
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+
+  def count_ynnpack_calls(**jit_kwargs):
+    hlo = jax.jit(conv, **jit_kwargs).lower(x, kernel).compile().as_text()
+    return hlo.count('%ynn_fusion')
+
+  # Optimised as in training (conftest's fast compiles keep YNNPACK convs regardless).
+  unoptimised = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    assert count_ynnpack_calls() > 0  # jaxlib's default, which the options undo.
+    assert count_ynnpack_calls(compiler_options=steps.compiler_options()) == 0
+  finally:
+    jax.config.update('jax_disable_most_optimizations', unoptimised)
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+  config = small_config(learning_rate=0.001, lr_schedule='constant', dropout_rate=0.0)
+  mesh = mesh_of(1, 1)
+  state, tx = train_state(config, mesh, learning_rate=config.learning_rate)
+  rng = np.random.RandomState(0)
+  batch = {
+    'image': rng.randn(16, 67, 67, 3).astype(np.float32),
+    'label': rng.randint(0, 10, 16).astype(np.int32),
+  }
+  step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
+  params = jax.device_get(state.params)
+  losses = []
+  for i in range(12):
+    state, metrics = step(state, sharding.global_batch(mesh, batch), jax.random.key(1))
+    losses.append(float(metrics['loss']))
+    if i == 0:
+      # The reported gradient norm is that of the loss's gradient (no dropout here).
+      model_loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        nnx.merge(steps.graphdefs(config)[1], p)(batch['image']), batch['label']
+      ).mean()
+      grads = jax.grad(model_loss)(params)
+      expected = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+      assert float(metrics['grad_norm']) == pytest.approx(expected, rel=1e-4)
+  assert int(state.step) == 12
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_all_finite_sees_one_nan_or_inf_anywhere():
+  tree = {'a': jnp.ones((3, 4)), 'b': [jnp.zeros(5), jnp.arange(3.0)]}
+  assert bool(steps.all_finite(tree))
+  for bad in (np.nan, np.inf, -np.inf):
+    broken = jax.tree.map(lambda x: x, tree)
+    broken['b'][1] = broken['b'][1].at[2].set(bad)
+    assert not bool(steps.all_finite(broken))
+
+
+def test_correct_topk_counts_the_label_among_the_k_highest():
+  logits = jnp.array([[0.1, 0.5, 0.2, 0.9, 0.0, 0.3], [3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+  np.testing.assert_array_equal(steps.correct_topk(logits, jnp.array([1, 0]), 1), [0, 1])
+  np.testing.assert_array_equal(steps.correct_topk(logits, jnp.array([1, 5]), 5), [1, 0])
+  np.testing.assert_array_equal(  # k above the class count: every label counts.
+    steps.correct_topk(logits[:, :3], jnp.array([2, 2]), 5), [1, 1]
+  )
