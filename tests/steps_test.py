@@ -1,5 +1,8 @@
 """Tests of the jitted steps: the train step, NaN detection, the compiler options."""
 
+import subprocess
+import sys
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import pytest
 
 from alexnet_jax import sharding
 from alexnet_jax import steps
+from helpers import REPO
 from helpers import mesh_of
 from helpers import small_config
 from helpers import train_state
@@ -80,3 +84,17 @@ def test_correct_topk_counts_the_label_among_the_k_highest():
   np.testing.assert_array_equal(  # k above the class count: every label counts.
     steps.correct_topk(logits[:, :3], jnp.array([2, 2]), 5), [1, 1]
   )
+
+
+def test_steps_and_benchmarks_import_without_tensorflow():
+  """The GPU machines have JAX but no TensorFlow: the model, the steps, checkpoints and
+  the train-step benchmark must not import it."""
+  code = (
+    "import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+    'import alexnet_jax.steps, alexnet_jax.checkpoints, alexnet_jax.optimizers\n'
+    'import alexnet_jax.config_lib, benchmarks.train_throughput'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+  )
+  assert result.returncode == 0, result.stderr[-2000:]

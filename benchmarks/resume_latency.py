@@ -1,0 +1,67 @@
+"""Time from `train_batches(start_step)` to the first batch, against the resume epoch.
+
+  python -m benchmarks.resume_latency [--num_images=2000] [--epochs=0,5,20,40]
+
+Writes `--num_images` random 160×120 JPEGs as an image folder (ImageNet config, paper
+augmentation, batch 128) and resumes its train stream at the start of each epoch
+listed and halfway through the last one. A resume builds its epoch directly and skips
+within it only (`input_pipeline.create_datasets`), so the time should not grow with the
+epoch; halfway through an epoch it reads up to that epoch's examples once more.
+"""
+
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from alexnet_jax import input_pipeline
+from configs import imagenet
+
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Generated JPEGs.')
+_EPOCHS = flags.DEFINE_list('epochs', ['0', '5', '20', '40'], 'Resume epochs.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per epoch; the median is printed.')
+
+
+def write_image_folder(root: str, num_images: int, num_classes: int = 10):
+  """`num_images` random 160×120 JPEGs in root/train/<class>/ and a few in root/val/."""
+  rng = np.random.RandomState(0)
+  for split, count in (('train', num_images), ('val', num_classes)):
+    for i in range(count):
+      folder = os.path.join(root, split, f'class{i % num_classes}')
+      os.makedirs(folder, exist_ok=True)
+      Image.fromarray(rng.randint(0, 256, (120, 160, 3), np.uint8)).save(
+          os.path.join(folder, f'{i}.jpg'), quality=90)
+
+
+def first_batch_seconds(data: input_pipeline.Datasets, step: int) -> float:
+  start = time.perf_counter()
+  next(data.train_batches(start_step=step))
+  return time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as root:
+    write_image_folder(root, _NUM_IMAGES.value)
+    config = imagenet.get_config()
+    config.update(dataset='image_folder', manual_dir=root, test_split='val', num_classes=10)
+    data = input_pipeline.create_datasets(config)
+    steps_per_epoch = data.steps_per_epoch
+    print(f'{_NUM_IMAGES.value} JPEGs of 160×120, batch {config.batch_size}: '
+          f'{steps_per_epoch} steps per epoch')
+    first_batch_seconds(data, 0)  # Warm-up: file caches, tf.data's first graph.
+    epochs = [float(e) for e in _EPOCHS.value]
+    epochs.append(epochs[-1] + 0.5)
+    for epoch in epochs:
+      step = int(epoch * steps_per_epoch)
+      seconds = sorted(first_batch_seconds(data, step) for _ in range(_REPEATS.value))
+      print(f'resume at epoch {epoch:5.1f} (step {step:5d}): first batch after '
+            f'{seconds[len(seconds) // 2]:.2f} s (median of {len(seconds)})')
+
+
+if __name__ == '__main__':
+  app.run(main)
