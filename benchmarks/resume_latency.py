@@ -34,7 +34,8 @@ def write_image_folder(root: str, num_images: int, num_classes: int = 10):
       folder = os.path.join(root, split, f'class{i % num_classes}')
       os.makedirs(folder, exist_ok=True)
       Image.fromarray(rng.randint(0, 256, (120, 160, 3), np.uint8)).save(
-          os.path.join(folder, f'{i}.jpg'), quality=90)
+        os.path.join(folder, f'{i}.jpg'), quality=90
+      )
 
 
 def first_batch_seconds(data: input_pipeline.Datasets, step: int) -> float:
@@ -51,16 +52,20 @@ def main(argv):
     config.update(dataset='image_folder', manual_dir=root, test_split='val', num_classes=10)
     data = input_pipeline.create_datasets(config)
     steps_per_epoch = data.steps_per_epoch
-    print(f'{_NUM_IMAGES.value} JPEGs of 160×120, batch {config.batch_size}: '
-          f'{steps_per_epoch} steps per epoch')
+    print(
+      f'{_NUM_IMAGES.value} JPEGs of 160×120, batch {config.batch_size}: '
+      f'{steps_per_epoch} steps per epoch'
+    )
     first_batch_seconds(data, 0)  # Warm-up: file caches, tf.data's first graph.
     epochs = [float(e) for e in _EPOCHS.value]
     epochs.append(epochs[-1] + 0.5)
     for epoch in epochs:
       step = int(epoch * steps_per_epoch)
       seconds = sorted(first_batch_seconds(data, step) for _ in range(_REPEATS.value))
-      print(f'resume at epoch {epoch:5.1f} (step {step:5d}): first batch after '
-            f'{seconds[len(seconds) // 2]:.2f} s (median of {len(seconds)})')
+      print(
+        f'resume at epoch {epoch:5.1f} (step {step:5d}): first batch after '
+        f'{seconds[len(seconds) // 2]:.2f} s (median of {len(seconds)})'
+      )
 
 
 if __name__ == '__main__':
