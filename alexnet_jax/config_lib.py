@@ -127,7 +127,7 @@ RULES: dict[str, _Rule] = {
   'deterministic_input': _BOOL,
   'image_size': _int(67),  # The smallest input with a 1×1 pool5.
   'resize_size': _int(67),
-  'resize': _choice('shorter_side', 'square'),
+  'resize': _choice('shorter_side', 'square', 'pad'),
   'augment.crop': _choice('paper', 'inception'),
   'augment.flip': _BOOL,
   'augment.pca_lighting_stddev': _number(0),

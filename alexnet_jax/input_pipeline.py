@@ -45,11 +45,18 @@ def rescale(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
   `config.resize` 'shorter_side' is the paper's (Sec. 2): shorter side to 256, then
   the central 256×256 patch. 'square' warps the whole image to 256×256 with plain
   bilinear interpolation, as Caffe's ImageNet data were made (convert_imageset
-  --resize_height=256 --resize_width=256, OpenCV INTER_LINEAR).
+  --resize_height=256 --resize_width=256, OpenCV INTER_LINEAR). 'pad' warps it to
+  `image_size`² and pads it with black (0) to `resize_size`², so that a random crop is
+  a random translation and the central crop the whole image (for small images that
+  fill their frame, e.g. Fashion-MNIST's).
   """
   if config.resize == 'square':
     size = (config.resize_size, config.resize_size)
     return tf.image.resize(image, size, method='bilinear', antialias=False)
+  if config.resize == 'pad':
+    image = tf.image.resize(image, (config.image_size, config.image_size), antialias=True)
+    border = config.resize_size - config.image_size
+    return tf.pad(image, [(border // 2, border - border // 2)] * 2 + [(0, 0)])
   return central_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
 
 

@@ -42,6 +42,9 @@ _MODE = flags.DEFINE_enum(
 _CHECKPOINT_STEP = flags.DEFINE_integer(
   'checkpoint_step', None, 'With --mode=eval: the step to evaluate; default the latest.'
 )
+_PLOTS = flags.DEFINE_bool(
+  'plots', True, "After training, draw the run's pictures to <workdir>/plots/ (see README)."
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   'allow_config_change',
   False,
@@ -153,18 +156,24 @@ def _run():
     # Several processes leave SIGTERM to JAX's preemption service, which makes them
     # all stop at the same step.
     signal.signal(signal.SIGTERM, train.request_stop)
-  train_and_plot(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  train_and_plot(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value, draw=_PLOTS.value)
 
 
 def train_and_plot(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  draw: bool = True,
 ) -> dict:
-  """`train.train_and_evaluate`, then the run's pictures (`plots.write_all`).
+  """`train.train_and_evaluate`, then (if `draw`) the run's pictures (`plots.write_all`).
 
   A plotting error is logged, never raised: the finished run stays finished.
   """
   results = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
   logging.info('Results: %s', results)
+  if not draw:
+    return results
   try:  # Pictures are a convenience: never lose a finished run to a plotting error.
     from alexnet_jax import plots  # pylint: disable=g-import-not-at-top
 

@@ -111,8 +111,10 @@ def train_step(
 
   `apply_fn(params, images, dropout_key) -> logits` is the model in train mode,
   e.g. `sharding.sharded_apply(train_graphdef, ...)`. Returns the new state and
-  the batch's mean loss, top-1 and top-5 accuracy, and the gradients' global L2
-  norm (`grad_norm`: with the loss, what the loop checks for NaN and Inf).
+  the batch's mean loss, top-1 and top-5 accuracy, and `finite`: 1.0 when the loss
+  and every gradient are finite (the loop's NaN check; the gradients' sum carries
+  any NaN or Inf among them at the cost of one reduction, where a global norm
+  costs ~10% of a CPU step: its squares are materialised next to the update).
   """
   dropout_key = jax.random.fold_in(dropout_rng, state.step)
 
@@ -123,11 +125,12 @@ def train_step(
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_sum = sum(jnp.sum(g) for g in jax.tree.leaves(grads))
   metrics = {
     'loss': loss,
     'top1': correct_topk(logits, batch['label'], 1).mean(),
     'top5': correct_topk(logits, batch['label'], 5).mean(),
-    'grad_norm': optax.tree.norm(grads),
+    'finite': (jnp.isfinite(loss) & jnp.isfinite(grad_sum)).astype(jnp.float32),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

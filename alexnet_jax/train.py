@@ -104,7 +104,7 @@ class _MetricsLog:
 
 
 def _nonfinite_error(
-  step: int, metrics: dict[str, float], config: ml_collections.ConfigDict, checkpoint_dir: str
+  step: int, what: str, config: ml_collections.ConfigDict, checkpoint_dir: str
 ) -> FloatingPointError:
   causes = [
     f'a learning rate too high for this run (config.learning_rate='
@@ -119,18 +119,22 @@ def _nonfinite_error(
     )
   causes.append('bad input data (check the dataset and config.pixel_std)')
   return FloatingPointError(
-    f'Step {step} is not finite (train loss {metrics["loss"]}, gradient norm '
-    f'{metrics["grad_norm"]}); the run stops without keeping it. Likely cause: '
-    f'{"; or ".join(causes)}. A rerun resumes from the last checkpoint in '
+    f'Step {step} is not finite ({what}); the run stops without keeping it. Likely '
+    f'cause: {"; or ".join(causes)}. A rerun resumes from the last checkpoint in '
     f'{checkpoint_dir}, which is finite.'
   )
 
 
 def _check_finite(window: list[tuple[int, dict]], config, checkpoint_dir: str):
-  """Raises for the first step of `window` whose loss or gradient norm is NaN or Inf."""
+  """Raises for the first step of `window` whose loss or gradients hold a NaN or Inf."""
   for step, metrics in jax.device_get(window):
-    if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
-      raise _nonfinite_error(step, metrics, config, checkpoint_dir)
+    if not metrics['finite']:
+      what = (
+        f'train loss {metrics["loss"]}'
+        if not np.isfinite(metrics['loss'])
+        else f'train loss {metrics["loss"]:.4f}, but NaN or Inf gradients'
+      )
+      raise _nonfinite_error(step, what, config, checkpoint_dir)
 
 
 def _record_config(config, workdir: str, changes: dict, step: int):
@@ -233,7 +237,9 @@ def train_and_evaluate(
     if itstime(step, every['log_every'], num_steps):
       _check_finite(window[checked:], config, checkpoint_dir)
       rows = jax.device_get([m for _, m in window])
-      summary = {f'train_{k}': float(np.mean([r[k] for r in rows])) for k in rows[0]}
+      summary = {
+        f'train_{k}': float(np.mean([r[k] for r in rows])) for k in ('loss', 'top1', 'top5')
+      }
       summary['train_images_per_sec'] = chrono.window(len(window))
       summary['learning_rate'] = float(schedule(step - 1))
       summary['epoch'] = step / steps_per_epoch
@@ -267,7 +273,7 @@ def train_and_evaluate(
       if not steps_lib.all_finite(state.params):
         raise _nonfinite_error(
           step,
-          {'loss': 'finite', 'grad_norm': 'finite, but the update left NaN or Inf parameters'},
+          'finite loss and gradients, but NaN or Inf parameters after the update',
           config,
           checkpoint_dir,
         )

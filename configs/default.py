@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 227
   config.resize_size = 256
   # 'shorter_side': the paper's rescale, then the central resize_size² patch;
-  # 'square': warp to resize_size² (how Caffe's ImageNet LMDBs were made).
+  # 'square': warp to resize_size² (how Caffe's ImageNet LMDBs were made); 'pad':
+  # warp to image_size² and pad with black to resize_size² (random translations).
   config.resize = 'shorter_side'
   config.augment = ml_collections.ConfigDict()
   config.augment.crop = 'paper'  # Or 'inception' (random-resized, as torchvision's recipe).

@@ -43,6 +43,20 @@ def fashion_mnist_as_is(monkeypatch):
   )
 
 
+@pytest.fixture
+def one_device(monkeypatch):
+  """Meshes created from a config (the loop, evaluation, plots) use the first simulated
+  device only: the loop's tests need no mesh; sharding_test covers the meshes."""
+  from alexnet_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  create_mesh = sharding.create_mesh
+  monkeypatch.setattr(
+    sharding,
+    'create_mesh',
+    lambda mesh_config, devices=None: create_mesh(mesh_config, devices or jax.devices()[:1]),
+  )
+
+
 @pytest.fixture(scope='session')
 def toy_image_folder(tmp_path_factory):
   """A small image-folder dataset on disk (helpers.write_image_folder), for commands run

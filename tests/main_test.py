@@ -71,7 +71,7 @@ def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(toy_image_folde
   exit status is 1 (a cluster requeues), and the same command resumes and finishes;
   run once more, a finished run only evaluates and reports the same results."""
   workdir = tmp_path / 'run'
-  args = [f'--workdir={workdir}', *folder_flags(toy_image_folder, num_train_steps=12)]
+  args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=12)]
   log_dir = tmp_path / 'logs'
   os.makedirs(log_dir)
   log = log_dir / 'process0.log'

@@ -44,7 +44,9 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
   assert (workdir / 'plots' / 'confusion_matrix.png').exists()
 
   one = tmp_path / 'one'
-  [log] = run(1, 2, [f'--workdir={one}', *folder_flags(toy_image_folder)], tmp_path / 'logs1')
+  [log] = run(
+    1, 2, [f'--workdir={one}', '--noplots', *folder_flags(toy_image_folder)], tmp_path / 'logs1'
+  )
   for step, loss in train_losses(log).items():
     assert loss == pytest.approx(losses[0][step], rel=1e-5)
   assert read_json(one / 'results.json')['test_loss'] == pytest.approx(
@@ -70,7 +72,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
   SIGTERM to process 1 alone: both checkpoint the same step and exit 1; the rerun, on
   one process, restores that checkpoint and finishes."""
   workdir = tmp_path / 'run'
-  args = [f'--workdir={workdir}', *folder_flags(toy_image_folder, num_train_steps=30)]
+  args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=30)]
   log_dir = tmp_path / 'logs'
   os.makedirs(log_dir)
   with processes(2, 2, args, log_dir) as running:

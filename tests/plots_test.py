@@ -163,9 +163,9 @@ def test_confusion_matrix_shows_counts_coloured_by_fraction():
 
 
 @pytest.fixture
-def tiny_workdir(tmp_path, fashion_mnist_as_is):
+def tiny_workdir(tmp_path, fashion_mnist_as_is, one_device):
   """Fake metrics and a real (untrained) checkpoint at step 7, under mock Fashion-MNIST."""
-  del fashion_mnist_as_is
+  del fashion_mnist_as_is, one_device
   config = fashion_mnist.get_config()
   config.eval_batch_size = 16
   params = save_checkpoint(config, str(tmp_path), 7, seed=3)
