@@ -3,12 +3,9 @@
 import subprocess
 import sys
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import pytest
 
 from alexnet_jax import sharding
 from alexnet_jax import steps
@@ -51,9 +48,8 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
     'label': rng.randint(0, 10, 16).astype(np.int32),
   }
   step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
-  params = jax.device_get(state.params)
   losses = []
-  for i in range(12):
+  for _ in range(12):
     state, metrics = step(state, sharding.global_batch(mesh, batch), jax.random.key(1))
     losses.append(float(metrics['loss']))
     assert float(metrics['finite']) == 1.0
