@@ -285,6 +285,7 @@ def create_datasets(
       source = source.cache()
 
     def epoch(index):
+      # A distinct shuffle seed for every (config.seed < 1_000_003, epoch) pair.
       seed = tf.cast(index, tf.int64) * 1_000_003 + config.seed
       return source.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * rows)
 

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -150,32 +149,6 @@ def test_collectives_only_where_the_towers_communicate():
   assert 'all-gather' in collectives(tower_local_hlo(mesh, conv3, params, jnp.ones((2, 3, 3, 256))))
 
 
-def test_checkpoint_from_two_devices_restores_on_one(tmp_path):
-  batch = fixed_batch()
-  mesh2 = mesh_of(1, 2)
-  state2, train_fn, _, eval_graphdef = setup(mesh2)
-  state2, _ = train_fn(state2, sharding.global_batch(mesh2, batch), jax.random.key(1))
-  with ocp.CheckpointManager(tmp_path) as manager:
-    manager.save(1, args=ocp.args.StandardSave(state2))
-  mesh1 = mesh_of(1, 1)
-  target, _, _, _ = setup(mesh1)
-  with ocp.CheckpointManager(tmp_path) as manager:
-    state1 = manager.restore(1, args=ocp.args.StandardRestore(target))
-
-  assert int(state1.step) == 1
-  assert state1.params['conv2']['kernel'].sharding.mesh.size == 1
-  logits1 = sharding.sharded_apply(eval_graphdef, state1.params, mesh1)(
-    state1.params, sharding.global_batch(mesh1, batch)['image'], jax.random.key(0)
-  )
-  logits2 = sharding.sharded_apply(eval_graphdef, state2.params, mesh2)(
-    state2.params, sharding.global_batch(mesh2, batch)['image'], jax.random.key(0)
-  )
-  np.testing.assert_allclose(logits1, logits2, rtol=1e-5, atol=1e-6)
-  # And the plain, unsharded module gives the same.
-  model = nnx.merge(eval_graphdef, jax.device_get(state1.params))
-  np.testing.assert_allclose(model(jnp.asarray(batch['image'])), logits1, rtol=1e-5, atol=1e-6)
-
-
 def abstract_params():
   return jax.eval_shape(lambda: steps.init_params(fashion_mnist.get_config(), jax.random.key(0)))
 
@@ -210,3 +183,15 @@ def test_the_placement_overview_names_each_parameter_and_its_rule():
     "(rule '(.*/)?conv[1-5]/kernel')"
   ) in lines
   assert "  fc8/bias (10,) -> P()  (rule '(.*/)?fc8/(kernel|bias)')" in lines
+
+
+def test_joining_a_job_needs_its_whole_description(monkeypatch):
+  monkeypatch.delenv('SLURM_NTASKS', raising=False)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1234')
+  with pytest.raises(ValueError, match=r'is set, but not the process count and id: pass'):
+    sharding.initialize_distributed()
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  with pytest.raises(ValueError, match=r'process_id=None\), or SLURM'):
+    sharding.initialize_distributed('127.0.0.1:1234', 2, None)
+  sharding.initialize_distributed()  # A single-process run: nothing to join.
+  assert jax.process_count() == 1
