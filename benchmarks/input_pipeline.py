@@ -15,28 +15,13 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-import numpy as np
-from PIL import Image
 
 from alexnet_jax import input_pipeline
+from benchmarks.image_folder import write_image_folder
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 512, 'Generated JPEGs (ImageNet config).')
 _BATCHES = flags.DEFINE_integer('batches', 20, 'Timed batches, after 2 warm-up batches.')
 config_flags.DEFINE_config_file('config', 'configs/imagenet.py', 'Input settings.')
-
-
-def write_image_folder(root: str, num_images: int, num_classes: int = 2):
-  """`num_images` random 500×375 JPEGs in root/train/<class>/ and a small root/val/."""
-  rng = np.random.RandomState(0)
-  for split, count in (('train', num_images), ('val', num_classes)):
-    for i in range(count):
-      folder = os.path.join(root, split, f'class{i % num_classes}')
-      os.makedirs(folder, exist_ok=True)
-      # Smooth noise compresses like a photo, unlike white noise.
-      small = rng.randint(0, 256, (24, 32, 3), np.uint8)
-      Image.fromarray(small).resize((500, 375), Image.BILINEAR).save(
-        os.path.join(folder, f'{i}.jpg'), quality=90
-      )
 
 
 def main(argv):

@@ -9,33 +9,19 @@ within it only (`input_pipeline.create_datasets`), so the time should not grow w
 epoch; halfway through an epoch it reads up to that epoch's examples once more.
 """
 
-import os
 import tempfile
 import time
 
 from absl import app
 from absl import flags
-import numpy as np
-from PIL import Image
 
 from alexnet_jax import input_pipeline
+from benchmarks.image_folder import write_image_folder
 from configs import imagenet
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Generated JPEGs.')
 _EPOCHS = flags.DEFINE_list('epochs', ['0', '5', '20', '40'], 'Resume epochs.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per epoch; the median is printed.')
-
-
-def write_image_folder(root: str, num_images: int, num_classes: int = 10):
-  """`num_images` random 160×120 JPEGs in root/train/<class>/ and a few in root/val/."""
-  rng = np.random.RandomState(0)
-  for split, count in (('train', num_images), ('val', num_classes)):
-    for i in range(count):
-      folder = os.path.join(root, split, f'class{i % num_classes}')
-      os.makedirs(folder, exist_ok=True)
-      Image.fromarray(rng.randint(0, 256, (120, 160, 3), np.uint8)).save(
-        os.path.join(folder, f'{i}.jpg'), quality=90
-      )
 
 
 def first_batch_seconds(data: input_pipeline.Datasets, step: int) -> float:
@@ -47,7 +33,7 @@ def first_batch_seconds(data: input_pipeline.Datasets, step: int) -> float:
 def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as root:
-    write_image_folder(root, _NUM_IMAGES.value)
+    write_image_folder(root, _NUM_IMAGES.value, num_classes=10, size=(160, 120))
     config = imagenet.get_config()
     config.update(dataset='image_folder', manual_dir=root, test_split='val', num_classes=10)
     data = input_pipeline.create_datasets(config)
