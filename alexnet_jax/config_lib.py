@@ -139,7 +139,7 @@ RULES: dict[str, _Rule] = {
   'dtype': _choice(*DTYPES),
   'batch_size': _POSITIVE_INT,
   'eval_batch_size': _POSITIVE_INT,
-  'eval_crops': _choice(1, 10),
+  'eval_crops': _choice(1, 2, 10),
   'learning_rate': _number(0, low_open=True),
   'lr_schedule': _choice('step', 'cosine', 'constant'),
   'lr_decay_steps': _optional(_sequence(_int(1))),

@@ -170,21 +170,26 @@ def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Ten
 
 
 def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) -> tf.Tensor:
-  """Decode, rescale, crop, normalize: `[S, S, 3]`, or `[10, S, S, 3]` for `crops=10`.
+  """Decode, rescale, crop, normalize: `[S, S, 3]`, or `[crops, S, S, 3]`.
 
   1 crop is the central patch of the `rescale`d image; 10 are its `ten_crops`, as
-  the paper tests (Sec. 4.1).
+  the paper tests (Sec. 4.1); 2 are the central patch and its reflection, the same
+  test where the rescaled image is the patch itself (resize_size = image_size, where
+  the 10 crops hold 5 copies of each).
 
   Raises:
-    ValueError: if `crops` is not 1 or 10.
+    ValueError: if `crops` is not 1, 2 or 10.
   """
   image = rescale(decode(encoded), config)
-  if crops == 1:
-    image = central_crop(image, config.image_size)
-  elif crops == 10:
-    image = ten_crops(image, config.image_size)
-  else:
-    raise ValueError(f'crops={crops}: use 1 (central patch) or 10 (Sec. 4.1).')
+  if crops == 10:
+    return normalize(ten_crops(image, config.image_size), config.pixel_mean, config.pixel_std)
+  if crops not in (1, 2):
+    raise ValueError(
+      f'crops={crops}: use 1 (central patch), 2 (and its reflection) or 10 (Sec. 4.1).'
+    )
+  image = central_crop(image, config.image_size)
+  if crops == 2:
+    image = tf.stack([image, tf.reverse(image, axis=[1])])
   return normalize(image, config.pixel_mean, config.pixel_std)
 
 

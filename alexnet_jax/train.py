@@ -215,7 +215,9 @@ def train_and_evaluate(
 
   train_step = steps_lib.jit_train_step(mesh, train_graphdef, state, tx)
   eval_step = steps_lib.jit_eval_step(mesh, eval_graphdef, state.params)
-  test_batches = lambda: (sharding.global_batch(mesh, b) for b in data.test_batches())
+  test_batches = lambda: (
+    sharding.global_batch(mesh, b) for b in data.test_batches(crops=config.eval_crops)
+  )
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), initial_step)
   report_progress = periodic_actions.ReportProgress(
