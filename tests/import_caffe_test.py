@@ -34,6 +34,9 @@ CONV = {
   'conv4': (384, 192, 3, 1, 1, 2),
   'conv5': (256, 192, 3, 1, 1, 2),
 }
+# One worker builds the module's 61M-weight fixture (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('bvlc_alexnet')
+
 FC = {'fc6': (4096, 256 * 6 * 6), 'fc7': (4096, 4096), 'fc8': (1000, 4096)}
 
 

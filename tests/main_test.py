@@ -68,8 +68,7 @@ def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
 
 def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(toy_image_folder, tmp_path):
   """main's own SIGTERM handler (one process): the current step is checkpointed, the
-  exit status is 1 (a cluster requeues), and the same command resumes and finishes;
-  run once more, a finished run only evaluates and reports the same results."""
+  exit status is 1 (a cluster requeues), and the same command resumes and finishes."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=12)]
   log_dir = tmp_path / 'logs'
@@ -89,12 +88,4 @@ def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(toy_image_folde
   [log] = run(1, 1, args, tmp_path / 'rerun')
   assert f'Resumed from step {stopped}' in log
   with open(workdir / 'results.json') as f:
-    results = json.load(f)
-  assert results['step'] == 12
-  [log] = run(1, 1, args, tmp_path / 'again')
-  assert 'Resumed from step 12' in log and '] [13] ' not in log
-  with open(workdir / 'results.json') as f:
-    again = json.load(f)
-  assert {k: again[k] for k in ('step', 'test_loss', 'test_top1', 'n_test_examples')} == {
-    k: results[k] for k in ('step', 'test_loss', 'test_top1', 'n_test_examples')
-  }
+    assert json.load(f)['step'] == 12

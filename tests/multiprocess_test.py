@@ -29,8 +29,9 @@ def read_json(path):
 
 def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_path):
   """2 processes × 1 device, mesh (data 1, model 2): each holds one tower of the same
-  rows. Same step and metrics in both logs as in a 1-process run on 2 devices; every
-  test image counted once; `--mode=eval` on 2 processes = on 1 process."""
+  rows. Same step and metrics in both logs; every test image counted once; plots
+  drawn without leaving process 1 waiting; `--mode=eval` on 2 processes (2 × 2 mesh)
+  = on 1 process (1 device) = the run's own last evaluation."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', *folder_flags(toy_image_folder)]
   logs = run(2, 1, args, tmp_path / 'logs')
@@ -42,16 +43,6 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
   results = read_json(workdir / 'results.json')
   assert results['step'] == 4 and results['n_test_examples'] == NUM_TEST_IMAGES
   assert (workdir / 'plots' / 'confusion_matrix.png').exists()
-
-  one = tmp_path / 'one'
-  [log] = run(
-    1, 2, [f'--workdir={one}', '--noplots', *folder_flags(toy_image_folder)], tmp_path / 'logs1'
-  )
-  for step, loss in train_losses(log).items():
-    assert loss == pytest.approx(losses[0][step], rel=1e-5)
-  assert read_json(one / 'results.json')['test_loss'] == pytest.approx(
-    results['test_loss'], rel=1e-5
-  )
 
   # The checkpoint evaluated by a 2 × 2 job (2 parts of the test split) and by one
   # process on one device.

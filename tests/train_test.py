@@ -66,6 +66,15 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
   for a, b in zip(full_rows, resumed_rows, strict=True):
     assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-6)
 
+  # Run once more, a finished run trains nothing and reports the same test metrics.
+  with tfds.testing.mock_data(num_examples=64):
+    again = train.train_and_evaluate(config, full)
+  assert again['step'] == 12 and again['train_images_per_sec'] is None
+  assert again['n_test_examples'] == results['n_test_examples']
+  assert again['test_loss'] == pytest.approx(results['test_loss'], rel=1e-6)
+  assert again['test_top1'] == results['test_top1']
+  assert [r['step'] for r in train_rows(read_metrics(full))] == list(range(1, 13))
+
 
 def test_results_survive_a_plotting_error(tmp_path, monkeypatch, caplog):
   def broken(*unused_args):
