@@ -262,66 +262,66 @@ wait $trainer
 """
 
 
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'Sweep directory: one subdirectory per run.', required=True
-)
-config_flags.DEFINE_config_file(
-  'config',
-  None,
-  'Training config file (optionally FILE:ARG); its sweep(add) gives '
-  'the runs unless --sweep is given. --config.KEY=VALUE applies to every run.',
-  lock_config=True,
-)
-_SWEEP = flags.DEFINE_multi_string(
-  'sweep',
-  [],
-  "An axis KEY=[V1,V2,...], e.g. 'config.seed=[0,1]'; several are "
-  "crossed (or zipped with --zip). Replaces the config's sweep().",
-)
-_ZIP = flags.DEFINE_bool('zip', False, 'Zip the --sweep axes instead of crossing them.')
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local runs at a time.', lower_bound=1)
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs and commands; run nothing.')
-_BACKEND = flags.DEFINE_enum(
-  'backend', 'local', ['local', 'slurm'], 'local: subprocesses here; slurm: an sbatch job array.'
-)
-_NODES = flags.DEFINE_integer('slurm_nodes', 1, 'Nodes per run (slurm).', lower_bound=1)
-_GPUS = flags.DEFINE_integer(
-  'slurm_gpus_per_node', 1, 'GPUs per node (slurm); 0: none.', lower_bound=0
-)
-_SBATCH = flags.DEFINE_multi_string(
-  'sbatch', [], "Extra #SBATCH option (slurm), e.g. 'partition=gpu', 'time=24:00:00'."
-)
+def define_flags():
+  """Defines the command's flags (at run time only, so that importing this module
+  next to alexnet_jax.main, e.g. in tests, defines no flag twice)."""
+  flags.DEFINE_string('workdir', None, 'Sweep directory: one subdirectory per run.', required=True)
+  config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Training config file (optionally FILE:ARG); its sweep(add) gives '
+    'the runs unless --sweep is given. --config.KEY=VALUE applies to every run.',
+    lock_config=True,
+  )
+  flags.DEFINE_multi_string(
+    'sweep',
+    [],
+    "An axis KEY=[V1,V2,...], e.g. 'config.seed=[0,1]'; several are "
+    "crossed (or zipped with --zip). Replaces the config's sweep().",
+  )
+  flags.DEFINE_bool('zip', False, 'Zip the --sweep axes instead of crossing them.')
+  flags.DEFINE_integer('parallel', 1, 'Local runs at a time.', lower_bound=1)
+  flags.DEFINE_bool('dry_run', False, 'Print the runs and commands; run nothing.')
+  flags.DEFINE_enum(
+    'backend', 'local', ['local', 'slurm'], 'local: subprocesses here; slurm: an sbatch job array.'
+  )
+  flags.DEFINE_integer('slurm_nodes', 1, 'Nodes per run (slurm).', lower_bound=1)
+  flags.DEFINE_integer('slurm_gpus_per_node', 1, 'GPUs per node (slurm); 0: none.', lower_bound=0)
+  flags.DEFINE_multi_string(
+    'sbatch', [], "Extra #SBATCH option (slurm), e.g. 'partition=gpu', 'time=24:00:00'."
+  )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config_flag = flags.FLAGS['config']
+  FLAGS = flags.FLAGS
+  config_flag = FLAGS['config']
   if config_flag.value is None:
     raise app.UsageError('--config is required.')
   # Absolute, since the runs start in the repository root.
   path, sep, arg = config_flag.config_filename.partition(':')
   config_arg = os.path.abspath(path) + sep + arg
   passthrough = dict(config_flag.override_values)
-  if _SWEEP.value:
-    axes = dict(parse_axis(spec) for spec in _SWEEP.value)
-    points = zip_axes(**axes) if _ZIP.value else product(**axes)
+  if FLAGS.sweep:
+    axes = dict(parse_axis(spec) for spec in FLAGS.sweep)
+    points = zip_axes(**axes) if FLAGS.zip else product(**axes)
   else:
     points = config_sweep(os.path.abspath(path))
-  sweep_workdir = os.path.abspath(_WORKDIR.value)
+  sweep_workdir = os.path.abspath(FLAGS.workdir)
   runs = expand(points, sweep_workdir)
   check_overrides(config_flag.value, runs, passthrough)
   todo = [run for run in runs if not run.finished]
   commands = [command(run, config_arg, passthrough) for run in todo]
   logging.info('%d runs, %d finished, %d to run.', len(runs), len(runs) - len(todo), len(todo))
-  if _DRY_RUN.value or not todo:
+  if FLAGS.dry_run or not todo:
     for run in runs:
       print(f'{run.name}: {"finished" if run.finished else "to run"}, {run.workdir}')
     for cmd in commands:
       print(shlex.join(cmd))
     return
 
-  if _BACKEND.value == 'slurm':
+  if FLAGS.backend == 'slurm':
     for run in todo:
       prepare(run)
     log_dir = os.path.join(sweep_workdir, 'slurm')
@@ -334,9 +334,9 @@ def main(argv):
           commands,
           job_name=os.path.basename(sweep_workdir),
           log_dir=log_dir,
-          nodes=_NODES.value,
-          gpus_per_node=_GPUS.value,
-          sbatch_options=_SBATCH.value,
+          nodes=FLAGS.slurm_nodes,
+          gpus_per_node=FLAGS.slurm_gpus_per_node,
+          sbatch_options=FLAGS.sbatch,
         )
       )
     if shutil.which('sbatch'):
@@ -345,15 +345,16 @@ def main(argv):
       print(f'No sbatch here: wrote {script}; submit it with `sbatch {script}`.')
     return
 
-  statuses = run_local(todo, commands, _PARALLEL.value)
+  statuses = run_local(todo, commands, FLAGS.parallel)
   failed = [name for name, status in statuses.items() if status]
   print(
     f'{len(statuses) - len(failed)} of {len(statuses)} runs finished; '
-    f'`python -m launch.results {_WORKDIR.value}` tabulates the sweep.'
+    f'`python -m launch.results {FLAGS.workdir}` tabulates the sweep.'
   )
   if failed:
     sys.exit(f'Failed (see their train.log): {", ".join(failed)}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

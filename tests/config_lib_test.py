@@ -42,7 +42,7 @@ def test_every_shipped_config_is_valid(get_config):
     ('image_size', 63, 'an integer >= 67'),
     ('init', 'xavier', "one of 'paper', 'he'"),
     ('lr_schedule', 'linear', "one of 'step', 'cosine', 'constant'"),
-    ('eval_crops', 5, 'one of 1, 10'),
+    ('eval_crops', 5, 'one of 1, 2, 10'),
     ('lrn', 'pytorch', "one of 'cuda-convnet', 'paper-text', 'caffe'"),
     ('num_train_steps', 0, 'None or an integer >= 1'),
     ('eval_every_epochs', 0.0, r'None or a number in \(0, inf\)'),
