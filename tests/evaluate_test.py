@@ -1,6 +1,5 @@
 """Tests of checkpoint evaluation: the 10-crop test (Sec. 4.1), counts, meshes, errors."""
 
-import functools
 import json
 import os
 
@@ -17,22 +16,13 @@ from alexnet_jax import input_pipeline
 from alexnet_jax import sharding
 from alexnet_jax import steps
 from alexnet_jax import train
+from helpers import on_devices
 from helpers import save_checkpoint
 from helpers import small_config as base_config
 from helpers import train_state
 
 
 pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is')
-
-
-_CREATE_MESH = sharding.create_mesh
-
-
-def on_devices(monkeypatch, n):
-  """Makes training and evaluation use the first `n` of the 4 simulated devices."""
-  monkeypatch.setattr(
-    sharding, 'create_mesh', functools.partial(_CREATE_MESH, devices=jax.devices()[:n])
-  )
 
 
 def small_config(**overrides):

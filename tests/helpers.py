@@ -1,6 +1,7 @@
 """Small builders the tests share: shrunk configs, meshes, states and saved checkpoints."""
 
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -46,6 +47,16 @@ def mesh_of(data: int, model: int) -> jax.sharding.Mesh:
   """A (data, model) mesh over the first data × model of the simulated CPU devices."""
   return sharding.create_mesh(
     ml_collections.ConfigDict({'data': data, 'model': model}), devices=jax.devices()[: data * model]
+  )
+
+
+_CREATE_MESH = sharding.create_mesh
+
+
+def on_devices(monkeypatch, n: int):
+  """Makes training and evaluation in this process use the first `n` of its devices."""
+  monkeypatch.setattr(
+    sharding, 'create_mesh', functools.partial(_CREATE_MESH, devices=jax.devices()[:n])
   )
 
 

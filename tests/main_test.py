@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+from alexnet_jax import config_lib
+from alexnet_jax import main
 from helpers import REPO
 from helpers import TIMEOUT
 from helpers import folder_flags
+from helpers import on_devices
 from helpers import processes
-from helpers import run
 from helpers import wait_all
 
 
@@ -66,9 +68,12 @@ def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
   assert 'train first' in result.stderr
 
 
-def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(toy_image_folder, tmp_path):
+def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(
+  toy_image_folder, tmp_path, monkeypatch, caplog
+):
   """main's own SIGTERM handler (one process): the current step is checkpointed, the
-  exit status is 1 (a cluster requeues), and the same command resumes and finishes."""
+  exit status is 1 (a cluster requeues), and a rerun resumes and finishes (here in this
+  process; multiprocess_test reruns the command)."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=12)]
   log_dir = tmp_path / 'logs'
@@ -85,7 +90,12 @@ def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(toy_image_folde
   assert stopped < 12 and str(stopped) in os.listdir(workdir / 'checkpoints')
   assert not (workdir / 'results.json').exists()
 
-  [log] = run(1, 1, args, tmp_path / 'rerun')
-  assert f'Resumed from step {stopped}' in log
-  with open(workdir / 'results.json') as f:
-    assert json.load(f)['step'] == 12
+  on_devices(monkeypatch, 1)
+  caplog.set_level('INFO')
+  config = config_lib.for_workdir(str(workdir), None, {})
+  results = main.train_and_plot(config, str(workdir), draw=False)
+  assert f'Resumed from step {stopped}' in caplog.text
+  assert results['step'] == 12
+  with open(workdir / 'metrics.jsonl') as f:
+    logged = [row['step'] for row in map(json.loads, f) if 'train_loss' in row]
+  assert logged == list(range(1, 13))  # Each step once: nothing lost or repeated.

@@ -13,9 +13,12 @@ import time
 
 import pytest
 
+from alexnet_jax import config_lib
+from alexnet_jax import evaluate
 from helpers import NUM_FOLDER_TEST_IMAGES as NUM_TEST_IMAGES
 from helpers import TIMEOUT
 from helpers import folder_flags
+from helpers import on_devices
 from helpers import processes
 from helpers import run
 from helpers import train_losses
@@ -27,11 +30,11 @@ def read_json(path):
     return json.load(f)
 
 
-def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_path):
+def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_path, monkeypatch):
   """2 processes × 1 device, mesh (data 1, model 2): each holds one tower of the same
   rows. Same step and metrics in both logs; every test image counted once; plots
   drawn without leaving process 1 waiting; `--mode=eval` on 2 processes (2 × 2 mesh)
-  = on 1 process (1 device) = the run's own last evaluation."""
+  = this process on 1 device = the run's own last evaluation."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', *folder_flags(toy_image_folder)]
   logs = run(2, 1, args, tmp_path / 'logs')
@@ -45,13 +48,12 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
   assert (workdir / 'plots' / 'confusion_matrix.png').exists()
 
   # The checkpoint evaluated by a 2 × 2 job (2 parts of the test split) and by one
-  # process on one device.
-  eval_args = [f'--workdir={workdir}', '--mode=eval']
-  run(2, 2, eval_args, tmp_path / 'eval2')
+  # process on one device (this one: the CLI's single-process path is main_test's).
+  run(2, 2, [f'--workdir={workdir}', '--mode=eval'], tmp_path / 'eval2')
   two_processes = read_json(workdir / 'eval_4.json')
-  os.remove(workdir / 'eval_4.json')
-  run(1, 1, eval_args, tmp_path / 'eval1')
-  one_process = read_json(workdir / 'eval_4.json')
+  on_devices(monkeypatch, 1)
+  config = config_lib.for_workdir(str(workdir), None, {'mesh.data': 1, 'mesh.model': 1})
+  one_process = evaluate.evaluate_checkpoint(config, str(workdir))
   assert two_processes['n_examples'] == one_process['n_examples'] == NUM_TEST_IMAGES
   assert two_processes['loss'] == pytest.approx(one_process['loss'], abs=1e-5)
   assert two_processes['top1'] == pytest.approx(one_process['top1'], abs=1e-5)
