@@ -5,10 +5,21 @@
 Needs no TensorFlow. FLOPs per step come from XLA's cost analysis of the compiled
 step; the machine's peak is measured in the same run with a large matmul. The last
 line is machine-readable: images_per_sec=… gflops_per_sec=… peak_fraction=…
+
+`--top_ops=N` then traces a few steps with `jax.profiler` and prints where the step's
+time goes: per kind of XLA operation (convolution, dot, fusion, ...) and the N
+slowest single operations, in ms per step (CPU threads' busy time, so kinds running
+side by side can add up to more than the step).
 """
 
+import collections
+import glob
+import gzip
+import json
+import re
 import resource
 import statistics
+import tempfile
 import time
 
 from absl import app
@@ -28,6 +39,7 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', 227, 'Input side in pixels.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed window.')
 _WINDOWS = flags.DEFINE_integer('windows', 3, 'Timed windows; the median is reported.')
 _DTYPE = flags.DEFINE_string('dtype', None, "Compute dtype; default: the config's.")
+_TOP_OPS = flags.DEFINE_integer('top_ops', 0, 'Profile and list the N slowest operations.')
 config_flags.DEFINE_config_file('config', 'configs/imagenet.py', 'Model settings.')
 
 
@@ -50,6 +62,36 @@ def peak_memory_gib() -> float:
   if 'peak_bytes_in_use' in stats:
     return stats['peak_bytes_in_use'] / 2**30
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux.
+
+
+def op_times(run_steps, num_steps: int) -> dict[str, float]:
+  """{XLA operation name: ms per step} from a `jax.profiler` trace of `run_steps()`."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      run_steps()
+    [path] = glob.glob(f'{trace_dir}/**/*.trace.json.gz', recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  times = collections.Counter()
+  for event in events:
+    # XLA's operations, named as in the HLO (e.g. convolution.3, ynn_fusion.12); not
+    # the Python frames ($...) and executor spans around them.
+    if event.get('ph') == 'X' and re.fullmatch(r'[\w.-]+', event['name']):
+      times[event['name']] += event['dur'] / 1e3 / num_steps  # µs in the trace.
+  return times
+
+
+def print_op_times(times: dict[str, float], top: int):
+  kinds = collections.Counter()
+  for name, ms in times.items():
+    kinds[re.sub(r'[.\d]+$', '', name)] += ms
+  print('ms per step by kind of operation:')
+  for kind, ms in kinds.most_common(12):
+    print(f'  {ms:8.2f}  {kind}')
+  print(f'the {top} slowest operations, ms per step:')
+  for name, ms in collections.Counter(times).most_common(top):
+    print(f'  {ms:8.2f}  {name[:100]}')
 
 
 def main(argv):
@@ -104,6 +146,15 @@ def main(argv):
     f'{flops_per_step / config.batch_size / 1e9:.2f} GFLOP per image (XLA cost analysis)'
   )
   print(f'matmul peak: {peak:.0f} GFLOP/s; peak memory: {peak_memory_gib():.2f} GiB')
+  if _TOP_OPS.value:
+
+    def run_steps():
+      nonlocal state
+      for _ in range(_STEPS.value):
+        state, _ = train_step(state, batch, dropout_rng)
+      jax.block_until_ready(state)
+
+    print_op_times(op_times(run_steps, _STEPS.value), _TOP_OPS.value)
   print(
     f'images_per_sec={images_per_sec:.2f} gflops_per_sec={gflops_per_sec:.1f} '
     f'peak_fraction={gflops_per_sec / peak:.3f}'
