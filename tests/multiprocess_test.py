@@ -15,6 +15,7 @@ import pytest
 
 from alexnet_jax import config_lib
 from alexnet_jax import evaluate
+from alexnet_jax import train
 from helpers import NUM_FOLDER_TEST_IMAGES as NUM_TEST_IMAGES
 from helpers import TIMEOUT
 from helpers import folder_flags
@@ -30,11 +31,17 @@ def read_json(path):
     return json.load(f)
 
 
+def logged_losses(workdir) -> dict[int, float]:
+  with open(workdir / 'metrics.jsonl') as f:
+    return {row['step']: row['train_loss'] for row in map(json.loads, f) if 'train_loss' in row}
+
+
 def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_path, monkeypatch):
   """2 processes × 1 device, mesh (data 1, model 2): each holds one tower of the same
-  rows. Same step and metrics in both logs; every test image counted once; plots
-  drawn without leaving process 1 waiting; `--mode=eval` on 2 processes (2 × 2 mesh)
-  = this process on 1 device = the run's own last evaluation."""
+  rows. Same step and metrics in both logs, and as one process with the towers on two
+  devices; every test image counted once; plots drawn without leaving process 1
+  waiting; `--mode=eval` on 2 processes (2 × 2 mesh) = this process on 1 device = the
+  run's own last evaluation."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', *folder_flags(toy_image_folder)]
   logs = run(2, 1, args, tmp_path / 'logs')
@@ -46,6 +53,14 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
   results = read_json(workdir / 'results.json')
   assert results['step'] == 4 and results['n_test_examples'] == NUM_TEST_IMAGES
   assert (workdir / 'plots' / 'confusion_matrix.png').exists()
+  # The same run in this one process, towers on two of its devices.
+  on_devices(monkeypatch, 2)
+  config = config_lib.for_workdir(str(workdir), None, {})
+  in_process = train.train_and_evaluate(config, str(tmp_path / 'in_process'))
+  expected = logged_losses(tmp_path / 'in_process')
+  assert list(expected) == [1, 2, 3, 4]
+  assert logged_losses(workdir) == pytest.approx(expected, rel=1e-5)
+  assert results['test_loss'] == pytest.approx(in_process['test_loss'], rel=1e-5)
 
   # The checkpoint evaluated by a 2 × 2 job (2 parts of the test split) and by one
   # process on one device (this one: the CLI's single-process path is main_test's).
@@ -92,6 +107,4 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
   [log] = run(1, 4, args, tmp_path / 'rerun')
   assert f'Resumed from step {stopped[0]}' in log
   assert read_json(workdir / 'results.json')['step'] == 30
-  with open(workdir / 'metrics.jsonl') as f:
-    steps = [row['step'] for row in map(json.loads, f) if 'train_loss' in row]
-  assert steps == list(range(1, 31))
+  assert list(logged_losses(workdir)) == list(range(1, 31))
