@@ -96,7 +96,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError):
+  except (flags.Error, AttributeError, KeyError) as e:
+    message = str(e)
     valid = list(config_lib.flatten(_load_config(argv)))
     given = [
       arg.removeprefix('--config.').split('=')[0] for arg in argv if arg.startswith('--config.')
@@ -105,8 +106,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     if unknown:
       close = difflib.get_close_matches(unknown[0], valid, n=3)
       hint = f' Did you mean {", ".join(close)}?' if close else ''
-      e = f'Unknown config key {unknown[0]!r}.{hint} Valid keys: {", ".join(valid)}.'
-    sys.stderr.write(f'FATAL Flags parsing error: {e}\n')
+      message = f'Unknown config key {unknown[0]!r}.{hint} Valid keys: {", ".join(valid)}.'
+    sys.stderr.write(f'FATAL Flags parsing error: {message}\n')
     sys.exit(1)
 
 
@@ -128,10 +129,12 @@ def _workdir() -> str:
 
 
 def _config(workdir: str) -> ml_collections.ConfigDict:
-  """--config, or for --mode=eval without one, the run's config.json plus overrides."""
+  """--config; for --mode=eval, checked against the run's config.json (parameter
+  shapes), or without --config, that config.json plus the --config.KEY overrides."""
   config_flag = flags.FLAGS['config']
-  if _MODE.value == 'eval' and not config_flag.present:
-    return config_lib.for_workdir(workdir, None, dict(config_flag.override_values))
+  if _MODE.value == 'eval':
+    given = config_flag.value if config_flag.present else None
+    return config_lib.for_workdir(workdir, given, dict(config_flag.override_values))
   return config_flag.value
 
 

@@ -47,7 +47,7 @@ def learning_curves(train_rows: list[dict], test_rows: list[dict], title: str) -
   """Train and test loss (left) and top-1 (right) vs epoch, from `read_metrics`'s rows;
   1200×450 px."""
   fig = Figure(figsize=(12, 4.5))
-  for ax, metric, title in zip(
+  for ax, metric, panel in zip(
     fig.subplots(1, 2), ('loss', 'top1'), ('cross-entropy loss', 'top-1 accuracy'), strict=True
   ):
     for rows, split, style in ((train_rows, 'train', '-'), (test_rows, 'test', 'o-')):
@@ -55,7 +55,7 @@ def learning_curves(train_rows: list[dict], test_rows: list[dict], title: str) -
         ax.plot(
           [r['epoch'] for r in rows], [r[f'{split}_{metric}'] for r in rows], style, label=split
         )
-    ax.set(xlabel='epoch', title=title)
+    ax.set(xlabel='epoch', title=panel)
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle(title)

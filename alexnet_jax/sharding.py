@@ -37,6 +37,23 @@ PARTITION_RULES = (
 _CATCH_ALL = PARTITION_RULES[-1][0]
 
 
+def _slurm_local_device_ids() -> list[int] | None:
+  """All GPUs SLURM gave this task, when it started one task per node; else None.
+
+  JAX's SLURM detection gives each process the one GPU numbered as its node-local
+  task (`SLURM_LOCALID`): right for one task per GPU, but with one task per node (as
+  README's and launch/sweep.py's `srun --ntasks-per-node=1`) every process would see
+  GPU 0 alone. SLURM lists the task's GPUs in CUDA_VISIBLE_DEVICES (`--gpus-per-node`).
+  """
+  tasks_per_node = os.environ.get(
+    'SLURM_STEP_TASKS_PER_NODE', os.environ.get('SLURM_TASKS_PER_NODE', '')
+  )
+  gpus = os.environ.get('CUDA_VISIBLE_DEVICES', '')
+  if not re.fullmatch(r'1(\(x\d+\))?', tasks_per_node) or not gpus:
+    return None  # Several tasks per node: JAX's one GPU per task.
+  return list(range(len(gpus.split(','))))
+
+
 def initialize_distributed(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
@@ -47,7 +64,8 @@ def initialize_distributed(
 
   From the arguments (main.py's flags of the same names), or from SLURM's variables
   when `srun` starts more than one task (JAX reads SLURM_NTASKS, SLURM_PROCID,
-  SLURM_STEP_NODELIST, SLURM_JOB_ID). Without either this is a single-process run
+  SLURM_STEP_NODELIST, SLURM_JOB_ID; with one task per node, each process gets all
+  of its node's GPUs). Without either this is a single-process run
   and nothing happens. On CPU the processes exchange arrays through gloo, so the
   same job runs on CPU-only hosts.
 
@@ -70,6 +88,8 @@ def initialize_distributed(
       f'--process_id=I on every process (got {coordinator_address=}, {num_processes=}, '
       f'{process_id=}), or SLURM to provide them (srun).'
     )
+  if slurm and local_device_ids is None:
+    local_device_ids = _slurm_local_device_ids()
   # Before any backend starts: CPU collectives across processes (a no-op on GPUs).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(

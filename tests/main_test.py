@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from alexnet_jax import config_lib
 from alexnet_jax import main
+from configs import fashion_mnist
 from helpers import REPO
 from helpers import TIMEOUT
 from helpers import folder_flags
@@ -43,6 +46,20 @@ def test_misspelt_config_key_names_the_valid_ones():
   assert 'augment.pca_lighting_stddev' in result.stderr  # The list of valid keys.
 
 
+@pytest.mark.parametrize(
+  'flag, message',
+  [
+    ('--mode=trian', 'flag --mode=trian: value should be one of <train|eval>'),
+    ('--workdri=runs/x', "Unknown command line flag 'workdri'. Did you mean: workdir ?"),
+  ],
+)
+def test_a_bad_flag_is_named_in_one_line(flag, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main.parse_flags(['main', flag])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == f'FATAL Flags parsing error: {message}\n'
+
+
 def test_bad_values_stop_before_any_data_with_the_key_as_last_line(tmp_path):
   result = run_main(f'--workdir={tmp_path / "run"}', '--config.dropout_rate=1.0')
   assert result.returncode == 1
@@ -66,6 +83,15 @@ def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
   assert result.returncode != 0
   assert last_line(result.stderr).startswith('FileNotFoundError: No checkpoint in')
   assert 'train first' in result.stderr
+
+  # A --config with other parameter shapes than the run's is refused before any restore.
+  os.makedirs(tmp_path / 'run')
+  config_lib.save(fashion_mnist.get_config(), str(tmp_path / 'run'))
+  result = run_main('--config=configs/imagenet.py', f'--workdir={tmp_path / "run"}', '--mode=eval')
+  assert result.returncode == 1
+  assert last_line(result.stderr).startswith(
+    f'ConfigError: The run in {tmp_path / "run"} has other parameter shapes (image_size: 67 -> 227; num_classes: 10 -> 1000)'
+  )
 
 
 def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(

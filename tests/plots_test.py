@@ -70,7 +70,9 @@ def test_read_metrics_splits_train_and_test_lines(tmp_path):
 def test_learning_curves_plot_the_metrics_against_epochs(tmp_path):
   write_metrics(tmp_path)
   fig = plots.learning_curves(*plots.read_metrics(str(tmp_path)), 'run')
+  assert fig._suptitle.get_text() == 'run'  # pylint: disable=protected-access
   loss_ax, top1_ax = fig.axes
+  assert (loss_ax.get_title(), top1_ax.get_title()) == ('cross-entropy loss', 'top-1 accuracy')
   for ax, metric in ((loss_ax, 'loss'), (top1_ax, 'top1')):
     train_line, test_line = ax.lines
     assert train_line.get_label() == 'train' and test_line.get_label() == 'test'

@@ -195,3 +195,32 @@ def test_joining_a_job_needs_its_whole_description(monkeypatch):
     sharding.initialize_distributed('127.0.0.1:1234', 2, None)
   sharding.initialize_distributed()  # A single-process run: nothing to join.
   assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize(
+  'tasks_per_node, gpus, expected',
+  [
+    ('1(x2)', '0,1,2,3', [0, 1, 2, 3]),  # One task per node: all of the node's GPUs.
+    ('1', '2,3', [0, 1]),  # CUDA numbers the visible GPUs from 0.
+    ('4(x2)', '0,1,2,3', None),  # One task per GPU: JAX's own choice (SLURM_LOCALID).
+    ('1(x2)', None, None),  # No GPUs given (CPU hosts).
+  ],
+)
+def test_slurm_with_one_task_per_node_gives_each_process_its_nodes_gpus(
+  monkeypatch, tasks_per_node, gpus, expected
+):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append(k))
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)  # Keep this process's backend.
+  for name, value in {
+    'SLURM_JOB_ID': '7',
+    'SLURM_NTASKS': '2',
+    'SLURM_STEP_TASKS_PER_NODE': tasks_per_node,
+    'CUDA_VISIBLE_DEVICES': gpus,
+  }.items():
+    if value is None:
+      monkeypatch.delenv(name, raising=False)
+    else:
+      monkeypatch.setenv(name, value)
+  sharding.initialize_distributed()
+  assert calls == [{'local_device_ids': expected}]
