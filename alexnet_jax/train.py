@@ -82,6 +82,14 @@ class Chrono:
     return self.train_images / self.train_seconds if self.train_seconds else None
 
 
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a line cut short."""
+  try:
+    return json.loads(line)['step']
+  except (json.JSONDecodeError, KeyError):
+    return None
+
+
 class _MetricsLog:
   """The workdir's `metrics.jsonl`: one JSON object per logged step (process 0 only)."""
 
@@ -89,11 +97,12 @@ class _MetricsLog:
     self.path = path
     if jax.process_index() > 0:
       return
-    # A resumed run logs again what came after its checkpoint: drop the old lines.
+    # A resumed run logs again what came after its checkpoint: drop the old lines, and
+    # a last line torn by a kill.
     kept = []
     if os.path.exists(path):
       with open(path) as f:
-        kept = [line for line in f if json.loads(line)['step'] <= resume_step]
+        kept = [line for line in f if (step := _step_of(line)) is not None and step <= resume_step]
     with open(path, 'w') as f:
       f.writelines(kept)
 
@@ -148,6 +157,14 @@ def _record_config(config, workdir: str, changes: dict, step: int):
   config_lib.save(config, workdir)
 
 
+def _read_results(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -160,8 +177,8 @@ def train_and_evaluate(
   Raises:
     config_lib.ConfigError: if `workdir` holds a run with another config (see
       `config_lib.check_rerun`).
-    FloatingPointError: at the first step whose loss or gradient norm is not finite;
-      nothing from it is saved.
+    FloatingPointError: at the first step whose loss or gradients are not finite, or
+      before saving parameters that are not; nothing from it is saved.
     Preempted: after `request_stop` or a SIGTERM to any process, once the current
       step is checkpointed.
   """
@@ -297,6 +314,7 @@ def train_and_evaluate(
       f'was finite; results.json is not written. Check config.dtype={config.dtype!r} '
       '(float16 overflows) and the test data.'
     )
+  previous = _read_results(workdir)
   results = {
     'step': int(state.step),
     'epoch': int(state.step) / steps_per_epoch,
@@ -307,6 +325,8 @@ def train_and_evaluate(
     'train_images_per_sec': chrono.images_per_sec,
     'wall_seconds': time.time() - start_time,
   }
+  if chrono.images_per_sec is None and previous:  # A finished run, evaluated again.
+    results.update({k: previous[k] for k in ('train_images_per_sec', 'wall_seconds')})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)
