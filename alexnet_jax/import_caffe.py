@@ -359,8 +359,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = flags.FLAGS.config
-  config_lib.validate(config)
   try:
+    config_lib.validate(config)
     summary = import_caffemodel(flags.FLAGS.caffemodel, flags.FLAGS.workdir, config)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'{type(e).__name__}: {e}')

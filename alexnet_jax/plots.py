@@ -6,6 +6,7 @@ workdir's metrics and latest checkpoint; main.py draws them to `DIR/plots/` afte
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -290,7 +291,10 @@ def main(argv):
 
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
   workdir = flags.FLAGS.workdir
-  write_all(config_lib.for_workdir(workdir, flags.FLAGS.config), workdir)
+  try:  # What the user must fix (a config, a missing run) in one line.
+    write_all(config_lib.for_workdir(workdir, flags.FLAGS.config), workdir)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'{type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

@@ -3,6 +3,8 @@
 python -m alexnet_jax.predict --workdir=runs/fashion_mnist shoe.png shirt.jpg
 """
 
+import sys
+
 from absl import app
 from absl import flags
 import jax
@@ -65,8 +67,12 @@ def main(argv):
     raise app.UsageError('Name one or more image files after the flags.')
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
   workdir = flags.FLAGS.workdir
-  config = config_lib.for_workdir(workdir, flags.FLAGS.config)
-  for path, top in zip(paths, predict_files(config, workdir, paths), strict=True):
+  try:  # What the user must fix (a config, a missing checkpoint or image) in one line.
+    config = config_lib.for_workdir(workdir, flags.FLAGS.config)
+    predictions = predict_files(config, workdir, paths)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'{type(e).__name__}: {e}')
+  for path, top in zip(paths, predictions, strict=True):
     print(path)
     for name, probability in top:
       print(f'  {probability:6.3f}  {name}')

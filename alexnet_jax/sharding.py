@@ -180,6 +180,7 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+@functools.cache  # Asked once per batch; a mesh's groups never change.
 def data_groups(mesh: jax.sharding.Mesh) -> tuple[int, int]:
   """(this process's group, the number of groups) of processes that feed the same rows.
 
@@ -210,8 +211,21 @@ def data_groups(mesh: jax.sharding.Mesh) -> tuple[int, int]:
 def global_batch(
   mesh: jax.sharding.Mesh, local_batch: dict[str, np.ndarray]
 ) -> dict[str, jax.Array]:
-  """This process's rows of a batch (its group's 1/num_groups, see `data_groups`) →
-  global arrays split over 'data'."""
+  """This process's rows of a batch → global arrays split over 'data'.
+
+  Args:
+    mesh: the ('data', 'model') mesh.
+    local_batch: arrays of `[B / num_groups, ...]`, this process's group's share of
+      the global batch of B rows (see `data_groups`), e.g. 'image' float32
+      `[b, H, W, 3]` and 'label' int32 `[b]`.
+
+  Returns:
+    The same keys as `jax.Array`s of `[B, ...]`, rows split over 'data' and
+    replicated over 'model'.
+
+  Raises:
+    ValueError: if the rows do not split evenly over this process's devices.
+  """
   sharding = batch_sharding(mesh)
   _, num_groups = data_groups(mesh)
   return jax.tree.map(

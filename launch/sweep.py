@@ -220,10 +220,11 @@ def slurm_script(
 
   With several nodes, srun starts the trainer once per node and `alexnet_jax.main`
   joins them into one JAX job from SLURM's variables (SLURM_NTASKS, SLURM_PROCID,
-  SLURM_STEP_NODELIST; `sharding.initialize_distributed`). Preemption: SLURM sends
-  SIGTERM 120 s before the kill (to the batch shell, which passes it on through
-  srun); the trainers checkpoint the same step and exit non-zero, and the task is
-  requeued to resume from that checkpoint.
+  SLURM_STEP_NODELIST; `sharding.initialize_distributed`). SIGTERM comes 120 s before
+  the time limit (`--signal=B:TERM@120`, to the batch shell, which passes it on
+  through srun) or at a preemption (SIGKILL follows after the partition's GraceTime);
+  the trainers checkpoint the same step and exit non-zero, and the task is requeued
+  to resume from that checkpoint.
 
   Args:
     gpus_per_node: GPUs each node asks for; 0 asks for none (CPU clusters).
