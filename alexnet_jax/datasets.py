@@ -209,13 +209,25 @@ def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   without a shared one each then prepares its own copy.
 
   Raises:
-    FileNotFoundError: if the dataset's source files are missing.
+    FileNotFoundError: if the dataset's source files are missing (on process 0; the
+      others then raise ValueError, saying so).
   """
   if jax.process_count() == 1:
     return _prepare(config)
+  error = None
   if jax.process_index() == 0:
-    prepared = _prepare(config)
-  multihost_utils.sync_global_devices('alexnet_jax.datasets.builder')
+    try:
+      prepared = _prepare(config)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e  # Raised below, once the others know: none may wait for process 0.
+  # The others wait here for process 0, and learn whether it succeeded.
+  if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+    if error is not None:
+      raise error
+    raise ValueError(
+      f'Process 0 could not prepare dataset {config.dataset!r}; its log says why. Fix '
+      'that and rerun.'
+    )
   if jax.process_index() > 0:
     prepared = _prepare(config)
   return prepared

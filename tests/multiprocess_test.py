@@ -40,8 +40,8 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
   """2 processes × 1 device, mesh (data 1, model 2): each holds one tower of the same
   rows. Same step and metrics in both logs, and as one process with the towers on two
   devices; every test image counted once; plots drawn without leaving process 1
-  waiting; `--mode=eval` on 2 processes (2 × 2 mesh) = this process on 1 device = the
-  run's own last evaluation."""
+  waiting. Checkpoints restore across layouts: one process's on a 2 × 2 job of two
+  processes (`--mode=eval`), the two processes' on one device."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', *folder_flags(toy_image_folder)]
   logs = run(2, 1, args, tmp_path / 'logs')
@@ -62,17 +62,20 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
   assert logged_losses(workdir) == pytest.approx(expected, rel=1e-5)
   assert results['test_loss'] == pytest.approx(in_process['test_loss'], rel=1e-5)
 
-  # The checkpoint evaluated by a 2 × 2 job (2 parts of the test split) and by one
-  # process on one device (this one: the CLI's single-process path is main_test's).
-  run(2, 2, [f'--workdir={workdir}', '--mode=eval'], tmp_path / 'eval2')
-  two_processes = read_json(workdir / 'eval_4.json')
+  # Checkpoints across layouts. One process's checkpoint evaluated by a 2 × 2 job (2
+  # parts of the test split) = that run's own last evaluation:
+  run(2, 2, [f'--workdir={tmp_path / "in_process"}', '--mode=eval'], tmp_path / 'eval2')
+  two_processes = read_json(tmp_path / 'in_process' / 'eval_4.json')
+  assert two_processes['n_examples'] == NUM_TEST_IMAGES
+  assert two_processes['loss'] == pytest.approx(in_process['test_loss'], abs=1e-5)
+  assert two_processes['top1'] == pytest.approx(in_process['test_top1'], abs=1e-5)
+  # and the 2 processes' checkpoint evaluated here on one device = theirs.
   on_devices(monkeypatch, 1)
   config = config_lib.for_workdir(str(workdir), None, {'mesh.data': 1, 'mesh.model': 1})
   one_process = evaluate.evaluate_checkpoint(config, str(workdir))
-  assert two_processes['n_examples'] == one_process['n_examples'] == NUM_TEST_IMAGES
-  assert two_processes['loss'] == pytest.approx(one_process['loss'], abs=1e-5)
-  assert two_processes['top1'] == pytest.approx(one_process['top1'], abs=1e-5)
+  assert one_process['n_examples'] == NUM_TEST_IMAGES
   assert one_process['loss'] == pytest.approx(results['test_loss'], abs=1e-5)
+  assert one_process['top1'] == pytest.approx(results['test_top1'], abs=1e-5)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tmp_path):
@@ -108,3 +111,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
   assert f'Resumed from step {stopped[0]}' in log
   assert read_json(workdir / 'results.json')['step'] == 30
   assert list(logged_losses(workdir)) == list(range(1, 31))
+
+
+def test_a_dataset_process_0_cannot_prepare_stops_every_process(tmp_path):
+  """Process 0 prepares the data first; when it cannot, the others hear so at once
+  (no one waits at a barrier until the coordination service gives up)."""
+  args = [f'--workdir={tmp_path / "run"}', *folder_flags(tmp_path / 'missing')]
+  log_dir = tmp_path / 'logs'
+  os.makedirs(log_dir)
+  with processes(2, 1, args, log_dir) as running:
+    codes = wait_all(running, timeout=TIMEOUT // 2)
+  logs = [(log_dir / f'process{i}.log').read_text() for i in range(2)]
+  assert codes == [1, 1], '\n'.join(log[-3000:] for log in logs)
+  assert '\nFileNotFoundError: dataset=image_folder needs --config.manual_dir=DIR' in logs[0]
+  assert (
+    "\nValueError: Process 0 could not prepare dataset 'image_folder'; its log says why."
+  ) in logs[1]
