@@ -234,6 +234,10 @@ def test_train_order_is_a_function_of_seed_and_step(fashion_mnist_as_is):
     for epoch in epochs:
       assert len(set(epoch)) == 64
     assert set(epochs[0]) == set(epochs[1]) and epochs[0] != epochs[1]
+    # A resume builds its epoch's order directly: at epoch 10^6 (64 M examples in) it
+    # reads only that epoch, which is again a new order of every example.
+    far = rows(itertools.islice(data.train_batches(start_step=8 * 10**6), 8))
+    assert len(set(far)) == 64 and far not in epochs
 
 
 def test_parts_split_every_epoch_between_them(toy_image_folder):
