@@ -13,6 +13,7 @@ from alexnet_jax import steps as steps_lib
 
 
 def directory(workdir: str) -> str:
+  """Where the run in `workdir` keeps its checkpoints: `<workdir>/checkpoints/<step>/`."""
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 

@@ -18,15 +18,30 @@ from alexnet_jax import steps as steps_lib
 def evaluate(eval_fn, params, batches) -> dict[str, float]:
   """Mean loss, top-1 and top-5 over every (unpadded) example of `batches`.
 
-  `eval_fn` is `steps.jit_eval_step(...)`; its sums come back replicated, so every
-  process gets the totals over all processes' examples.
+  Args:
+    eval_fn: `steps.jit_eval_step(...)`: (params, batch) → replicated sums 'loss',
+      'top1', 'top5', 'count' over the batch's unmasked rows, so every process gets
+      the totals over all processes' examples.
+    params: the model's parameters, placed as `sharding.named_shardings` says.
+    batches: global batches ('image' float32 `[B, crops, H, W, 3]` or `[B, H, W, 3]`,
+      'label' int32 `[B]`, 'mask' `[B]`: 1 for examples, 0 for padding; see
+      `input_pipeline`).
+
+  Returns:
+    'loss' (mean cross-entropy, nats), 'top1', 'top5' (fractions in [0, 1]) and
+    'count' (examples counted).
+
+  Raises:
+    ValueError: if `batches` holds no example.
   """
   totals = None
   for batch in batches:
     sums = eval_fn(params, batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.device_get(totals)
+  totals = jax.device_get(totals) if totals is not None else {'count': 0}
   count = float(totals['count'])
+  if not count:
+    raise ValueError('No test example to evaluate: check the test split and its files.')
   return {
     'loss': float(totals['loss']) / count,
     'top1': float(totals['top1']) / count,

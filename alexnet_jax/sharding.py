@@ -164,6 +164,7 @@ def describe_partitioning(params) -> str:
 
 
 def named_shardings(mesh: jax.sharding.Mesh, tree):
+  """`NamedSharding`s on `mesh` for every leaf of `tree` (see `partition_specs`)."""
   return jax.tree.map(
     lambda spec: NamedSharding(mesh, spec),
     partition_specs(tree),
@@ -172,6 +173,7 @@ def named_shardings(mesh: jax.sharding.Mesh, tree):
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """A whole copy on every device of `mesh` (metrics, logits to fetch)."""
   return NamedSharding(mesh, P())
 
 

@@ -32,6 +32,7 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
+  """The AlexNet that `config` describes, its parameters drawn from `rngs`."""
   return models.AlexNet(
     config.num_classes,
     image_size=config.image_size,

@@ -70,6 +70,7 @@ class Chrono:
 
   @contextlib.contextmanager
   def paused(self):
+    """Leaves the time spent inside (evaluation, checkpoints) out of the throughput."""
     start = time.perf_counter()
     try:
       yield
