@@ -91,8 +91,8 @@ def test_batch_sizes_must_split_over_the_mesh():
 
 
 def test_durations_in_steps_or_epochs():
-  config = fashion_mnist.get_config()  # 5 epochs, eval every epoch, warm-up 300 steps.
-  assert config_lib.steps(config, 'total', 468) == 2340
+  config = fashion_mnist.get_config()  # 10 epochs, eval every epoch, warm-up 300 steps.
+  assert config_lib.steps(config, 'total', 468) == 4680
   assert config_lib.steps(config, 'eval_every', 468) == 468
   assert config_lib.steps(config, 'warmup', 468) == 300
   config.num_train_steps = 10  # Steps, when set, win over epochs.
@@ -134,11 +134,11 @@ def test_rerun_with_a_changed_config_is_refused_unless_allowed(tmp_path):
   changed = fashion_mnist.get_config()
   changed.update(learning_rate=0.05, seed=3)
   with pytest.raises(
-    config_lib.ConfigError, match=r'learning_rate: 0.02 -> 0.05; seed: 0 -> 3\). Resuming'
+    config_lib.ConfigError, match=r'learning_rate: 0.04 -> 0.05; seed: 0 -> 3\). Resuming'
   ):
     config_lib.check_rerun(changed, workdir)
   assert config_lib.check_rerun(changed, workdir, allow_change=True) == {
-    'learning_rate': (0.02, 0.05),
+    'learning_rate': (0.04, 0.05),
     'seed': (0, 3),
   }
   other_shape = fashion_mnist.get_config()

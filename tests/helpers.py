@@ -38,6 +38,7 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     eval_every_steps=3,
     checkpoint_every_steps=3,
     keep_checkpoints=5,
+    eval_crops=1,
   )
   config.update_from_flattened_dict(overrides)
   return config
@@ -104,6 +105,7 @@ def folder_flags(root, **overrides) -> list[str]:
     'num_train_steps': 4,
     'log_every_steps': 1,
     'checkpoint_every_steps': 100,
+    'eval_crops': 1,
     **overrides,
   }
   return [

@@ -83,11 +83,11 @@ def test_runs_get_readable_unique_names_and_their_own_workdirs():
 
 def test_fashion_mnist_config_declares_a_learning_rate_sweep():
   assert sweep.config_sweep(FASHION_MNIST) == [
-    {'learning_rate': 0.01},
     {'learning_rate': 0.02},
     {'learning_rate': 0.04},
+    {'learning_rate': 0.08},
   ]
-  assert fashion_mnist.get_config().learning_rate == 0.02  # get_config() takes no arg.
+  assert fashion_mnist.get_config().learning_rate == 0.04  # get_config() takes no arg.
 
 
 def test_overrides_are_checked_against_the_config():
@@ -103,7 +103,7 @@ def test_overrides_are_checked_against_the_config():
     check({'batch_size': 0.5})
   with pytest.raises(ValueError, match='also set'):
     check({'seed': 1}, {'seed': 2})
-  assert config.learning_rate == 0.02  # Checked on copies.
+  assert config.learning_rate == 0.04  # Checked on copies.
 
 
 def test_command_passes_shared_then_own_overrides():
@@ -134,7 +134,7 @@ def launch_cli(*args):
 
 
 def test_relaunch_skips_finished_runs(tmp_path):
-  finished = tmp_path / 'learning_rate=0.02'
+  finished = tmp_path / 'learning_rate=0.04'
   finished.mkdir()
   (finished / 'results.json').write_text('{}')
   result = launch_cli(
@@ -145,13 +145,13 @@ def test_relaunch_skips_finished_runs(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
-  assert f'learning_rate=0.02: finished, {finished}' in out
+  assert f'learning_rate=0.04: finished, {finished}' in out
   commands = [line for line in out.splitlines() if 'alexnet_jax.main' in line]
   assert len(commands) == 2
-  for lr, command in zip(('0.01', '0.04'), commands, strict=True):
+  for lr, command in zip(('0.02', '0.08'), commands, strict=True):
     assert f'--workdir={tmp_path}/learning_rate={lr}' in command
     assert command.endswith(f'--config.num_train_steps=150 --config.learning_rate={lr}')
-  assert not (tmp_path / 'learning_rate=0.01').exists()  # A dry run writes nothing.
+  assert not (tmp_path / 'learning_rate=0.02').exists()  # A dry run writes nothing.
 
 
 def test_command_line_axes_replace_the_config_sweep(tmp_path):
@@ -239,8 +239,8 @@ def test_multi_node_slurm_script_starts_one_trainer_per_node(tmp_path):
 
 
 def test_slurm_backend_writes_the_script_for_the_unfinished_runs(tmp_path):
-  (tmp_path / 'learning_rate=0.01').mkdir()
-  (tmp_path / 'learning_rate=0.01' / 'results.json').write_text('{}')
+  (tmp_path / 'learning_rate=0.02').mkdir()
+  (tmp_path / 'learning_rate=0.02' / 'results.json').write_text('{}')
   env = {**os.environ, 'PATH': os.path.dirname(sys.executable)}  # No sbatch on it.
   result = subprocess.run(
     [
@@ -264,8 +264,8 @@ def test_slurm_backend_writes_the_script_for_the_unfinished_runs(tmp_path):
   assert f'wrote {script}' in result.stdout
   text = script.read_text()
   assert '#SBATCH --array=0-1' in text and '#SBATCH --partition=gpu' in text
-  assert 'learning_rate=0.01' not in text
-  for lr in ('0.02', '0.04'):
+  assert 'learning_rate=0.02' not in text
+  for lr in ('0.04', '0.08'):
     with open(tmp_path / f'learning_rate={lr}' / 'overrides.json') as f:
       assert json.load(f) == {'learning_rate': float(lr)}
 
