@@ -158,14 +158,6 @@ def _record_config(config, workdir: str, changes: dict, step: int):
   config_lib.save(config, workdir)
 
 
-def _read_results(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -315,7 +307,6 @@ def train_and_evaluate(
       f'was finite; results.json is not written. Check config.dtype={config.dtype!r} '
       '(float16 overflows) and the test data.'
     )
-  previous = _read_results(workdir)
   results = {
     'step': int(state.step),
     'epoch': int(state.step) / steps_per_epoch,
@@ -326,10 +317,15 @@ def train_and_evaluate(
     'train_images_per_sec': chrono.images_per_sec,
     'wall_seconds': time.time() - start_time,
   }
-  if chrono.images_per_sec is None and previous:  # A finished run, evaluated again.
-    results.update({k: previous[k] for k in ('train_images_per_sec', 'wall_seconds')})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    path = os.path.join(workdir, 'results.json')
+    if chrono.images_per_sec is None and os.path.exists(path):
+      # A finished run, evaluated again: keep what only its training measured.
+      with open(path) as f:
+        previous = json.load(f)
+      results.update({k: previous[k] for k in ('train_images_per_sec', 'wall_seconds')})
+    with open(path + '.tmp', 'w') as f:  # Whole or not at all: sweeps look for it.
       json.dump(results, f, indent=2)
+    os.replace(path + '.tmp', path)
   writer.flush()
   return results

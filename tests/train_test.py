@@ -147,7 +147,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_a_rerun_resumes_from_it(t
   with open(tmp_path / 'config_changes.jsonl') as f:
     changes = [json.loads(line) for line in f]
   assert [c['from_step'] for c in changes] == [3, 3]
-  assert changes[0]['changes']['learning_rate'] == [0.02, 1e30]
+  assert changes[0]['changes']['learning_rate'] == [0.04, 1e30]
 
 
 def test_itstime_every_n_steps_and_at_the_last():
