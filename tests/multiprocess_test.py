@@ -83,7 +83,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
   SIGTERM to process 1 alone: both checkpoint the same step and exit 1; the rerun, on
   one process, restores that checkpoint and finishes."""
   workdir = tmp_path / 'run'
-  args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=30)]
+  args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=12)]
   log_dir = tmp_path / 'logs'
   os.makedirs(log_dir)
   with processes(2, 2, args, log_dir) as running:
@@ -100,7 +100,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
   stopped = [
     int(re.search(r'Stopped on request \(SIGTERM\) after step (\d+)', log)[1]) for log in logs
   ]
-  assert stopped[0] == stopped[1] < 30
+  assert stopped[0] == stopped[1] < 12
   assert 'per process 4 (2 part(s) of the data)' in logs[0]
   losses = [train_losses(log) for log in logs]
   assert losses[0] == losses[1] and max(losses[0]) == stopped[0]
@@ -109,8 +109,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
 
   [log] = run(1, 4, args, tmp_path / 'rerun')
   assert f'Resumed from step {stopped[0]}' in log
-  assert read_json(workdir / 'results.json')['step'] == 30
-  assert list(logged_losses(workdir)) == list(range(1, 31))
+  assert read_json(workdir / 'results.json')['step'] == 12
+  assert list(logged_losses(workdir)) == list(range(1, 13))
 
 
 def test_a_dataset_process_0_cannot_prepare_stops_every_process(tmp_path):
