@@ -47,14 +47,9 @@ def fashion_mnist_as_is(monkeypatch):
 def one_device(monkeypatch):
   """Meshes created from a config (the loop, evaluation, plots) use the first simulated
   device only: the loop's tests need no mesh; sharding_test covers the meshes."""
-  from alexnet_jax import sharding  # pylint: disable=g-import-not-at-top
+  from helpers import on_devices  # pylint: disable=g-import-not-at-top
 
-  create_mesh = sharding.create_mesh
-  monkeypatch.setattr(
-    sharding,
-    'create_mesh',
-    lambda mesh_config, devices=None: create_mesh(mesh_config, devices or jax.devices()[:1]),
-  )
+  on_devices(monkeypatch, 1)
 
 
 @pytest.fixture(scope='session')
