@@ -69,6 +69,16 @@ def test_normalize_uses_config_statistics():
   np.testing.assert_allclose(out, (72 - 72.94) / 90.02, rtol=1e-5)
 
 
+def test_pad_rescale_puts_the_whole_image_inside_a_black_frame():
+  config = fashion_mnist.get_config()
+  config.update(resize='pad', image_size=67, resize_size=79)
+  image = tf.fill((28, 28, 3), 200.0)
+  out = input_pipeline.rescale(image, config).numpy()
+  expected = np.zeros((79, 79, 3), np.float32)
+  expected[6:73, 6:73] = 200.0  # 67 px of image, 6 px of 0 on every side.
+  np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
 def test_random_crop_stays_inside_the_image():
   image = tf.reshape(tf.range(10 * 12 * 3, dtype=tf.float32), (10, 12, 3))
   for i in range(20):
