@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import json
 import os
 import re
 import socket
@@ -185,6 +186,12 @@ def run(num_processes, devices_each, args, log_dir) -> list[str]:
   logs = [open(os.path.join(log_dir, f'process{i}.log')).read() for i in range(num_processes)]
   assert codes == [0] * num_processes, '\n'.join(log[-3000:] for log in logs)
   return logs
+
+
+def logged_train_rows(workdir) -> list[dict]:
+  """The train rows of a run's metrics.jsonl, in file order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [row for row in map(json.loads, f) if 'train_loss' in row]
 
 
 def train_losses(log: str) -> dict[int, float]:

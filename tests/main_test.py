@@ -1,6 +1,5 @@
 """Tests of the command line, run as a user would run it (separate processes)."""
 
-import json
 import os
 import re
 import signal
@@ -16,6 +15,7 @@ from configs import fashion_mnist
 from helpers import REPO
 from helpers import TIMEOUT
 from helpers import folder_flags
+from helpers import logged_train_rows
 from helpers import on_devices
 from helpers import processes
 from helpers import wait_all
@@ -122,6 +122,5 @@ def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(
   results = main.train_and_plot(config, str(workdir), draw=False)
   assert f'Resumed from step {stopped}' in caplog.text
   assert results['step'] == 12
-  with open(workdir / 'metrics.jsonl') as f:
-    logged = [row['step'] for row in map(json.loads, f) if 'train_loss' in row]
+  logged = [row['step'] for row in logged_train_rows(workdir)]
   assert logged == list(range(1, 13))  # Each step once: nothing lost or repeated.

@@ -19,6 +19,7 @@ from alexnet_jax import train
 from helpers import NUM_FOLDER_TEST_IMAGES as NUM_TEST_IMAGES
 from helpers import TIMEOUT
 from helpers import folder_flags
+from helpers import logged_train_rows
 from helpers import on_devices
 from helpers import processes
 from helpers import run
@@ -32,8 +33,7 @@ def read_json(path):
 
 
 def logged_losses(workdir) -> dict[int, float]:
-  with open(workdir / 'metrics.jsonl') as f:
-    return {row['step']: row['train_loss'] for row in map(json.loads, f) if 'train_loss' in row}
+  return {row['step']: row['train_loss'] for row in logged_train_rows(workdir)}
 
 
 def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_path, monkeypatch):
@@ -110,7 +110,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
   [log] = run(1, 4, args, tmp_path / 'rerun')
   assert f'Resumed from step {stopped[0]}' in log
   assert read_json(workdir / 'results.json')['step'] == 12
-  assert list(logged_losses(workdir)) == list(range(1, 13))
+  assert [row['step'] for row in logged_train_rows(workdir)] == list(range(1, 13))
 
 
 def test_a_dataset_process_0_cannot_prepare_stops_every_process(tmp_path):

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from alexnet_jax import main
 from alexnet_jax import plots
 from alexnet_jax import train
+from helpers import logged_train_rows
 from helpers import small_config as base_config
 
 
@@ -62,8 +63,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     restore_params(full, 12),
     restore_params(resumed, 12),
   )
-  train_rows = lambda rows: [r for r in rows if 'train_loss' in r]
-  full_rows, resumed_rows = train_rows(read_metrics(full)), train_rows(read_metrics(resumed))
+  full_rows, resumed_rows = logged_train_rows(full), logged_train_rows(resumed)
   assert [r['step'] for r in resumed_rows] == list(range(1, 13))  # Each step once.
   for a, b in zip(full_rows, resumed_rows, strict=True):
     assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-6)
@@ -78,7 +78,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
   assert again['n_test_examples'] == results['n_test_examples']
   assert again['test_loss'] == pytest.approx(results['test_loss'], rel=1e-6)
   assert again['test_top1'] == results['test_top1']
-  assert [r['step'] for r in train_rows(read_metrics(full))] == list(range(1, 13))
+  assert [r['step'] for r in logged_train_rows(full)] == list(range(1, 13))
 
 
 def test_results_survive_a_plotting_error(tmp_path, monkeypatch, caplog):
