@@ -160,11 +160,17 @@ def compiler_options() -> dict[str, str] | None:
 
   On CPU, jaxlib 0.10 hands convolutions to YNNPACK by default, which runs
   AlexNet's convolutions (above all the kernel gradients) 2-5× slower than XLA's
-  own Eigen ones (benchmarks/README.md): keep YNNPACK for the matmuls only.
+  own Eigen ones (benchmarks/README.md): keep YNNPACK for the matmuls and the
+  reductions. Reductions left to XLA (the bias gradients, the loss, the NaN check's
+  gradient sum) become reduce-windows that take ~10% of a 227-px step.
   """
   if jax.default_backend() != 'cpu':
     return None
-  return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+  return {
+    'xla_cpu_experimental_ynn_fusion_type': (
+      'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
+    )
+  }
 
 
 def eval_logits_fn(

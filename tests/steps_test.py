@@ -15,8 +15,9 @@ from helpers import small_config
 from helpers import train_state
 
 
-def test_cpu_compiler_options_leave_convolutions_to_xla():
-  """The options move the convs out of YNNPACK (see `steps.compiler_options`)."""
+def test_cpu_compiler_options_leave_convolutions_to_xla_and_reductions_to_ynnpack():
+  """The options move the convs out of YNNPACK and the reductions into it (see
+  `steps.compiler_options`): XLA's own would be reduce-windows."""
   x, kernel = jnp.ones((2, 27, 27, 48)), jnp.ones((5, 5, 48, 128))
 
   def conv(x, kernel):
@@ -24,16 +25,21 @@ def test_cpu_compiler_options_leave_convolutions_to_xla():
       x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
     )
 
-  def count_ynnpack_calls(**jit_kwargs):
-    hlo = jax.jit(conv, **jit_kwargs).lower(x, kernel).compile().as_text()
-    return hlo.count('%ynn_fusion')
+  def bias_gradient(x, kernel):  # A ReLU's gradient summed over N, H, W.
+    return jnp.sum(jnp.where(x > 0, x * 2.0, 0.0), (0, 1, 2)) + kernel.sum()
+
+  def compiled(fn, **jit_kwargs):
+    return jax.jit(fn, **jit_kwargs).lower(x, kernel).compile().as_text()
 
   # Optimised as in training (conftest's fast compiles keep YNNPACK convs regardless).
   unoptimised = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)
   try:
-    assert count_ynnpack_calls() > 0  # jaxlib's default, which the options undo.
-    assert count_ynnpack_calls(compiler_options=steps.compiler_options()) == 0
+    options = {'compiler_options': steps.compiler_options()}
+    assert '%ynn_fusion' in compiled(conv)  # jaxlib's default, which the options undo.
+    assert '%ynn_fusion' not in compiled(conv, **options)
+    assert 'reduce-window(' not in compiled(bias_gradient, **options)
+    assert '%ynn_fusion' in compiled(bias_gradient, **options)
   finally:
     jax.config.update('jax_disable_most_optimizations', unoptimised)
 
