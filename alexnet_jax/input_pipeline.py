@@ -273,6 +273,11 @@ def create_datasets(
   num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
   options = tf.data.Options()
   options.deterministic = config.deterministic_input
+  # tf.data's autotuner thread sleeps in periods that double up to 60 s, and an
+  # iterator's destructor waits for it: the end of a 30-min run hung ~50 s (a slowly
+  # read stream, benchmarks/README.md). AUTOTUNE then means one call per core and the
+  # prefetch buffer still grows on demand; the same img/s here.
+  options.autotune.enabled = False
 
   def train_batches(start_step: int = 0):
     """Endless batches from step `start_step` on; the same for a given config.seed.

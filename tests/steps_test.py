@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from alexnet_jax import sharding
 from alexnet_jax import steps
@@ -93,13 +94,15 @@ def test_correct_topk_counts_the_label_among_the_k_highest():
   )
 
 
-def test_steps_and_benchmarks_import_without_tensorflow():
+@pytest.mark.parametrize('benchmark', ['train_throughput', 'conv_layers'])
+def test_steps_and_benchmarks_import_without_tensorflow(benchmark):
   """The GPU machines have JAX but no TensorFlow: the model, the steps, checkpoints and
-  the train-step benchmark must not import it."""
+  the train-step and convolution benchmarks (each defines its own absl flags, so one
+  per process) must not import it."""
   code = (
     "import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
     'import alexnet_jax.steps, alexnet_jax.checkpoints, alexnet_jax.optimizers\n'
-    'import alexnet_jax.config_lib, benchmarks.train_throughput'
+    f'import alexnet_jax.config_lib, benchmarks.{benchmark}'
   )
   result = subprocess.run(
     [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
