@@ -225,8 +225,8 @@ def train_and_evaluate(
 
   train_step = steps_lib.jit_train_step(mesh, train_graphdef, state, tx)
   eval_step = steps_lib.jit_eval_step(mesh, eval_graphdef, state.params)
-  test_batches = lambda: (
-    sharding.global_batch(mesh, b) for b in data.test_batches(crops=config.eval_crops)
+  test_batches = lambda crops: (
+    sharding.global_batch(mesh, b) for b in data.test_batches(crops=crops)
   )
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), initial_step)
@@ -262,18 +262,23 @@ def train_and_evaluate(
       _check_finite(window[checked:], config, checkpoint_dir)
       checked = len(window)
       jax.block_until_ready(state)  # Train steps still in flight count as training.
+      # Along the way the central patch, as Caffe's test phase; the last evaluation
+      # (results.json) is config.eval_crops' test.
+      crops = config.eval_crops if step == num_steps else 1
       with chrono.paused(), report_progress.timed('eval'):
-        test = evaluate.evaluate(eval_step, state.params, test_batches())
+        test = evaluate.evaluate(eval_step, state.params, test_batches(crops))
       test_metrics = {f'test_{k}': v for k, v in test.items() if k != 'count'}
+      test_metrics['test_crops'] = crops
       writer.write_scalars(step, test_metrics)
       metrics_log.write(step, {'epoch': step / steps_per_epoch, **test_metrics})
       logging.info(
-        'step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f',
+        'step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f (%d crop(s))',
         step,
         step / steps_per_epoch,
         test['top1'],
         test['top5'],
         test['loss'],
+        crops,
       )
     preempted = (checkpoints.reached_preemption(manager, step) or _STOP.is_set()) and (
       step < num_steps
@@ -300,7 +305,7 @@ def train_and_evaluate(
   manager.close()
 
   if test is None:  # Nothing left to train: evaluate what was restored.
-    test = evaluate.evaluate(eval_step, state.params, test_batches())
+    test = evaluate.evaluate(eval_step, state.params, test_batches(config.eval_crops))
   if not all(np.isfinite(test[k]) for k in ('loss', 'top1', 'top5')):
     raise FloatingPointError(
       f'The test loss of step {int(state.step)} is {test["loss"]} although training '

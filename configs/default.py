@@ -48,9 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   # divided by 10 three times over ~90 epochs.
   config.batch_size = 128
   config.eval_batch_size = 250
-  # Every evaluation: 1 = the central patch; 10 = the paper's test (Sec. 4.1), softmax
-  # averaged over the four corner and central patches and their reflections; 2 = the
-  # central patch and its reflection (the 10-crop test when resize_size = image_size).
+  # The last evaluation of a run and --mode=eval: 1 = the central patch; 10 = the
+  # paper's test (Sec. 4.1), softmax averaged over the four corner and central patches
+  # and their reflections; 2 = the central patch and its reflection (the 10-crop test
+  # when resize_size = image_size). Evaluations along the way take the central patch.
   config.eval_crops = 1
   config.learning_rate = 0.01
   config.lr_schedule = 'step'  # 'step', 'cosine' or 'constant'.

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from alexnet_jax import evaluate
 from alexnet_jax import main
 from alexnet_jax import plots
 from alexnet_jax import train
@@ -79,6 +80,26 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
   assert again['test_loss'] == pytest.approx(results['test_loss'], rel=1e-6)
   assert again['test_top1'] == results['test_top1']
   assert [r['step'] for r in logged_train_rows(full)] == list(range(1, 13))
+
+
+def test_evaluations_along_the_way_take_the_central_patch_and_the_last_eval_crops(tmp_path):
+  """Each checkpoint evaluated on its own (`evaluate_checkpoint`, the --mode=eval path)
+  gives what the loop logged: step 3 with 1 crop, the last step with eval_crops=2."""
+  config = small_config(eval_crops=2)
+  workdir = str(tmp_path)
+  with tfds.testing.mock_data(num_examples=64):
+    results = train.train_and_evaluate(config, workdir)
+    central, mirrored_3, mirrored = (
+      evaluate.evaluate_checkpoint(small_config(eval_crops=crops), workdir, step=step)
+      for crops, step in ((1, 3), (2, 3), (2, 6))
+    )
+  test_rows = [r for r in read_metrics(workdir) if 'test_loss' in r]
+  assert [(r['step'], r['test_crops']) for r in test_rows] == [(3, 1), (6, 2)]
+  assert test_rows[0]['test_loss'] == pytest.approx(central['loss'], rel=1e-6)
+  assert test_rows[1]['test_loss'] == pytest.approx(mirrored['loss'], rel=1e-6)
+  assert results['test_loss'] == test_rows[1]['test_loss']
+  # The two tests differ, so the first row's match is not a coincidence.
+  assert central['loss'] != pytest.approx(mirrored_3['loss'], rel=1e-6)
 
 
 def test_results_survive_a_plotting_error(tmp_path, monkeypatch, caplog):
