@@ -18,7 +18,9 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from alexnet_jax import models
 from alexnet_jax import steps
 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
@@ -28,17 +30,21 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Calls per timed window (3 windows
 
 def layers(image_size: int) -> list[tuple[str, int, int, int, int, int, int]]:
   """(name, input side, input channels, output channels, kernel, stride, padding) per
-  convolution as the train step runs it (Sec. 3.5, Fig. 2)."""
-  conv1 = (image_size - 11) // 4 + 1
-  pool1 = (conv1 - 3) // 2 + 1
-  pool2 = (pool1 - 3) // 2 + 1
-  return [
-    ('conv1', image_size, 3, 96, 11, 4, 0),
-    ('conv2 (one tower)', pool1, 48, 128, 5, 1, 2),
-    ('conv3', pool2, 256, 384, 3, 1, 1),
-    ('conv4 (one tower)', pool2, 192, 192, 3, 1, 1),
-    ('conv5 (one tower)', pool2, 192, 128, 3, 1, 1),
-  ]
+  convolution as the train step runs it, read from `models.AlexNet` (Sec. 3.5, Fig. 2)."""
+  model = nnx.eval_shape(lambda: models.AlexNet(image_size=image_size, rngs=nnx.Rngs(0)))
+  pool = lambda side: (side - 3) // 2 + 1  # max_pool's 3×3 windows every 2 pixels.
+  conv1 = model.conv1
+  pool1 = pool((image_size - conv1.kernel.shape[0]) // conv1.strides + 1)
+  pool2 = pool(pool1)  # conv2 keeps the size (padding 2).
+  sides = {'conv1': image_size, 'conv2': pool1, 'conv3': pool2, 'conv4': pool2, 'conv5': pool2}
+  rows = []
+  for name, side in sides.items():
+    conv = getattr(model, name)
+    k, _, c_in, c_out = conv.kernel.shape
+    if conv.tower_local:  # One tower: its half of the output maps.
+      name, c_out = f'{name} (one tower)', c_out // models.NUM_TOWERS
+    rows.append((name, side, c_in, c_out, k, conv.strides, conv.padding))
+  return rows
 
 
 def milliseconds(fn, *args) -> float:
