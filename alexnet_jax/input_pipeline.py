@@ -275,8 +275,8 @@ def create_datasets(
   options.deterministic = config.deterministic_input
   # tf.data's autotuner thread sleeps in periods that double up to 60 s, and an
   # iterator's destructor waits for it: the end of a 30-min run hung ~50 s (a slowly
-  # read stream, benchmarks/README.md). AUTOTUNE then means one call per core and the
-  # prefetch buffer still grows on demand; the same img/s here.
+  # read stream, benchmarks/README.md). AUTOTUNE then keeps TF's starting value,
+  # min(16, cores) parallel calls; the same img/s here.
   options.autotune.enabled = False
 
   def train_batches(start_step: int = 0):
