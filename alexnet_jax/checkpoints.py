@@ -6,7 +6,9 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from alexnet_jax import steps as steps_lib
@@ -43,6 +45,23 @@ def restore_state(
 ) -> steps_lib.TrainState:
   """The state of checkpoint `step`, each array placed like `target`'s (any mesh)."""
   return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _from_process_0(value: int) -> int:
+  """Process 0's `value` on every process (a broadcast; as it is with one process)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def latest_step(manager: ocp.CheckpointManager) -> int | None:
+  """The latest checkpoint's step as process 0 sees it, on every process; None if none.
+
+  Each process listing the directory itself could see another set while a checkpoint
+  is being finalised or pruned, and restore another step; all restore this one.
+  """
+  step = _from_process_0(-1 if (latest := manager.latest_step()) is None else latest)
+  return None if step < 0 else step
 
 
 def reached_preemption(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -86,11 +105,13 @@ def restore_params(
   target = {'params': steps_lib.abstract_params(config, mesh)}
   with ocp.CheckpointManager(checkpoint_dir) as manager:
     saved = manager.all_steps()
-    if not saved:
-      raise _missing(checkpoint_dir)
     if step is None:
-      step = max(saved)
-    elif step not in saved:
+      step = latest_step(manager)
+      if step is None:
+        raise _missing(checkpoint_dir)
+    elif not _from_process_0(step in saved):  # Every process raises, or none does.
+      if not saved:
+        raise _missing(checkpoint_dir)
       raise FileNotFoundError(
         f'No checkpoint of step {step} in {checkpoint_dir}; its steps are {sorted(saved)}.'
       )

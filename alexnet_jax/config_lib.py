@@ -11,6 +11,7 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from alexnet_jax import files
 from alexnet_jax import models
 
 
@@ -49,6 +50,11 @@ RERUN_MAY_CHANGE = (
 )
 # Keys that fix the parameters' shapes.
 MODEL_SHAPE_KEYS = ('num_classes', 'image_size')
+# Keys that fix the function a checkpoint computes on an image file: its shapes, the
+# LRN arithmetic, and the test-time input (resize rule and size, normalisation). The
+# same parameters under other values give other logits, so evaluating, predicting or
+# importing under them is refused (`check_same_function`).
+FUNCTION_KEYS = (*MODEL_SHAPE_KEYS, 'lrn', 'resize', 'resize_size', 'pixel_mean', 'pixel_std')
 
 CONFIG_FILE = 'config.json'
 
@@ -323,10 +329,7 @@ def load(workdir: str) -> ml_collections.ConfigDict | None:
 
 def save(config: ml_collections.ConfigDict, workdir: str):
   """Writes the resolved config to `workdir/config.json` (atomically)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  files.write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict(), sort_keys=True)
 
 
 def differences(
@@ -363,6 +366,45 @@ def check_model_shapes(
     )
 
 
+def function_differences(
+  reference: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> dict[str, tuple[Any, Any]]:
+  """{key: (reference value, config value)} for the `FUNCTION_KEYS` that differ."""
+  return {k: v for k, v in differences(reference, config).items() if k in FUNCTION_KEYS}
+
+
+def check_same_function(
+  saved: ml_collections.ConfigDict | None,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_change: bool = False,
+):
+  """Refuses to use the checkpoints of the run in `workdir` under a config that makes
+  them compute another function (`FUNCTION_KEYS`: shapes, LRN, test-time input).
+
+  Other shapes are always refused (the parameters would not fit); with
+  `allow_change` the other keys' changes are logged and let through.
+
+  Raises:
+    ConfigError: naming every key that differs, with both values.
+  """
+  if saved is None:
+    return
+  check_model_shapes(saved, config, workdir)
+  changed = function_differences(saved, config)
+  if changed and not allow_change:
+    raise ConfigError(
+      f'The run in {workdir} was trained with other values of keys that change what its '
+      f'parameters compute ({_describe(changed)}); its checkpoints would give other '
+      f'logits. Leave out --config and these --config.KEY overrides to use '
+      f'{os.path.join(workdir, CONFIG_FILE)}, or pass --allow_config_change to evaluate '
+      'under them anyway.'
+    )
+  if changed:
+    logging.warning('Using the run in %s with a changed config: %s', workdir, _describe(changed))
+
+
 def check_rerun(
   config: ml_collections.ConfigDict, workdir: str, *, allow_change: bool = False
 ) -> dict[str, tuple[Any, Any]]:
@@ -397,25 +439,36 @@ def check_rerun(
 
 
 def for_workdir(
-  workdir: str, given: ml_collections.ConfigDict | None, overrides: dict[str, Any] | None = None
+  workdir: str,
+  given: ml_collections.ConfigDict | None,
+  overrides: dict[str, Any] | None = None,
+  *,
+  allow_change: bool = False,
 ) -> ml_collections.ConfigDict:
   """The config to evaluate, plot or predict with a trained run's checkpoints.
 
-  `given` (a --config) when not None, refused if its parameter shapes differ from
-  the run's; else the run's own `config.json` with `overrides` (dotted keys) on top.
+  `given` (a --config) when not None, else the run's own `config.json` with
+  `overrides` (dotted keys) on top; refused if it makes the run's parameters compute
+  another function (`check_same_function`; `allow_change` lets all but shapes pass).
+  The mesh is the machine's, not the run's: a run's `mesh.data` and `mesh.model`
+  are reset to None (chosen from the devices present), unless `overrides` set
+  them, so a run trained on two GPUs with `mesh.model=2` is evaluated on one device.
 
   Raises:
-    ConfigError: for other shapes, or with neither a config nor a config.json.
+    ConfigError: for another function, or with neither a config nor a config.json.
   """
   saved = load(workdir)
   if given is not None:
-    check_model_shapes(saved, given, workdir)
+    check_same_function(saved, given, workdir, allow_change=allow_change)
     return given
   if saved is None:
     raise ConfigError(
       f'{os.path.join(workdir, CONFIG_FILE)} does not exist (a run that '
       'predates it, or not a training workdir): pass --config=CONFIG.'
     )
-  saved.update_from_flattened_dict(overrides or {})
-  saved.lock()
-  return saved
+  config = ml_collections.ConfigDict(saved.to_dict())
+  config.mesh.update(data=None, model=None)
+  config.update_from_flattened_dict(overrides or {})
+  check_same_function(saved, config, workdir, allow_change=allow_change)
+  config.lock()
+  return config

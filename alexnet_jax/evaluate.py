@@ -2,7 +2,6 @@
 a saved checkpoint with one crop or the paper's ten, on any mesh and process count.
 """
 
-import json
 import os
 from typing import Any
 
@@ -11,6 +10,7 @@ import jax
 import ml_collections
 
 from alexnet_jax import checkpoints
+from alexnet_jax import files
 from alexnet_jax import sharding
 from alexnet_jax import steps as steps_lib
 
@@ -93,8 +93,7 @@ def evaluate_checkpoint(
     'crops': config.eval_crops,
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    files.write_json(os.path.join(workdir, f'eval_{step}.json'), results)
   logging.info(
     'Step %d, %d examples, %d crop(s): top-1 %.4f top-5 %.4f loss %.4f',
     step,

@@ -5,7 +5,9 @@ at import) and converts its blobs into `AlexNet(lrn='caffe')` parameters, shapes
 """
 
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from absl import app
@@ -26,6 +28,23 @@ from alexnet_jax import models
 # deploy.prototxt's parameter layers, in order: two blobs each, weights and bias.
 LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
 _CONV_LAYERS = LAYERS[:5]
+# The config values under which the converted weights compute bvlc_alexnet's function
+# (configs/caffe_bvlc_alexnet.py takes them from here). Any other value gives other
+# logits from the same weights, so `import_caffemodel` refuses it.
+CAFFE_CONVENTIONS = {
+  # deploy.prototxt norm1/norm2: LRN across channels, local_size 5, alpha 1e-4 (divided
+  # by local_size, lrn_layer.cpp), beta 0.75, k 1; one GPU: across all maps.
+  'lrn': 'caffe',
+  # examples/imagenet/create_imagenet.sh: convert_imageset --resize_height=256
+  # --resize_width=256 warps each image to 256×256; train_val.prototxt crop_size 227.
+  'resize': 'square',
+  'resize_size': 256,
+  'image_size': 227,
+  # Pixels on the 0-255 scale minus the per-channel averages of
+  # ilsvrc_2012_mean.binaryproto (R, G, B); no `scale` in transform_param.
+  'pixel_mean': (122.67892, 116.66877, 104.00699),
+  'pixel_std': (1.0, 1.0, 1.0),
+}
 
 
 def _caffe_proto_subset() -> dict[str, type[message.Message]]:
@@ -319,6 +338,24 @@ def caffe_to_params(
   return params
 
 
+def check_caffe_conventions(config: ml_collections.ConfigDict):
+  """Refuses a config under which bvlc_alexnet's weights compute another function.
+
+  Raises:
+    config_lib.ConfigError: naming each key of `CAFFE_CONVENTIONS` that differs.
+  """
+  wrong = [
+    f'config.{key}={config[key]!r} (bvlc_alexnet: {value!r})'
+    for key, value in CAFFE_CONVENTIONS.items()
+    if (tuple(config[key]) if isinstance(value, tuple) else config[key]) != value
+  ]
+  if wrong:
+    raise config_lib.ConfigError(
+      f'bvlc_alexnet weights compute another function under {"; ".join(wrong)}: import '
+      'with --config=configs/caffe_bvlc_alexnet.py (or a config built on it).'
+    )
+
+
 def import_caffemodel(
   caffemodel: str, workdir: str, config: ml_collections.ConfigDict
 ) -> dict[str, Any]:
@@ -331,23 +368,36 @@ def import_caffemodel(
   Returns:
     {'workdir', 'num_classes', 'parameters'}.
 
+  The workdir is written whole or not at all: built in a sibling temporary
+  directory, then renamed, so a killed import leaves no config.json without its
+  checkpoint.
+
   Raises:
     FileNotFoundError: if `caffemodel` does not exist.
+    config_lib.ConfigError: if `config` differs from `CAFFE_CONVENTIONS` (naming
+      each key), before anything is read.
     ValueError: for a file that is not a bvlc_alexnet caffemodel, an fc8 whose class
-      count differs from `config.num_classes`, or a workdir that already holds
-      checkpoints.
+      count differs from `config.num_classes`, or a workdir that is not empty.
   """
+  check_caffe_conventions(config)
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise ValueError(f'{workdir} is not empty: import into a new --workdir.')
   params = caffe_to_params(read_caffemodel(caffemodel), image_size=config.image_size)
   num_classes = params['fc8']['bias'].shape[0]
   if num_classes != config.num_classes:
     raise ValueError(
       f'{caffemodel} has {num_classes} classes (fc8) but config.num_classes={config.num_classes}.'
     )
-  if os.path.exists(checkpoints.directory(workdir)):
-    raise ValueError(f'{checkpoints.directory(workdir)} exists: import into a new --workdir.')
-  os.makedirs(workdir, exist_ok=True)
-  config_lib.save(config, workdir)
-  checkpoints.save_params(workdir, params)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.', dir=os.path.dirname(workdir))
+  try:
+    checkpoints.save_params(partial, params)
+    config_lib.save(config, partial)
+    os.replace(partial, workdir)  # Atomic; replaces an empty directory.
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
   return {
     'workdir': os.path.abspath(workdir),
     'num_classes': num_classes,

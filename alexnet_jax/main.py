@@ -50,7 +50,8 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   False,
   'Resume a workdir whose run was started with other '
   'values of keys that change the model, the data order or the schedule; the change '
-  'is recorded in config_changes.jsonl.',
+  'is recorded in config_changes.jsonl. With --mode=eval: evaluate under a --config or '
+  'overrides that change what the parameters compute (LRN, resize, pixel mean/std).',
 )
 # As jax.distributed.initialize's arguments; SLURM's variables are read without them.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
@@ -129,12 +130,18 @@ def _workdir() -> str:
 
 
 def _config(workdir: str) -> ml_collections.ConfigDict:
-  """--config; for --mode=eval, checked against the run's config.json (parameter
-  shapes), or without --config, that config.json plus the --config.KEY overrides."""
+  """--config; for --mode=eval, that or (without --config) the run's config.json plus
+  the --config.KEY overrides, refused if it changes what the run's parameters compute
+  (`config_lib.check_same_function`) unless --allow_config_change."""
   config_flag = flags.FLAGS['config']
   if _MODE.value == 'eval':
     given = config_flag.value if config_flag.present else None
-    return config_lib.for_workdir(workdir, given, dict(config_flag.override_values))
+    return config_lib.for_workdir(
+      workdir,
+      given,
+      dict(config_flag.override_values),
+      allow_change=_ALLOW_CONFIG_CHANGE.value,
+    )
   return config_flag.value
 
 

@@ -4,7 +4,6 @@
 workdir's metrics and latest checkpoint; main.py draws them to `DIR/plots/` after training.
 """
 
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
+from alexnet_jax import files
 from alexnet_jax import models
 from alexnet_jax import sharding
 from alexnet_jax import steps as steps_lib
@@ -38,9 +38,9 @@ def save(fig: Figure, path: str) -> str:
 
 
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
-  """The train and the test lines of `workdir/metrics.jsonl`, in file order."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  """The train and the test lines of `workdir/metrics.jsonl`, in file order (a line
+  torn by a kill is skipped with a warning, `files.read_jsonl`)."""
+  rows = files.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   return ([r for r in rows if 'train_loss' in r], [r for r in rows if 'test_loss' in r])
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
 from alexnet_jax import evaluate
+from alexnet_jax import files
 from alexnet_jax import optimizers
 from alexnet_jax import sharding
 from alexnet_jax import steps as steps_lib
@@ -87,7 +88,7 @@ def _step_of(line: str) -> int | None:
   """The step of a metrics.jsonl line; None for a line cut short."""
   try:
     return json.loads(line)['step']
-  except (json.JSONDecodeError, KeyError):
+  except (json.JSONDecodeError, KeyError, TypeError):
     return None
 
 
@@ -99,13 +100,13 @@ class _MetricsLog:
     if jax.process_index() > 0:
       return
     # A resumed run logs again what came after its checkpoint: drop the old lines, and
-    # a last line torn by a kill.
-    kept = []
+    # a last line torn by a kill. Replaced whole, so that a kill while rewriting it
+    # leaves the old file, never a truncated history.
     if os.path.exists(path):
       with open(path) as f:
         kept = [line for line in f if (step := _step_of(line)) is not None and step <= resume_step]
-    with open(path, 'w') as f:
-      f.writelines(kept)
+      # A complete last line may lack its newline (a kill just before it).
+      files.write_text(path, ''.join(line.rstrip('\n') + '\n' for line in kept))
 
   def write(self, step: int, metrics: dict[str, float]):
     if jax.process_index() == 0:
@@ -214,114 +215,120 @@ def train_and_evaluate(
   logging.info('Parameter placement:\n%s', sharding.describe_partitioning(state.params))
 
   checkpoint_dir = checkpoints.directory(workdir)
-  manager = checkpoints.create_manager(
-    workdir, save_interval_steps=every['checkpoint_every'], max_to_keep=config.keep_checkpoints
-  )
-  if manager.latest_step() is not None:
-    state = checkpoints.restore_state(manager, state, manager.latest_step())
-    logging.info('Resumed from step %d in %s.', int(state.step), checkpoint_dir)
-  initial_step = int(state.step)
-  _record_config(config, workdir, changes, initial_step)
+  # Both closed on every way out (a NaN, a preemption, an error): no checkpoint thread
+  # is left running, and the last TensorBoard events are written.
+  with (
+    checkpoints.create_manager(
+      workdir, save_interval_steps=every['checkpoint_every'], max_to_keep=config.keep_checkpoints
+    ) as manager,
+    contextlib.closing(
+      metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    ) as writer,
+  ):
+    latest = checkpoints.latest_step(manager)
+    if latest is not None:
+      state = checkpoints.restore_state(manager, state, latest)
+      logging.info('Resumed from step %d in %s.', int(state.step), checkpoint_dir)
+    initial_step = int(state.step)
+    _record_config(config, workdir, changes, initial_step)
 
-  train_step = steps_lib.jit_train_step(mesh, train_graphdef, state, tx)
-  eval_step = steps_lib.jit_eval_step(mesh, eval_graphdef, state.params)
-  test_batches = lambda crops: (
-    sharding.global_batch(mesh, b) for b in data.test_batches(crops=crops)
-  )
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), initial_step)
-  report_progress = periodic_actions.ReportProgress(
-    num_train_steps=num_steps, writer=writer, every_steps=every['log_every']
-  )
-  if initial_step == 0:
-    writer.write_hparams(config_lib.flatten(config))
-
-  train_iter = data.train_batches(start_step=initial_step)
-  chrono = Chrono(config.batch_size)
-  window, checked = [], 0  # (step, metrics) since the last log; how many are checked.
-  test = None
-  for step in range(initial_step + 1, num_steps + 1):
-    state, step_metrics = train_step(
-      state, sharding.global_batch(mesh, next(train_iter)), dropout_rng
+    train_step = steps_lib.jit_train_step(mesh, train_graphdef, state, tx)
+    eval_step = steps_lib.jit_eval_step(mesh, eval_graphdef, state.params)
+    test_batches = lambda crops: (
+      sharding.global_batch(mesh, b) for b in data.test_batches(crops=crops)
     )
-    window.append((step, step_metrics))
-    report_progress(step)
-    if itstime(step, every['log_every'], num_steps):
-      _check_finite(window[checked:], config, checkpoint_dir)
-      rows = jax.device_get([m for _, m in window])
-      summary = {
-        f'train_{k}': float(np.mean([r[k] for r in rows])) for k in ('loss', 'top1', 'top5')
-      }
-      summary['train_images_per_sec'] = chrono.window(len(window))
-      summary['learning_rate'] = float(schedule(step - 1))
-      summary['epoch'] = step / steps_per_epoch
-      writer.write_scalars(step, summary)
-      metrics_log.write(step, summary)
-      window, checked = [], 0
-    if itstime(step, every['eval_every'], num_steps):
-      _check_finite(window[checked:], config, checkpoint_dir)
-      checked = len(window)
-      jax.block_until_ready(state)  # Train steps still in flight count as training.
-      # Along the way the central patch, as Caffe's test phase; the last evaluation
-      # (results.json) is config.eval_crops' test.
-      crops = config.eval_crops if step == num_steps else 1
-      with chrono.paused(), report_progress.timed('eval'):
-        test = evaluate.evaluate(eval_step, state.params, test_batches(crops))
-      test_metrics = {f'test_{k}': v for k, v in test.items() if k != 'count'}
-      test_metrics['test_crops'] = crops
-      writer.write_scalars(step, test_metrics)
-      metrics_log.write(step, {'epoch': step / steps_per_epoch, **test_metrics})
-      logging.info(
-        'step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f (%d crop(s))',
-        step,
-        step / steps_per_epoch,
-        test['top1'],
-        test['top5'],
-        test['loss'],
-        crops,
+    metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), initial_step)
+    report_progress = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=every['log_every']
+    )
+    if initial_step == 0:
+      writer.write_hparams(config_lib.flatten(config))
+
+    train_iter = data.train_batches(start_step=initial_step)
+    chrono = Chrono(config.batch_size)
+    window, checked = [], 0  # (step, metrics) since the last log; how many are checked.
+    test = None
+    for step in range(initial_step + 1, num_steps + 1):
+      state, step_metrics = train_step(
+        state, sharding.global_batch(mesh, next(train_iter)), dropout_rng
       )
-    preempted = (checkpoints.reached_preemption(manager, step) or _STOP.is_set()) and (
-      step < num_steps
-    )
-    if manager.should_save(step) or preempted or step == num_steps:
-      # Never save NaNs: neither a step's loss and gradients nor the parameters it left.
-      _check_finite(window[checked:], config, checkpoint_dir)
-      checked = len(window)
-      if not steps_lib.all_finite(state.params):
-        raise _nonfinite_error(
+      window.append((step, step_metrics))
+      report_progress(step)
+      if itstime(step, every['log_every'], num_steps):
+        _check_finite(window[checked:], config, checkpoint_dir)
+        rows = jax.device_get([m for _, m in window])
+        summary = {
+          f'train_{k}': float(np.mean([r[k] for r in rows])) for k in ('loss', 'top1', 'top5')
+        }
+        summary['train_images_per_sec'] = chrono.window(len(window))
+        summary['learning_rate'] = float(schedule(step - 1))
+        summary['epoch'] = step / steps_per_epoch
+        writer.write_scalars(step, summary)
+        metrics_log.write(step, summary)
+        window, checked = [], 0
+      if itstime(step, every['eval_every'], num_steps):
+        _check_finite(window[checked:], config, checkpoint_dir)
+        checked = len(window)
+        jax.block_until_ready(state)  # Train steps still in flight count as training.
+        # Along the way the central patch, as Caffe's test phase; the last evaluation
+        # (results.json) is config.eval_crops' test.
+        crops = config.eval_crops if step == num_steps else 1
+        with chrono.paused(), report_progress.timed('eval'):
+          test = evaluate.evaluate(eval_step, state.params, test_batches(crops))
+        test_metrics = {f'test_{k}': v for k, v in test.items() if k != 'count'}
+        test_metrics['test_crops'] = crops
+        writer.write_scalars(step, test_metrics)
+        metrics_log.write(step, {'epoch': step / steps_per_epoch, **test_metrics})
+        logging.info(
+          'step %d epoch %.2f: test top-1 %.4f top-5 %.4f loss %.4f (%d crop(s))',
           step,
-          'finite loss and gradients, but NaN or Inf parameters after the update',
-          config,
-          checkpoint_dir,
+          step / steps_per_epoch,
+          test['top1'],
+          test['top5'],
+          test['loss'],
+          crops,
         )
-      checkpoints.save(manager, state, force=True)
-    if preempted:
-      manager.wait_until_finished()
-      raise Preempted(
-        f'Stopped on request (SIGTERM) after step {step}, checkpointed in '
-        f'{checkpoint_dir}; rerun the same command to resume.'
+      preempted = (checkpoints.reached_preemption(manager, step) or _STOP.is_set()) and (
+        step < num_steps
       )
-  manager.wait_until_finished()
-  manager.close()
+      if manager.should_save(step) or preempted or step == num_steps:
+        # Never save NaNs: neither a step's loss and gradients nor the parameters it left.
+        _check_finite(window[checked:], config, checkpoint_dir)
+        checked = len(window)
+        if not steps_lib.all_finite(state.params):
+          raise _nonfinite_error(
+            step,
+            'finite loss and gradients, but NaN or Inf parameters after the update',
+            config,
+            checkpoint_dir,
+          )
+        checkpoints.save(manager, state, force=True)
+      if preempted:
+        manager.wait_until_finished()
+        raise Preempted(
+          f'Stopped on request (SIGTERM) after step {step}, checkpointed in '
+          f'{checkpoint_dir}; rerun the same command to resume.'
+        )
+    manager.wait_until_finished()  # The last checkpoint is complete before results.json.
 
-  if test is None:  # Nothing left to train: evaluate what was restored.
-    test = evaluate.evaluate(eval_step, state.params, test_batches(config.eval_crops))
-  if not all(np.isfinite(test[k]) for k in ('loss', 'top1', 'top5')):
-    raise FloatingPointError(
-      f'The test loss of step {int(state.step)} is {test["loss"]} although training '
-      f'was finite; results.json is not written. Check config.dtype={config.dtype!r} '
-      '(float16 overflows) and the test data.'
-    )
-  results = {
-    'step': int(state.step),
-    'epoch': int(state.step) / steps_per_epoch,
-    'test_top1': test['top1'],
-    'test_top5': test['top5'],
-    'test_loss': test['loss'],
-    'n_test_examples': test['count'],
-    'train_images_per_sec': chrono.images_per_sec,
-    'wall_seconds': time.time() - start_time,
-  }
+    if test is None:  # Nothing left to train: evaluate what was restored.
+      test = evaluate.evaluate(eval_step, state.params, test_batches(config.eval_crops))
+    if not all(np.isfinite(test[k]) for k in ('loss', 'top1', 'top5')):
+      raise FloatingPointError(
+        f'The test loss of step {int(state.step)} is {test["loss"]} although training '
+        f'was finite; results.json is not written. Check config.dtype={config.dtype!r} '
+        '(float16 overflows) and the test data.'
+      )
+    results = {
+      'step': int(state.step),
+      'epoch': int(state.step) / steps_per_epoch,
+      'test_top1': test['top1'],
+      'test_top5': test['top5'],
+      'test_loss': test['loss'],
+      'n_test_examples': test['count'],
+      'train_images_per_sec': chrono.images_per_sec,
+      'wall_seconds': time.time() - start_time,
+    }
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'results.json')
     if chrono.images_per_sec is None and os.path.exists(path):
@@ -329,8 +336,5 @@ def train_and_evaluate(
       with open(path) as f:
         previous = json.load(f)
       results.update({k: previous[k] for k in ('train_images_per_sec', 'wall_seconds')})
-    with open(path + '.tmp', 'w') as f:  # Whole or not at all: sweeps look for it.
-      json.dump(results, f, indent=2)
-    os.replace(path + '.tmp', path)
-  writer.flush()
+    files.write_json(path, results)  # Whole or not at all: sweeps look for it.
   return results

@@ -17,14 +17,14 @@ Needs the ImageNet tars in `--config.manual_dir` for evaluation (README, "Origin
 weights"); predict needs none.
 """
 
+from alexnet_jax import import_caffe
 from configs import imagenet
 
 
 def get_config():
   config = imagenet.get_config()
-  config.lrn = 'caffe'
-  config.resize = 'square'
-  config.pixel_mean = (122.67892, 116.66877, 104.00699)  # R, G, B.
+  # lrn 'caffe', resize 'square' to 256, 227 crops, Caffe's mean (R, G, B), std 1.
+  config.update(import_caffe.CAFFE_CONVENTIONS)
   config.augment.pca_lighting_stddev = 0.0
   config.batch_size = 256
   config.eval_batch_size = 250

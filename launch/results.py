@@ -6,6 +6,7 @@ first, and writes it with a CSV copy and the runs' test top-1 curves to the swee
 """
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from typing import Any
 
 from absl import app
 from matplotlib.figure import Figure
+
+from alexnet_jax import files
 
 METRICS = ('test_top1', 'test_top5', 'test_loss', 'step', 'wall_seconds')
 
@@ -38,9 +41,8 @@ def collect(sweep_dir: str) -> list[dict[str, Any]]:
     if not os.path.exists(metrics_path) and not os.path.exists(results_path):
       continue
     tests = []
-    if os.path.exists(metrics_path):
-      with open(metrics_path) as f:
-        tests = [r for r in map(json.loads, filter(str.strip, f)) if 'test_top1' in r]
+    if os.path.exists(metrics_path):  # A line torn by a kill is skipped, with a warning.
+      tests = [r for r in files.read_jsonl(metrics_path) if 'test_top1' in r]
     overrides_path = os.path.join(workdir, 'overrides.json')
     run = {
       'name': name,
@@ -108,10 +110,10 @@ def write_results(sweep_dir: str) -> str:
     raise FileNotFoundError(f'No run (metrics.jsonl or results.json) in {sweep_dir}/*/.')
   header, rows = table(runs)
   text = markdown(header, rows)
-  with open(os.path.join(sweep_dir, 'results.md'), 'w') as f:
-    f.write(text)
-  with open(os.path.join(sweep_dir, 'results.csv'), 'w', newline='') as f:
-    csv.writer(f).writerows([header, *rows])
+  files.write_text(os.path.join(sweep_dir, 'results.md'), text)
+  table_csv = io.StringIO(newline='')
+  csv.writer(table_csv).writerows([header, *rows])
+  files.write_text(os.path.join(sweep_dir, 'results.csv'), table_csv.getvalue())
   plot_curves(
     runs, os.path.join(sweep_dir, 'test_top1.png'), os.path.basename(os.path.normpath(sweep_dir))
   )

@@ -157,3 +157,26 @@ def test_config_for_a_workdir(tmp_path):
   given = imagenet.get_config()  # 1000 classes at 227 px: not this run's shapes.
   with pytest.raises(config_lib.ConfigError, match=r'num_classes: 10 -> 1000'):
     config_lib.for_workdir(workdir, given)
+
+
+def test_eval_under_another_function_of_the_parameters_is_refused_naming_the_keys(tmp_path):
+  """LRN, resize and normalisation change what a checkpoint computes: a --config or an
+  override that changes them is refused unless allowed; the run's own keys pass."""
+  workdir = str(tmp_path)
+  trained = fashion_mnist.get_config()
+  trained.mesh.model = 2
+  config_lib.save(trained, workdir)
+  other = fashion_mnist.get_config()
+  other.update(lrn='caffe', pixel_std=(2.0, 2.0, 2.0), eval_crops=2)
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"lrn: 'cuda-convnet' -> 'caffe'; pixel_std: \(90.02, 90.02, 90.02\) -> \(2.0, 2.0, 2.0\)\)",
+  ):
+    config_lib.for_workdir(workdir, other)
+  assert config_lib.for_workdir(workdir, other, allow_change=True) is other
+  for key, value in (('resize', 'square'), ('resize_size', 80), ('pixel_mean', (0.0, 0.0, 0.0))):
+    with pytest.raises(config_lib.ConfigError, match=rf'\({key}: '):
+      config_lib.for_workdir(workdir, None, {key: value})
+  # The mesh is the machine's: the run's mesh.model=2 is not kept, unless asked for.
+  assert config_lib.for_workdir(workdir, None, {}).mesh.model is None
+  assert config_lib.for_workdir(workdir, None, {'mesh.model': 2}).mesh.model == 2

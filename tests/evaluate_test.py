@@ -11,8 +11,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from alexnet_jax import config_lib
 from alexnet_jax import evaluate
 from alexnet_jax import input_pipeline
+from alexnet_jax import plots
+from alexnet_jax import predict
 from alexnet_jax import sharding
 from alexnet_jax import steps
 from alexnet_jax import train
@@ -117,15 +120,28 @@ def test_every_test_example_counts_once(tmp_path, crops):
     assert json.load(f) == results
 
 
-def test_eval_on_one_device_of_a_run_trained_with_split_towers(tmp_path, monkeypatch):
+def test_eval_predict_and_plots_on_one_device_of_a_run_trained_with_split_towers(
+  tmp_path, monkeypatch
+):
+  """Train on two devices, evaluate on a laptop: the run's config.json says
+  mesh.model=2, and neither eval nor predict nor plots needs an override."""
   config = small_config(eval_batch_size=12)  # 64 test examples: the last batch padded.
   config.mesh.model = 2
   with tfds.testing.mock_data(num_examples=64):
     on_devices(monkeypatch, 2)
     trained = train.train_and_evaluate(config, str(tmp_path))
     on_devices(monkeypatch, 1)
-    config.mesh.model = None
-    results = evaluate.evaluate_checkpoint(config, str(tmp_path))
+    saved = config_lib.for_workdir(str(tmp_path), None, {})
+    results = evaluate.evaluate_checkpoint(saved, str(tmp_path))
+    assert len(plots.write_all(saved, str(tmp_path))) == 4
+    image = tmp_path / 'shoe.png'
+    tf.io.write_file(str(image), tf.io.encode_png(np.zeros((28, 28, 1), np.uint8)))
+    [top5] = predict.predict_files(saved, str(tmp_path), [str(image)])
+  assert len(top5) == 5
+  assert config_lib.load(str(tmp_path)).mesh.model == 2  # The run's record is kept.
+  # Asked for, the run's mesh is still refused on one device, naming the keys.
+  with pytest.raises(config_lib.ConfigError, match=r'mesh.model=2 must equal the 1 devices'):
+    sharding.create_mesh(config_lib.for_workdir(str(tmp_path), None, {'mesh.model': 2}).mesh)
 
   with open(tmp_path / 'eval_2.json') as f:
     assert json.load(f) == results

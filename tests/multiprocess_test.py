@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,8 +19,10 @@ from alexnet_jax import config_lib
 from alexnet_jax import evaluate
 from alexnet_jax import train
 from helpers import NUM_FOLDER_TEST_IMAGES as NUM_TEST_IMAGES
+from helpers import REPO
 from helpers import TIMEOUT
 from helpers import folder_flags
+from helpers import free_port
 from helpers import logged_train_rows
 from helpers import on_devices
 from helpers import processes
@@ -127,3 +131,41 @@ def test_a_dataset_process_0_cannot_prepare_stops_every_process(tmp_path):
   assert (
     "\nValueError: Process 0 could not prepare dataset 'image_folder'; its log says why."
   ) in logs[1]
+
+
+_AGREE_ON_A_STEP = """
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from alexnet_jax import checkpoints
+
+class Listing:  # The directory as each process sees it while step 9 is finalised.
+  def latest_step(self):
+    return {0: 9, 1: 6}[jax.process_index()]
+
+print('step', checkpoints.latest_step(Listing()))
+"""
+
+
+def test_every_process_restores_the_step_process_0_sees(tmp_path):
+  """While a checkpoint is being finalised or pruned, processes listing the directory
+  can see different latest steps; all take process 0's."""
+  port = free_port()
+  running = [
+    subprocess.Popen(
+      [sys.executable, '-c', _AGREE_ON_A_STEP, f'127.0.0.1:{port}', str(i)],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in running]
+  finally:
+    for p in running:
+      p.kill()
+  assert [p.returncode for p in running] == [0, 0], outputs
+  assert [re.findall(r'^step \w+$', out, re.M) for out in outputs] == [['step 9']] * 2, outputs

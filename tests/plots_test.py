@@ -60,11 +60,14 @@ def write_metrics(workdir, epochs=3):
       )
 
 
-def test_read_metrics_splits_train_and_test_lines(tmp_path):
+def test_read_metrics_splits_train_and_test_lines_and_skips_a_torn_one(tmp_path, caplog):
   write_metrics(tmp_path)
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 40, "epoch": 4, "train_lo')  # Torn by a kill -9 during the append.
   train_rows, test_rows = plots.read_metrics(str(tmp_path))
   assert [r['train_loss'] for r in train_rows] == [2.0, 1.0, 2 / 3]
   assert [r['test_top1'] for r in test_rows] == [0.25, 0.5, 0.75]
+  assert 'Skipping line 7 of' in caplog.text
 
 
 def test_learning_curves_plot_the_metrics_against_epochs(tmp_path):

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,10 +12,13 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from alexnet_jax import checkpoints
 from alexnet_jax import evaluate
 from alexnet_jax import main
 from alexnet_jax import plots
 from alexnet_jax import train
+from helpers import REPO
+from helpers import TIMEOUT
 from helpers import logged_train_rows
 from helpers import small_config as base_config
 
@@ -196,3 +201,92 @@ def test_chrono_leaves_out_compilation_and_evaluation(monkeypatch):
   assert chrono.window(2) == pytest.approx(16 / 4)
   assert chrono.window(1) == pytest.approx(8 / 1)
   assert chrono.images_per_sec == pytest.approx(24 / 5)
+
+
+def _recording_closes(monkeypatch, closed: list[str]):
+  """Makes the loop's CheckpointManager and metric writer append their name to
+  `closed` when closed."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  def recorded(create, name):
+    def wrapper(*args, **kwargs):
+      resource = create(*args, **kwargs)
+      close = resource.close
+      resource.close = lambda: (closed.append(name), close())[1]
+      return resource
+
+    return wrapper
+
+  monkeypatch.setattr(
+    checkpoints, 'create_manager', recorded(checkpoints.create_manager, 'checkpoints')
+  )
+  monkeypatch.setattr(
+    metric_writers,
+    'create_default_writer',
+    recorded(metric_writers.create_default_writer, 'metrics'),
+  )
+
+
+def tensorboard_steps(workdir, tag: str) -> list[int]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return sorted(
+    event.step
+    for name in os.listdir(workdir)
+    if name.startswith('events.out.tfevents')
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name))
+    for value in event.summary.value
+    if value.tag == tag
+  )
+
+
+def test_a_nan_or_a_preemption_closes_the_checkpoints_and_the_metric_writer(tmp_path, monkeypatch):
+  """No checkpoint thread is left running, and TensorBoard has every logged step."""
+  closed = []
+  _recording_closes(monkeypatch, closed)
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(FloatingPointError):
+      train.train_and_evaluate(small_config(dropout_rate=1.0), str(tmp_path / 'nan'))
+    assert closed == ['metrics', 'checkpoints']
+    closed.clear()
+    train.request_stop()
+    try:
+      with pytest.raises(train.Preempted, match='after step 1'):
+        train.train_and_evaluate(small_config(), str(tmp_path / 'preempted'))
+    finally:
+      train._STOP.clear()  # pylint: disable=protected-access
+  assert closed == ['metrics', 'checkpoints']
+  assert tensorboard_steps(tmp_path / 'preempted', 'train_loss') == [1]
+
+
+_REWRITE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from alexnet_jax import train
+# A write past the limit fails (EFBIG) where it stands, as a kill would stop it.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (150, 150))
+train._MetricsLog(sys.argv[1], resume_step=4)
+"""
+
+
+def test_a_resume_that_dies_while_rewriting_the_metrics_keeps_every_line(tmp_path):
+  """A resume drops the lines after its checkpoint by rewriting metrics.jsonl; dying
+  half-way through that write (here: at 150 bytes) must not cost the run's history."""
+  path = tmp_path / 'metrics.jsonl'
+  lines = [
+    json.dumps({'step': step, 'train_loss': 2.0 / step, 'epoch': step / 8}) for step in range(1, 7)
+  ]
+  path.write_text(''.join(line + '\n' for line in lines))
+  assert len(''.join(lines[:4])) > 150
+  result = subprocess.run(
+    [sys.executable, '-c', _REWRITE_WITH_A_FILE_SIZE_LIMIT, str(path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    check=False,
+  )
+  assert result.returncode != 0 and 'File too large' in result.stderr, result.stderr[-2000:]
+  kept = path.read_text().splitlines()
+  assert kept[:4] == lines[:4]  # The old file whole (or the new one), never half of it.
+  assert sorted(os.listdir(tmp_path)) == ['metrics.jsonl']  # No temporary file left.
