@@ -54,6 +54,30 @@ def _slurm_local_device_ids() -> list[int] | None:
   return list(range(len(gpus.split(','))))
 
 
+# What JAX's SLURM detection reads (jax._src.clusters.slurm_cluster), and SLURM_STEP_ID:
+# srun sets them all in each task of a job step. A shell of the allocation (salloc's,
+# or sbatch's script run without srun) has SLURM_JOB_ID and SLURM_NTASKS but no step.
+_SLURM_STEP_VARIABLES = (
+  'SLURM_JOB_ID',
+  'SLURM_STEP_ID',
+  'SLURM_STEP_NODELIST',
+  'SLURM_NTASKS',
+  'SLURM_PROCID',
+  'SLURM_LOCALID',
+)
+
+
+def _slurm_step_tasks() -> int | None:
+  """The number of tasks in the srun job step this process is one of; None outside one.
+
+  The step's own count (SLURM_STEP_NUM_TASKS): `srun --preserve-env` leaves
+  SLURM_NTASKS at the allocation's.
+  """
+  if not all(v in os.environ for v in _SLURM_STEP_VARIABLES):
+    return None
+  return int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ['SLURM_NTASKS']))
+
+
 def initialize_distributed(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
@@ -63,16 +87,20 @@ def initialize_distributed(
   """Joins a multi-process job (`jax.distributed.initialize`), if launched as one.
 
   From the arguments (main.py's flags of the same names), or from SLURM's variables
-  when `srun` starts more than one task (JAX reads SLURM_NTASKS, SLURM_PROCID,
-  SLURM_STEP_NODELIST, SLURM_JOB_ID; with one task per node, each process gets all
-  of its node's GPUs). Without either this is a single-process run
-  and nothing happens. On CPU the processes exchange arrays through gloo, so the
+  in a job step that `srun` started with more than one task (JAX reads SLURM_JOB_ID,
+  SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID; the process count is the step's
+  SLURM_STEP_NUM_TASKS; with one task per node, each process gets all of its node's
+  GPUs). Without either this is a single-process run and nothing happens; also in a
+  SLURM allocation of several tasks outside a job step (a command typed in `salloc`'s
+  shell, or run by an sbatch script without srun), which logs a warning saying so:
+  no peers would ever come. On CPU the processes exchange arrays through gloo, so the
   same job runs on CPU-only hosts.
 
   Raises:
     ValueError: if only part of a job's description is given, saying what is missing.
   """
-  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ
+  step_tasks = _slurm_step_tasks()
+  slurm = step_tasks is not None and step_tasks > 1
   given = (coordinator_address, num_processes, process_id)
   if all(v is None for v in given) and not slurm:
     if 'JAX_COORDINATOR_ADDRESS' in os.environ:
@@ -81,6 +109,15 @@ def initialize_distributed(
         'the process count and id: pass --coordinator_address=HOST:PORT '
         '--num_processes=N --process_id=I to every process (or start them with srun).'
       )
+    allocated = int(os.environ.get('SLURM_NTASKS', '1'))
+    if step_tasks is None and 'SLURM_JOB_ID' in os.environ and allocated > 1:
+      logging.warning(
+        'SLURM job %s has %d tasks, but this process was not started by srun (no job '
+        'step): running as a single process. Use `srun` to run %d processes.',
+        os.environ['SLURM_JOB_ID'],
+        allocated,
+        allocated,
+      )
     return
   if not slurm and any(v is None for v in given):
     raise ValueError(
@@ -88,6 +125,8 @@ def initialize_distributed(
       f'--process_id=I on every process (got {coordinator_address=}, {num_processes=}, '
       f'{process_id=}), or SLURM to provide them (srun).'
     )
+  if slurm and num_processes is None:
+    num_processes = step_tasks
   if slurm and local_device_ids is None:
     local_device_ids = _slurm_local_device_ids()
   # Before any backend starts: CPU collectives across processes (a no-op on GPUs).

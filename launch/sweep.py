@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import importlib.util
 import itertools
-import json
 import os
 import shlex
 import shutil
@@ -33,6 +32,8 @@ from absl import flags
 from absl import logging
 import ml_collections
 from ml_collections import config_flags
+
+from alexnet_jax import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,8 +172,7 @@ def command(
 
 def prepare(run: Run):
   os.makedirs(run.workdir, exist_ok=True)
-  with open(os.path.join(run.workdir, 'overrides.json'), 'w') as f:
-    json.dump(run.overrides, f, indent=2)
+  files.write_json(os.path.join(run.workdir, 'overrides.json'), run.overrides)
 
 
 def run_local(
@@ -219,12 +219,14 @@ def slurm_script(
   """An sbatch job array: task i runs `commands[i]` under srun, one process per node.
 
   With several nodes, srun starts the trainer once per node and `alexnet_jax.main`
-  joins them into one JAX job from SLURM's variables (SLURM_NTASKS, SLURM_PROCID,
-  SLURM_STEP_NODELIST; `sharding.initialize_distributed`). SIGTERM comes 120 s before
-  the time limit (`--signal=B:TERM@120`, to the batch shell, which passes it on
-  through srun) or at a preemption (SIGKILL follows after the partition's GraceTime);
-  the trainers checkpoint the same step and exit non-zero, and the task is requeued
-  to resume from that checkpoint.
+  joins them into one JAX job from the job step's SLURM variables (SLURM_STEP_NUM_TASKS,
+  SLURM_PROCID, SLURM_STEP_NODELIST; `sharding.initialize_distributed`). SIGTERM comes
+  120 s before the time limit (`--signal=B:TERM@120`, to the batch shell, which passes
+  it on through srun, also when it comes before srun has started) or at a preemption
+  (SIGKILL follows after the partition's GraceTime); the trainers checkpoint the same
+  step and exit non-zero, and only then is the task requeued, to resume from that
+  checkpoint. Otherwise the task ends with the trainers' status: 0 for a finished run
+  (also when SIGTERM came as it finished), the failure's status for a failed one.
 
   Args:
     gpus_per_node: GPUs each node asks for; 0 asks for none (CPU clusters).
@@ -250,6 +252,10 @@ def slurm_script(
   return f"""#!/bin/bash
 {chr(10).join('#SBATCH --' + o for o in options)}
 set -uo pipefail
+# SIGTERM can come at any moment, also before srun has started: from the first line on,
+# note it, and pass it on to srun (which signals every trainer) once there is one.
+term=0 woken=0 trainer=
+trap 'term=1 woken=1; if [[ -n $trainer ]]; then kill -TERM "$trainer"; fi' TERM
 cd {shlex.quote(REPO)}
 case "$SLURM_ARRAY_TASK_ID" in
 {cases}
@@ -257,9 +263,19 @@ esac
 # One trainer per node ({nodes} node(s)); they find each other through SLURM's variables.
 srun --ntasks-per-node=1 "${{cmd[@]}}" &
 trainer=$!
-# On SIGTERM: let the trainers checkpoint and exit, then put this task back in the queue.
-trap 'kill -TERM $trainer; wait $trainer; scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"; exit 143' TERM
-wait $trainer
+# A SIGTERM that came before `trainer` was set has not been passed on yet (one that came
+# just after is passed on twice: the trainers' handlers only note that a stop was asked).
+if (( term )); then kill -TERM "$trainer"; fi
+# SIGTERM cuts `wait` short (status 128+15) while srun runs on: wait again, for srun's own.
+while woken=0; wait "$trainer"; status=$?; (( woken && status > 128 )); do :; done
+# Requeue only a preempted task: SIGTERM came and the trainers stopped non-zero, as they
+# do after checkpointing (`train.Preempted`). A run that finished (0), or that failed
+# without SIGTERM, is not rerun: the task ends with its status.
+if (( term && status != 0 )); then
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+  exit 143
+fi
+exit "$status"
 """
 
 
@@ -328,18 +344,18 @@ def main(argv):
     log_dir = os.path.join(sweep_workdir, 'slurm')
     os.makedirs(log_dir, exist_ok=True)
     script = os.path.join(sweep_workdir, 'sweep.sbatch')
-    with open(script, 'w') as f:
-      f.write(
-        slurm_script(
-          todo,
-          commands,
-          job_name=os.path.basename(sweep_workdir),
-          log_dir=log_dir,
-          nodes=FLAGS.slurm_nodes,
-          gpus_per_node=FLAGS.slurm_gpus_per_node,
-          sbatch_options=FLAGS.sbatch,
-        )
-      )
+    files.write_text(
+      script,
+      slurm_script(
+        todo,
+        commands,
+        job_name=os.path.basename(sweep_workdir),
+        log_dir=log_dir,
+        nodes=FLAGS.slurm_nodes,
+        gpus_per_node=FLAGS.slurm_gpus_per_node,
+        sbatch_options=FLAGS.sbatch,
+      ),
+    )
     if shutil.which('sbatch'):
       subprocess.run(['sbatch', script], check=True)
     else:

@@ -270,8 +270,30 @@ def test_slurm_backend_writes_the_script_for_the_unfinished_runs(tmp_path):
       assert json.load(f) == {'learning_rate': float(lr)}
 
 
-def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
-  """Runs array task 1 with stand-ins for srun and scontrol, then preempts it."""
+# Bash runs a DEBUG trap before each command: this one, in the script's own shell, sends
+# the SIGTERM just before srun starts, when there is no trainer yet to pass it to.
+SIGTERM_BEFORE_SRUN = (
+  'set -T; trap \'if [[ $BASHPID == $$ && $BASH_COMMAND == "srun "* ]]; then '
+  'trap - DEBUG; kill -TERM $$; fi\' DEBUG; . "$0"'
+)
+
+
+@pytest.mark.parametrize(
+  'exit_status, on_sigterm, sigterm, expected_status, requeued',
+  [
+    (None, 1, 'running', 143, True),  # Preempted: checkpoints, exits 1, is requeued.
+    (None, 0, 'running', 0, False),  # Finished as SIGTERM came: nothing to resume.
+    (0, None, None, 0, False),  # Finished.
+    (2, None, None, 2, False),  # Failed, not preempted: a rerun would fail again.
+    (None, 1, 'before srun', 143, True),  # Not lost when no trainer has started yet.
+  ],
+  ids=['preempted', 'finished-on-sigterm', 'finished', 'failed', 'sigterm-before-srun'],
+)
+def test_slurm_task_forwards_sigterm_and_requeues_only_a_preempted_trainer(
+  tmp_path, exit_status, on_sigterm, sigterm, expected_status, requeued
+):
+  """Runs array task 1 with stand-ins for srun and scontrol; SIGTERM as the batch shell
+  gets it (`--signal=B:TERM`), to it alone."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   (bin_dir / 'srun').write_text(  # Drops srun's own options, runs the command.
@@ -284,9 +306,11 @@ def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
       import pathlib, signal, sys, time
       def stop(*_):
         pathlib.Path('{tmp_path}/stopped').write_text(sys.argv[1])
-        sys.exit(1)
+        sys.exit({on_sigterm})
       signal.signal(signal.SIGTERM, stop)
       pathlib.Path('{tmp_path}/started').write_text(sys.argv[1])
+      if {exit_status is not None}:
+        sys.exit({exit_status})
       time.sleep(60)
       """)
   runs = sweep.expand([{'seed': s} for s in range(2)], str(tmp_path))
@@ -299,15 +323,26 @@ def test_slurm_task_forwards_sigterm_and_requeues(tmp_path):
     'SLURM_ARRAY_TASK_ID': '1',
     'SLURM_ARRAY_JOB_ID': '77',
   }
-  task = subprocess.Popen(['bash', str(script)], env=env)
-  deadline = time.time() + 30
-  while not (tmp_path / 'started').exists() and time.time() < deadline:
-    time.sleep(0.05)
-  assert (tmp_path / 'started').read_text() == 'seed=1'
-  task.send_signal(signal.SIGTERM)
-  assert task.wait(timeout=30) == 143
-  assert (tmp_path / 'stopped').read_text() == 'seed=1'
-  assert (tmp_path / 'scontrol.log').read_text() == 'requeue 77_1\n'
+  shell = ['bash', '-c', SIGTERM_BEFORE_SRUN] if sigterm == 'before srun' else ['bash']
+  # Its own process group, so that nothing it started outlives a failed test.
+  task = subprocess.Popen([*shell, str(script)], env=env, start_new_session=True)
+  try:
+    if sigterm == 'running':
+      deadline = time.time() + 30
+      while not (tmp_path / 'started').exists() and time.time() < deadline:
+        time.sleep(0.05)
+      assert (tmp_path / 'started').read_text() == 'seed=1'
+      task.send_signal(signal.SIGTERM)
+    assert task.wait(timeout=30) == expected_status
+  finally:
+    try:
+      os.killpg(task.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  if sigterm == 'running':
+    assert (tmp_path / 'stopped').read_text() == 'seed=1'  # The trainer got the SIGTERM.
+  log = tmp_path / 'scontrol.log'
+  assert (log.read_text() if log.exists() else None) == ('requeue 77_1\n' if requeued else None)
 
 
 def write_run(workdir, overrides, test_top1s, finished=True):
@@ -346,10 +381,12 @@ def write_run(workdir, overrides, test_top1s, finished=True):
       )
 
 
-def test_results_table_ranks_runs_best_first(tmp_path):
+def test_results_table_ranks_runs_best_first(tmp_path, caplog):
   write_run(tmp_path / 'learning_rate=0.01', {'learning_rate': 0.01}, [0.5, 0.7, 0.75])
   write_run(tmp_path / 'learning_rate=0.02', {'learning_rate': 0.02}, [0.6, 0.8, 0.85])
   write_run(tmp_path / 'learning_rate=0.04', {'learning_rate': 0.04}, [0.9], finished=False)
+  with open(tmp_path / 'learning_rate=0.04' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 100, "epoch": 0.2, "test_lo')  # Torn by a kill -9 while running.
   (tmp_path / 'slurm').mkdir()  # Not a run.
 
   text = results.write_results(str(tmp_path))
@@ -367,6 +404,8 @@ def test_results_table_ranks_runs_best_first(tmp_path):
       'learning_rate=0.02,0.02,0.8500,0.9900,0.1500,150,123,finished'
     )
   assert matplotlib.image.imread(tmp_path / 'test_top1.png').shape[:2] == (600, 1000)
+  assert 'Skipping line 3 of' in caplog.text and 'learning_rate=0.04' in caplog.text
+  assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]  # Replaced whole.
 
 
 def test_results_of_an_empty_directory_raise(tmp_path):
