@@ -5,6 +5,7 @@ and the run's config saved in its workdir (`config.json`) and checked on reruns.
 import json
 import numbers
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,6 +129,8 @@ RULES: dict[str, _Rule] = {
   'train_split': _STRING,
   'test_split': _STRING,
   'num_classes': _int(2),
+  'classes': _sequence(_int(0)),
+  'train_examples_per_class': _optional(_POSITIVE_INT),
   'cache': _BOOL,
   'shuffle_buffer': _POSITIVE_INT,
   'deterministic_input': _BOOL,
@@ -143,6 +146,18 @@ RULES: dict[str, _Rule] = {
   'lrn': _choice(*models.LRN_CONVENTIONS),
   'dropout_rate': _number(0, 1, high_open=True),
   'dtype': _choice(*DTYPES),
+  'init_from': _optional(_STRING),
+  'init_from_step': _optional(_int(0)),
+  'reinit': _sequence(_STRING),
+  'init_from_allowed_changes': _sequence(_choice(*FUNCTION_KEYS[len(MODEL_SHAPE_KEYS) :])),
+  'lr_multipliers': _sequence(
+    (
+      lambda v: (
+        isinstance(v, Sequence) and len(v) == 2 and _STRING[0](v[0]) and _number(0)[0](v[1])
+      ),
+      'a (layer regex, factor >= 0) pair',
+    )
+  ),
   'batch_size': _POSITIVE_INT,
   'eval_batch_size': _POSITIVE_INT,
   'eval_crops': _choice(1, 2, 10),
@@ -212,6 +227,7 @@ def validate(
   missing = [key for key in RULES if key not in leaves]
   if missing:
     raise ConfigError(f'config lacks {", ".join(missing)} (start from configs/default.py).')
+  _validate_transfer(config)
   if config.image_size > config.resize_size:
     raise ConfigError(
       f'config.image_size={config.image_size} must be <= '
@@ -233,6 +249,38 @@ def validate(
     )
   if num_devices is not None:
     _validate_layout(config, num_devices, num_processes)
+
+
+def _unmatched(patterns) -> str | None:
+  """The first of `patterns` (regexes) that fullmatches none of `models.LAYERS`."""
+  for pattern in patterns:
+    try:
+      if not any(re.fullmatch(pattern, layer) for layer in models.LAYERS):
+        return pattern
+    except re.error:
+      return pattern
+  return None
+
+
+def _validate_transfer(config: ml_collections.ConfigDict):
+  """Layer patterns that match a layer, and classes that fit num_classes."""
+  for key, patterns in (
+    ('reinit', config.reinit),
+    ('lr_multipliers', [pattern for pattern, _ in config.lr_multipliers]),
+  ):
+    if (pattern := _unmatched(patterns)) is not None:
+      raise ConfigError(
+        f'config.{key}: {pattern!r} matches no layer; the layers are '
+        f'{", ".join(models.LAYERS)} (patterns are regexes on the whole name, e.g. '
+        "'fc8' or 'conv[1-5]')."
+      )
+  if len(set(config.classes)) != len(config.classes):
+    raise ConfigError(f'config.classes={tuple(config.classes)!r}: each id may appear once.')
+  if config.classes and len(config.classes) != config.num_classes:
+    raise ConfigError(
+      f'config.classes has {len(config.classes)} ids but config.num_classes='
+      f'{config.num_classes}: set --config.num_classes={len(config.classes)}.'
+    )
 
 
 def _is_tfds_dataset(name: str) -> bool:

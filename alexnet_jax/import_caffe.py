@@ -26,7 +26,7 @@ from alexnet_jax import config_lib
 from alexnet_jax import models
 
 # deploy.prototxt's parameter layers, in order: two blobs each, weights and bias.
-LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
+LAYERS = models.LAYERS
 _CONV_LAYERS = LAYERS[:5]
 # The config values under which the converted weights compute bvlc_alexnet's function
 # (configs/caffe_bvlc_alexnet.py takes them from here). Any other value gives other

@@ -56,6 +56,8 @@ LRN_CONVENTIONS = {
 
 # Sec. 5: weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden fc layers.
 PAPER_INIT_STDDEV = 0.01
+# The parameter layers, in order (the names of Caffe's bvlc_alexnet layers too).
+LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
 PAPER_BIAS_ONE_LAYERS = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')

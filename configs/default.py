@@ -14,6 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_split = 'train'
   config.test_split = 'validation'
   config.num_classes = 1000
+  # A subset of the dataset's label ids, relabelled 0..k-1 in this order, for train
+  # and test (num_classes = k); () keeps every class as it is.
+  config.classes = ()
+  # The first N examples of each (kept) class of the train split; None: all.
+  config.train_examples_per_class = ml_collections.config_dict.placeholder(int)
   config.cache = False  # Keep the encoded train split in memory.
   config.shuffle_buffer = 16_384
   # Exact, resumable data order; False lets tf.data reorder examples when that is faster.
@@ -43,6 +48,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.lrn = 'cuda-convnet'
   config.dropout_rate = 0.5
   config.dtype = 'float32'  # Compute dtype; parameters stay float32.
+
+  # Transfer (README, "Fine-tuning"): a new run's parameters from the checkpoint of
+  # another workdir (a training run or an import_caffe one), by layer name; layers
+  # matching `reinit` (regexes on conv1...fc8), and fc8 when num_classes differs,
+  # start from `init`. The source's FUNCTION_KEYS (config_lib: image_size, lrn, resize,
+  # pixel mean/std) must match, except those named in `init_from_allowed_changes`.
+  config.init_from = ml_collections.config_dict.placeholder(str)
+  config.init_from_step = ml_collections.config_dict.placeholder(int)  # None: latest.
+  config.reinit = ()
+  config.init_from_allowed_changes = ()
+  # Per-layer rate factors, ((regex on conv1...fc8, factor), ...), first match wins,
+  # other layers 1; on top of bias_lr_multiplier. 0 freezes a layer: no update, no
+  # weight decay, no momentum kept (Caffe's lr_mult 0).
+  config.lr_multipliers = ()
 
   # Optimisation (Sec. 5): batch 128, momentum 0.9, weight decay 5e-4, lr 0.01
   # divided by 10 three times over ~90 epochs.
