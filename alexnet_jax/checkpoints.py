@@ -3,14 +3,17 @@ any mesh, the parameters alone without an optimizer; preemption across processes
 """
 
 import os
+import re
 from typing import Any
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alexnet_jax import config_lib
 from alexnet_jax import steps as steps_lib
 
 
@@ -132,3 +135,97 @@ def save_params(workdir: str, params: dict[str, Any], step: int = 0):
   with create_manager(workdir) as manager:
     manager.save(step, args=ocp.args.StandardSave({'params': params}), force=True)
     manager.wait_until_finished()
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a finished checkpoint (Orbax's temporary ones don't count)."""
+  checkpoint_dir = directory(workdir)
+  return os.path.isdir(checkpoint_dir) and any(n.isdigit() for n in os.listdir(checkpoint_dir))
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the run `config.init_from` names, checked before any data is read.
+
+  Raises:
+    config_lib.ConfigError: naming `config.init_from` (or `init_from_step`) if the
+      workdir, its config.json or the checkpoint is missing, or naming each key of
+      `config_lib.FUNCTION_KEYS` but num_classes whose value differs from the source
+      run's and is not in `config.init_from_allowed_changes`.
+  """
+  source_dir = config.init_from
+  source = config_lib.load(source_dir) if os.path.isdir(source_dir) else None
+  if source is None:
+    raise config_lib.ConfigError(
+      f'config.init_from={source_dir!r}: no training run there (no '
+      f'{config_lib.CONFIG_FILE}); name the --workdir of a finished run or of an '
+      'import_caffe import.'
+    )
+  steps = (
+    sorted(int(n) for n in os.listdir(directory(source_dir)) if n.isdigit())
+    if has_checkpoint(source_dir)
+    else []
+  )
+  if not steps:
+    raise config_lib.ConfigError(f'config.init_from={source_dir!r}: it has no checkpoint.')
+  if config.init_from_step is not None and config.init_from_step not in steps:
+    raise config_lib.ConfigError(
+      f'config.init_from_step={config.init_from_step}: {source_dir} has checkpoints of '
+      f'steps {steps}.'
+    )
+  changed = {
+    key: values
+    for key, values in config_lib.function_differences(source, config).items()
+    if key != 'num_classes' and key not in config.init_from_allowed_changes
+  }
+  if changed:
+    raise config_lib.ConfigError(
+      f'config.init_from={source_dir!r} was trained with other values of '
+      + '; '.join(f'{key} ({old!r} there, {new!r} here)' for key, (old, new) in changed.items())
+      + ': its layers would compute another function here. Use its values, or name '
+      f'the keys in --config.init_from_allowed_changes="{tuple(changed)!r}" to '
+      'start from it anyway.'
+    )
+  return source
+
+
+def init_from(
+  config: ml_collections.ConfigDict, params: dict[str, Any], mesh: jax.sharding.Mesh
+) -> dict[str, Any]:
+  """`params` (a new run's initial ones, on `mesh`) with the layers of the checkpoint
+  `config.init_from` names copied in, by layer name (as Caffe's CopyTrainedLayersFrom).
+
+  Layers matching a `config.reinit` pattern keep their initial values, as does fc8 when
+  only the class count differs; every other layer is copied bit for bit. The copied
+  and reinitialised layers are logged.
+
+  Raises:
+    config_lib.ConfigError: as `check_init_from`, or for a layer whose shapes differ
+      otherwise, naming the layer and both shapes.
+  """
+  source_config = check_init_from(config)
+  source, step = restore_params(source_config, config.init_from, mesh, config.init_from_step)
+  result, copied, reinitialised = {}, [], []
+  for layer, initial in params.items():
+    shapes = {kind: (source[layer][kind].shape, x.shape) for kind, x in initial.items()}
+    other_classes = layer == 'fc8' and source_config.num_classes != config.num_classes
+    if any(re.fullmatch(pattern, layer) for pattern in config.reinit) or other_classes:
+      result[layer] = initial
+      reinitialised.append(layer)
+      continue
+    for kind, (there, here) in shapes.items():
+      if there != here:
+        raise config_lib.ConfigError(
+          f'config.init_from={config.init_from!r}: {layer}/{kind} is {there} there and '
+          f'{here} here; list {layer!r} in config.reinit to start it from config.init.'
+        )
+    result[layer] = source[layer]
+    copied.append(layer)
+  logging.info(
+    'Parameters from step %d of %s: copied %s; from config.init (%s): %s.',
+    step,
+    config.init_from,
+    ', '.join(copied) or 'none',
+    config.init,
+    ', '.join(reinitialised) or 'none',
+  )
+  return result

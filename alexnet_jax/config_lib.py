@@ -149,7 +149,9 @@ RULES: dict[str, _Rule] = {
   'init_from': _optional(_STRING),
   'init_from_step': _optional(_int(0)),
   'reinit': _sequence(_STRING),
-  'init_from_allowed_changes': _sequence(_choice(*FUNCTION_KEYS[len(MODEL_SHAPE_KEYS) :])),
+  'init_from_allowed_changes': _sequence(
+    _choice(*(k for k in FUNCTION_KEYS if k != 'num_classes'))
+  ),
   'lr_multipliers': _sequence(
     (
       lambda v: (
@@ -274,6 +276,11 @@ def _validate_transfer(config: ml_collections.ConfigDict):
         f'{", ".join(models.LAYERS)} (patterns are regexes on the whole name, e.g. '
         "'fc8' or 'conv[1-5]')."
       )
+  if config.reinit and not config.init_from:
+    raise ConfigError(
+      f'config.reinit={tuple(config.reinit)!r} needs config.init_from: the workdir of the '
+      'run to start the other layers from (e.g. --config.init_from=runs/source).'
+    )
   if len(set(config.classes)) != len(config.classes):
     raise ConfigError(f'config.classes={tuple(config.classes)!r}: each id may appear once.')
   if config.classes and len(config.classes) != config.num_classes:

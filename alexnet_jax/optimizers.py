@@ -2,6 +2,8 @@
 biases as in the reference code, and the learning-rate schedules.
 """
 
+import functools
+import re
 from typing import NamedTuple
 
 import jax
@@ -10,6 +12,7 @@ import ml_collections
 import optax
 
 from alexnet_jax import config_lib
+from alexnet_jax import models
 
 
 def create_learning_rate_schedule(
@@ -84,6 +87,24 @@ def _is_weight(params):
   return jax.tree.map(lambda bias: not bias, _is_bias(params))
 
 
+def layer_multiplier(config: ml_collections.ConfigDict, layer: str) -> float:
+  """`layer`'s rate factor: the first `config.lr_multipliers` pattern that fullmatches
+  it, else 1."""
+  for pattern, factor in config.lr_multipliers:
+    if re.fullmatch(pattern, layer):
+      return float(factor)
+  return 1.0
+
+
+def _by_layer(value_of_layer):
+  """A function of the params giving each leaf `value_of_layer(its layer's name)`: an
+  Optax mask or partition label."""
+  return lambda params: {
+    layer: jax.tree.map(functools.partial(lambda value, _: value, value_of_layer(layer)), subtree)
+    for layer, subtree in params.items()
+  }
+
+
 def create_optimizer(
   config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
@@ -92,8 +113,13 @@ def create_optimizer(
   Weights: g = grad + weight_decay * w. Biases: g = bias_lr_multiplier *
   (grad + bias_weight_decay * b), i.e. twice the rate and no decay by default
   (cuda-convnet2's epsB = 2 epsW without wc; Caffe's lr_mult 2, decay_mult 0).
+  `config.lr_multipliers` then scales g per layer (Caffe's per-layer lr_mult, on top
+  of the bias one); a layer with factor 0 is frozen: `optax.set_to_zero` in an
+  `optax.partition`, so it gets no update, no weight decay and keeps no momentum.
   Then `config.momentum_form`: 'paper' applies `paper_momentum`; 'optax' applies
   `optax.sgd(schedule, momentum)`, whose momentum accumulates unscaled gradients.
+  Without multipliers the chain (and so the checkpoint's optimizer state) is as it
+  was before they existed.
 
   Raises:
     ValueError: for an unknown momentum_form.
@@ -104,9 +130,21 @@ def create_optimizer(
     momentum = optax.sgd(schedule, momentum=config.momentum)
   else:
     raise ValueError(f"Unknown momentum_form {config.momentum_form!r}: use 'paper' or 'optax'.")
-  return optax.chain(
+  factor = functools.partial(layer_multiplier, config)
+  scales = [  # One per factor other than 0 and 1, on the layers that have it.
+    optax.masked(optax.scale(f), _by_layer(lambda layer, f=f: factor(layer) == f))
+    for f in sorted({factor(layer) for layer in models.LAYERS} - {0.0, 1.0})
+  ]
+  sgd = optax.chain(
     optax.masked(optax.add_decayed_weights(config.weight_decay), _is_weight),
     optax.masked(optax.add_decayed_weights(config.bias_weight_decay), _is_bias),
     optax.masked(optax.scale(config.bias_lr_multiplier), _is_bias),
+    *scales,
     momentum,
+  )
+  if all(factor(layer) for layer in models.LAYERS):
+    return sgd
+  return optax.partition(
+    {'trained': sgd, 'frozen': optax.set_to_zero()},
+    _by_layer(lambda layer: 'trained' if factor(layer) else 'frozen'),
   )

@@ -170,7 +170,8 @@ def train_and_evaluate(
 
   Raises:
     config_lib.ConfigError: if `workdir` holds a run with another config (see
-      `config_lib.check_rerun`).
+      `config_lib.check_rerun`), or `config.init_from` cannot be used
+      (`checkpoints.check_init_from`, `checkpoints.init_from`).
     FloatingPointError: at the first step whose loss or gradients are not finite, or
       before saving parameters that are not; nothing from it is saved.
     Preempted: after `request_stop` or a SIGTERM to any process, once the current
@@ -183,6 +184,8 @@ def train_and_evaluate(
   start_time = time.time()
   workdir = os.path.abspath(workdir)
   changes = config_lib.check_rerun(config, workdir, allow_change=allow_config_change)
+  if config.init_from and not checkpoints.has_checkpoint(workdir):
+    checkpoints.check_init_from(config)  # A missing source says so before any data.
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
   mesh = sharding.create_mesh(config.mesh)
@@ -229,6 +232,8 @@ def train_and_evaluate(
     if latest is not None:
       state = checkpoints.restore_state(manager, state, latest)
       logging.info('Resumed from step %d in %s.', int(state.step), checkpoint_dir)
+    elif config.init_from:  # Only a new run starts from another; momentum starts at 0.
+      state = state.replace(params=checkpoints.init_from(config, state.params, mesh))
     initial_step = int(state.step)
     _record_config(config, workdir, changes, initial_step)
 

@@ -98,3 +98,55 @@ def test_warmup_cosine_schedule_of_the_default_run():
 def test_unknown_schedule_raises():
   with pytest.raises(ValueError, match='lr_schedule'):
     optimizers.create_learning_rate_schedule(small_config(lr_schedule='linear'), 10, 100)
+
+
+def all_layers_params():
+  """Every layer of the model, a kernel and a bias each: values that differ by layer."""
+  return {
+    layer: {'kernel': jnp.full((2,), 1.0 + i), 'bias': jnp.full((1,), -0.5 * i)}
+    for i, layer in enumerate(('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8'))
+  }
+
+
+def test_a_multiplier_of_10_gives_10_times_the_update_of_1_from_zero_momentum():
+  """Caffe's lr_mult: the first step (zero momentum) of a layer with factor 10 moves it
+  10× as far as with factor 1, biases included (on top of their ×2)."""
+  params = all_layers_params()
+  grads = toy_grads(params)
+  moves = {}
+  for factor in (1.0, 10.0):
+    config = small_config(lr_multipliers=(('fc8', factor), ('conv[45]', 1.0)))
+    tx = optimizers.create_optimizer(config, optax.constant_schedule(0.01))
+    moves[factor], _ = tx.update(grads, tx.init(params), params)
+  for layer in params:
+    for kind in ('kernel', 'bias'):
+      expected = (10.0 if layer == 'fc8' else 1.0) * np.asarray(moves[1.0][layer][kind])
+      np.testing.assert_allclose(moves[10.0][layer][kind], expected, rtol=1e-6)
+  # The factor-1 step is the paper's: -lr (g + wd w) for weights, -2 lr g for biases.
+  w, b = np.asarray(params['fc8']['kernel']), np.asarray(params['fc8']['bias'])
+  np.testing.assert_allclose(moves[1.0]['fc8']['kernel'], -0.01 * (2 * w + 1 + 5e-4 * w), rtol=1e-6)
+  np.testing.assert_allclose(moves[1.0]['fc8']['bias'], -0.02 * (2 * b + 1), rtol=1e-6)
+
+
+def test_a_frozen_layer_keeps_no_momentum_and_never_moves_while_the_others_do():
+  """Factor 0: no update, no weight decay, no momentum state (Caffe's lr_mult 0)."""
+  config = small_config(lr_multipliers=(('conv[1-5]', 0.0),))
+  tx = optimizers.create_optimizer(config, optax.constant_schedule(0.01))
+  params = all_layers_params()
+  opt_state = tx.init(params)
+  velocities = [
+    jax.tree_util.keystr(path)
+    for path, _ in jax.tree_util.tree_leaves_with_path(opt_state)
+    if 'velocity' in jax.tree_util.keystr(path)
+  ]
+  assert velocities and not [v for v in velocities if "'conv" in v]
+  start = params
+  for _ in range(3):
+    updates, opt_state = tx.update(toy_grads(params), opt_state, params)
+    params = optax.apply_updates(params, updates)
+  for layer in params:
+    for kind in ('kernel', 'bias'):
+      if layer.startswith('conv'):
+        np.testing.assert_array_equal(params[layer][kind], start[layer][kind])
+      else:
+        assert np.all(np.asarray(params[layer][kind]) != np.asarray(start[layer][kind]))

@@ -13,13 +13,16 @@ import pytest
 import tensorflow_datasets as tfds
 
 from alexnet_jax import checkpoints
+from alexnet_jax import config_lib
 from alexnet_jax import evaluate
 from alexnet_jax import main
 from alexnet_jax import plots
+from alexnet_jax import steps
 from alexnet_jax import train
 from helpers import REPO
 from helpers import TIMEOUT
 from helpers import logged_train_rows
+from helpers import mesh_of
 from helpers import small_config as base_config
 
 
@@ -290,3 +293,67 @@ def test_a_resume_that_dies_while_rewriting_the_metrics_keeps_every_line(tmp_pat
   kept = path.read_text().splitlines()
   assert kept[:4] == lines[:4]  # The old file whole (or the new one), never half of it.
   assert sorted(os.listdir(tmp_path)) == ['metrics.jsonl']  # No temporary file left.
+
+
+def layer_arrays(params, layer):
+  return [np.asarray(params[layer][kind]) for kind in ('kernel', 'bias')]
+
+
+def test_a_run_starts_from_another_by_layer_name_and_a_frozen_layer_never_moves(tmp_path):
+  """init_from copies every layer bit for bit but those to reinitialise (`reinit`, or
+  fc8 for another class count); factor 0 keeps conv1-5 exactly the source's while
+  fc6-8 train; a resume reads its own checkpoint, not the source's."""
+  source, target = str(tmp_path / 'source'), str(tmp_path / 'target')
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(small_config(num_train_steps=3, seed=1), source)
+    source_params = restore_params(source, 3)
+    config = small_config(
+      num_train_steps=3,
+      init_from=source,
+      reinit=('fc8',),
+      lr_multipliers=(('conv[1-5]', 0.0),),
+    )
+    initial = steps.init_params(config, jax.random.split(jax.random.key(config.seed))[0])
+    started = checkpoints.init_from(config, initial, mesh_of(1, 1))
+    train.train_and_evaluate(config, target)
+  for layer in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7'):
+    for a, b in zip(layer_arrays(started, layer), layer_arrays(source_params, layer), strict=True):
+      np.testing.assert_array_equal(a, b)
+  for a, b, c in zip(
+    *(layer_arrays(p, 'fc8') for p in (started, initial, source_params)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)  # Its own init, not the source's.
+    assert not np.array_equal(a, c)
+  trained = restore_params(target, 3)
+  for layer in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5'):  # Frozen.
+    for a, b in zip(layer_arrays(trained, layer), layer_arrays(source_params, layer), strict=True):
+      np.testing.assert_array_equal(a, b)
+  for layer in ('fc6', 'fc7', 'fc8'):
+    assert not np.array_equal(layer_arrays(trained, layer)[0], layer_arrays(started, layer)[0])
+
+
+def test_init_from_refuses_what_it_cannot_use_naming_the_key(tmp_path):
+  source = str(tmp_path / 'source')
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(small_config(num_train_steps=1), source)
+  mesh = mesh_of(1, 1)
+  params = steps.init_params(small_config(), jax.random.key(0))
+  cases = [
+    ({'init_from': str(tmp_path / 'none')}, r"config.init_from='.*none': no training run"),
+    ({'init_from': source, 'init_from_step': 7}, r'config.init_from_step=7: .* steps \[1\]'),
+    ({'init_from': source, 'lrn': 'caffe'}, r"lrn \('cuda-convnet' there, 'caffe' here\)"),
+  ]
+  for overrides, message in cases:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      checkpoints.init_from(small_config(**overrides), params, mesh)
+  # Allowed on purpose, a change passes the key check; a shape change still names the layer.
+  bigger = small_config(init_from=source, image_size=99, resize_size=99)  # pool5 2×2.
+  bigger.init_from_allowed_changes = ('image_size', 'resize_size')
+  with pytest.raises(
+    config_lib.ConfigError, match=r'fc6/kernel is \(256, 4096\) there and \(1024, 4096\) here'
+  ):
+    checkpoints.init_from(bigger, steps.init_params(bigger, jax.random.key(0)), mesh)
+  # Another class count: fc8 starts anew without being listed.
+  other = small_config(init_from=source, num_classes=5)
+  started = checkpoints.init_from(other, steps.init_params(other, jax.random.key(0)), mesh)
+  assert started['fc8']['kernel'].shape == (4096, 5)
