@@ -111,8 +111,11 @@ def create_optimizer(
   """SGD with momentum and weight decay (Sec. 5), biases as in the reference code.
 
   Weights: g = grad + weight_decay * w. Biases: g = bias_lr_multiplier *
-  (grad + bias_weight_decay * b), i.e. twice the rate and no decay by default
-  (cuda-convnet2's epsB = 2 epsW without wc; Caffe's lr_mult 2, decay_mult 0).
+  (grad + bias_weight_decay * b), i.e. twice the rate and no decay by default:
+  Caffe's lr_mult 2, decay_mult 0 (bvlc_alexnet train_val.prototxt). The paper uses
+  "an equal learning rate for all layers" (Sec. 5); cuda-convnet2 gives biases a
+  schedule of their own (epsB from 2× to 20× epsW over the run, see
+  configs/default.py).
   `config.lr_multipliers` then scales g per layer (Caffe's per-layer lr_mult, on top
   of the bias one); a layer with factor 0 is frozen: `optax.set_to_zero` in an
   `optax.partition`, so it gets no update, no weight decay and keeps no momentum.

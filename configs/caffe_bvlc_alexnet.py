@@ -11,8 +11,9 @@ its model card reports 57.1% top-1 / 80.2% top-5 on ILSVRC-2012 validation (cent
   R 122.67892); conv1's input channels are reordered on import, so images stay RGB.
 * training recipe (solver.prototxt; train from scratch with it, not from the import):
   batch 256, lr 0.01 divided by 10 every 100,000 iterations, 450,000 iterations;
-  random 227 crops and mirroring, no PCA lighting. Caffe's own init (N(0, 0.01),
-  N(0, 0.005) for fc6/fc7, biases 0.1) is not reproduced: 'paper' init is used.
+  random 227 crops and mirroring, no PCA lighting. Caffe's own init (train_val.prototxt:
+  N(0, 0.01), N(0, 0.005) for fc6/fc7; biases 0 in conv1, conv3 and fc8, 0.1 in
+  conv2, conv4, conv5, fc6 and fc7) is not reproduced: 'paper' init is used.
 Needs the ImageNet tars in `--config.manual_dir` for evaluation (README, "Original
 weights"); predict needs none.
 """

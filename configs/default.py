@@ -43,8 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model (Sec. 3, 5).
   config.init = 'paper'  # N(0, 0.01), some biases 1; or 'he'.
-  # Sec. 3.3's LRN as the code behind the paper computes it (alpha / n, k = 2, per
-  # tower); or 'paper-text' (alpha as printed), 'caffe' (alpha / n, k = 1, all maps).
+  # Sec. 3.3's LRN with cuda-convnet2's arithmetic (alpha / n, k = 2, per tower;
+  # cuda-convnet2 is the 2014 code release, not the paper's own code); or 'paper-text'
+  # (Sec. 3.3 as printed: alpha itself, over all maps of the layer), 'caffe' (alpha /
+  # n, k = 1, all maps). See models.LRN_CONVENTIONS.
   config.lrn = 'cuda-convnet'
   config.dropout_rate = 0.5
   config.dtype = 'float32'  # Compute dtype; parameters stay float32.
@@ -85,9 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum_form = 'paper'
   config.momentum = 0.9
   config.weight_decay = 5e-4
-  # Biases: twice the weights' rate and no decay, as in both references
-  # (cuda-convnet2 layer-params-imagenet-2gpu-model.cfg: epsB = 2 epsW and no wc for
-  # biases; Caffe bvlc_alexnet train_val.prototxt: lr_mult 2, decay_mult 0).
+  # Biases: twice the weights' rate and no decay, as Caffe's bvlc_alexnet
+  # (train_val.prototxt: lr_mult 2, decay_mult 0). Neither is the paper's ("an equal
+  # learning rate for all layers", Sec. 5: set 1.0 and 5e-4 for that), nor quite
+  # cuda-convnet2's: its layer-params-imagenet-2gpu-model.cfg gives biases their own
+  # schedule (epsB=dexp[base=0.04;tgtFactor=25] vs epsW=dexp[base=0.02;tgtFactor=250],
+  # lines 2-3: twice the rate at the start, 20x at the end) and no weight decay.
   config.bias_lr_multiplier = 2.0
   config.bias_weight_decay = 0.0
   # Durations (see alexnet_jax/config_lib.py): *_steps, when set, overrides *_epochs.

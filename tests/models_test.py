@@ -211,3 +211,15 @@ def test_bfloat16_compute_gives_float32_logits():
   logits = model(jnp.ones((1, 67, 67, 3)))
   assert logits.dtype == jnp.float32
   assert model.conv1.kernel[...].dtype == jnp.float32
+
+
+def test_paper_text_lrn_is_sec_3_3_over_all_maps_of_the_layer():
+  """b_i = a_i / (k + α Σ_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j²)^β with the printed
+  k = 2, n = 5, α = 1e-4, β = 0.75 and N = 96 (both towers), on ReLU'd conv1 maps."""
+  rng = np.random.RandomState(0)
+  towers = [(rng.randn(2, 3, 3, 48) * 40).astype(np.float32) for _ in range(2)]
+  got = np.concatenate(models._relu_lrn(towers, models.LRN_CONVENTIONS['paper-text'], None), -1)
+  a = np.maximum(np.concatenate(towers, -1).astype(np.float64), 0)
+  squares = np.square(a)
+  window = np.stack([squares[..., max(0, i - 2) : i + 3].sum(-1) for i in range(96)], -1)
+  np.testing.assert_allclose(got, a / (2 + 1e-4 * window) ** 0.75, rtol=1e-5, atol=1e-6)
