@@ -5,11 +5,15 @@ IDX files and CIFAR-10's binary archive are placed in TFDS's download cache; Ima
 is built from its tars.
 """
 
+from collections.abc import Callable
+import contextlib
 import json
 import os
 import shutil
 import tarfile
 
+from absl import logging
+import filelock
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -64,6 +68,97 @@ def _place_in_download_cache(
   return download_dir
 
 
+# Seconds between the log lines of a job waiting for another job's preparation.
+_LOCK_LOG_SECONDS = 300
+
+
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder):
+  """Holds `<data_dir>/<dataset>.lock` (an OS file lock) while the caller prepares.
+
+  Separate jobs (sweep points run in parallel, SLURM array tasks) on one data_dir
+  would otherwise build the same dataset at once, in the same download cache and
+  TFDS's same temporary directory: one fails or reads a half-written file. The lock
+  is `flock`'s, so it is released when its holder exits, however it exits.
+
+  The wait has no time limit, as a preparation legitimately takes hours (ImageNet's);
+  it ends when the holder finishes or dies, and a log line every `_LOCK_LOG_SECONDS`
+  names the lock waited for.
+  """
+  root = os.fspath(builder.data_dir_root)
+  os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, f'{builder.name}.lock')
+  lock = filelock.FileLock(path)
+  try:
+    lock.acquire(blocking=False)
+  except filelock.Timeout:
+    logging.info('Waiting for another job preparing %s (lock %s).', builder.name, path)
+    waited = 0
+    while True:
+      try:
+        lock.acquire(timeout=_LOCK_LOG_SECONDS)
+        break
+      except filelock.Timeout:
+        waited += _LOCK_LOG_SECONDS
+        logging.info(
+          'Still waiting (%d s) for another job preparing %s (lock %s).',
+          waited,
+          builder.name,
+          path,
+        )
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+# Written into the prepared dataset's folder once its data passed the check.
+_CHECKED = 'alexnet_jax_checked'
+# For `build`'s download_and_prepare: reuse the download cache (where the user's files
+# were placed) but regenerate data that is already there, which never passed the check.
+_REBUILD = tfds.download.DownloadConfig(
+  download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+)
+
+
+def _prepare_checked(
+  name: str, data_dir: str | None, build: Callable[[tfds.core.DatasetBuilder], None]
+) -> tfds.core.DatasetBuilder:
+  """TFDS dataset `name`, prepared and checked by `build(builder)` unless it was before.
+
+  TFDS counts a dataset as prepared as soon as `download_and_prepare` ends, before
+  our check of the decoded data: data that failed the check, or whose job was killed
+  during it, would be trained on by the next run. So only data holding the
+  `_CHECKED` file, written once the check passed, count here (a crash at any point
+  leaves none); other data are rebuilt by `build` (`_REBUILD`), after it placed the
+  source files, and deleted when it raises. The data are built where TFDS reads
+  them: no copy of a large dataset. `build` runs under `_preparing`'s lock, and a job
+  that waited for it reuses what the holder prepared and checked.
+
+  Raises:
+    Whatever `build` raises, once the data it built are deleted.
+  """
+  builder = tfds.builder(name, data_dir=data_dir)
+  if os.path.exists(os.path.join(builder.data_dir, _CHECKED)):
+    return builder
+  with _preparing(builder):
+    # Another job may have prepared it while this one waited for the lock.
+    builder = tfds.builder(name, data_dir=data_dir)
+    if os.path.exists(os.path.join(builder.data_dir, _CHECKED)):
+      return builder
+    if builder.is_prepared():
+      logging.warning('%s never passed its check: rebuilding it.', builder.data_dir)
+    try:
+      build(builder)
+    except BaseException:
+      shutil.rmtree(builder.data_dir, ignore_errors=True)
+      raise
+    with open(os.path.join(builder.data_dir, _CHECKED), 'w') as f:
+      f.write("The data here passed alexnet_jax.datasets' check.\n")
+  # Read back from disk: the builder made before a rebuild describes the old data.
+  return tfds.builder(name, data_dir=data_dir)
+
+
 def prepare_fashion_mnist(data_dir: str | None, manual_dir: str) -> tfds.core.DatasetBuilder:
   """Builds TFDS `fashion_mnist` from local IDX files, without network access.
 
@@ -74,15 +169,15 @@ def prepare_fashion_mnist(data_dir: str | None, manual_dir: str) -> tfds.core.Da
   Raises:
     FileNotFoundError: if a file is missing from `manual_dir`.
     ValueError: if the prepared data are not Fashion-MNIST's 60,000 + 10,000
-      28×28×1 uint8 images with labels 0-9.
+      28×28×1 uint8 images with labels 0-9 (they are then deleted).
   """
-  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  download_dir = _place_in_download_cache(builder, manual_dir, FASHION_MNIST_FILES_HELP)
-  builder.download_and_prepare(download_dir=download_dir)
-  _check_fashion_mnist(builder)
-  return builder
+
+  def build(builder):
+    download_dir = _place_in_download_cache(builder, manual_dir, FASHION_MNIST_FILES_HELP)
+    builder.download_and_prepare(download_dir=download_dir, download_config=_REBUILD)
+    _check_fashion_mnist(builder)
+
+  return _prepare_checked('fashion_mnist', data_dir, build)
 
 
 def _check_fashion_mnist(builder: tfds.core.DatasetBuilder):
@@ -96,8 +191,8 @@ def _check_fashion_mnist(builder: tfds.core.DatasetBuilder):
     ):
       raise ValueError(
         f'Prepared fashion_mnist {split} split is wrong: images {images.shape} '
-        f'{images.dtype}, labels {sorted(set(np.unique(labels)))}. Delete '
-        f'{builder.data_dir} and check the source files. {FASHION_MNIST_FILES_HELP}'
+        f'{images.dtype}, labels {sorted(set(np.unique(labels)))}; deleted '
+        f'{builder.data_dir}. Check the source files. {FASHION_MNIST_FILES_HELP}'
       )
 
 
@@ -139,18 +234,36 @@ def prepare_cifar10(data_dir: str | None, manual_dir: str) -> tfds.core.DatasetB
     FileNotFoundError: if `manual_dir` has no `cifar-10-binary.tar.gz`.
     ValueError: if the archive is not a readable .tar.gz holding the six batches of
       3,073-byte records, or if the prepared splits do not hold exactly its records
-      as 32×32×3 uint8 images with labels 0-9 (50,000 + 10,000 in the real archive).
+      as 32×32×3 uint8 images with labels 0-9 (50,000 + 10,000 in the real archive;
+      they are then deleted).
   """
-  builder = tfds.builder('cifar10', data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  download_dir = _place_in_download_cache(builder, manual_dir, CIFAR10_FILES_HELP)
-  archive = os.path.join(os.path.expanduser(manual_dir), CIFAR10_ARCHIVE)
-  # Before TFDS extracts it: a bad archive then leaves no stale extraction behind.
-  expected = _cifar10_record_counts(archive)
-  builder.download_and_prepare(download_dir=download_dir)
-  _check_cifar10(builder, expected, archive, os.path.join(download_dir, 'extracted'))
-  return builder
+
+  def build(builder):
+    download_dir = _place_in_download_cache(builder, manual_dir, CIFAR10_FILES_HELP)
+    archive = os.path.join(os.path.expanduser(manual_dir), CIFAR10_ARCHIVE)
+    # Before TFDS extracts it: a bad archive then leaves no extraction behind.
+    expected = _cifar10_record_counts(archive)
+    # TFDS reuses an extraction whatever the archive now holds (one that failed the
+    # check, or was replaced since): each build extracts afresh, and a failed one
+    # leaves none.
+    [(url, info)] = builder.url_infos.items()
+    extraction = _extraction(download_dir, url, info)
+    shutil.rmtree(extraction, ignore_errors=True)
+    try:
+      builder.download_and_prepare(download_dir=download_dir, download_config=_REBUILD)
+      _check_cifar10(builder, expected, archive)
+    except BaseException:
+      shutil.rmtree(extraction, ignore_errors=True)
+      raise
+
+  return _prepare_checked('cifar10', data_dir, build)
+
+
+def _extraction(download_dir: str, url: str, info) -> str:
+  """Where TFDS extracts a cached download (`DownloadManager._extract`'s name)."""
+  name = tfds_resource.get_dl_fname(url, info.checksum)
+  method = tfds_resource.guess_extract_method(info.filename)
+  return os.path.join(download_dir, 'extracted', f'{method.name}.{name}')
 
 
 def _cifar10_record_counts(archive: str) -> dict[str, int]:
@@ -182,9 +295,7 @@ def _cifar10_record_counts(archive: str) -> dict[str, int]:
   return counts
 
 
-def _check_cifar10(
-  builder: tfds.core.DatasetBuilder, expected: dict[str, int], archive: str, extract_dir: str
-):
+def _check_cifar10(builder: tfds.core.DatasetBuilder, expected: dict[str, int], archive: str):
   for split, count in expected.items():
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     images, labels = data['image'], np.unique(data['label']).tolist()
@@ -196,8 +307,8 @@ def _check_cifar10(
       raise ValueError(
         f'Prepared cifar10 {split} split is wrong: images {images.shape} '
         f'{images.dtype}, labels {labels}; {archive} holds '
-        f'{count} records. Delete {builder.data_dir} and {extract_dir} (TFDS '
-        f'reuses extractions), and check {archive}. {CIFAR10_FILES_HELP}'
+        f'{count} records; deleted {builder.data_dir}. Check {archive}. '
+        f'{CIFAR10_FILES_HELP}'
       )
 
 
@@ -249,21 +360,27 @@ def _prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
       )
     return tfds.ImageFolder(root)
   builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+  if builder.is_prepared():
+    return builder
   manual_dir = config.manual_dir and os.path.expanduser(config.manual_dir)
-  try:
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
-  except AssertionError as e:  # TFDS's way of reporting missing manual files.
-    raise FileNotFoundError(
-      f'Cannot prepare TFDS dataset {config.dataset!r} from manual_dir='
-      f'{manual_dir!r} (set --config.manual_dir): {e}'
-    ) from e
+  with _preparing(builder):
+    # Another job may have prepared it while this one waited: TFDS then reuses it.
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    try:
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+      )
+    except AssertionError as e:  # TFDS's way of reporting missing manual files.
+      raise FileNotFoundError(
+        f'Cannot prepare TFDS dataset {config.dataset!r} from manual_dir='
+        f'{manual_dir!r} (set --config.manual_dir): {e}'
+      ) from e
   return builder
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
-  """Label names from the dataset's metadata (folder names for image folders).
+  """Label names from the dataset's metadata (folder names for image folders); with
+  `config.classes`, those of its ids, in its order (the model's labels 0..k-1).
 
   TFDS datasets need no data for this (ImageNet's 1000 synsets come with TFDS), except
   CIFAR-10, whose names are read from its archive when prepared: '0'-'9' before.
@@ -275,4 +392,4 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
     names = builder(config).info.features['label'].names
   else:
     names = tfds.builder(config.dataset, data_dir=config.data_dir).info.features['label'].names
-  return list(names)
+  return [names[i] for i in config.classes] if config.classes else list(names)

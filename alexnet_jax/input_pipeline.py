@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from alexnet_jax import config_lib
 from alexnet_jax import datasets
 
 # Sec. 4.1 PCA ("fancy PCA") lighting: eigen-decomposition of the ImageNet RGB pixel
@@ -203,16 +204,115 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   )
 
 
+def _parts_interleave(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether `_read_part`'s part p holds the split's examples p, p + parts, ... (else
+  one consecutive range of them)."""
+  return isinstance(builder, tfds.ImageFolder)  # It has no sub-splits.
+
+
 def _read_part(
-  builder: tfds.core.DatasetBuilder, split: str, part: int, num_parts: int
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  part: int,
+  num_parts: int,
+  read_config: tfds.ReadConfig | None = None,
 ) -> tf.data.Dataset:
   """Part `part` of `num_parts` of `split` (all of it for one part), images encoded."""
   decoders = {'image': tfds.decode.SkipDecoding()}
   if num_parts == 1:
-    return builder.as_dataset(split=split, decoders=decoders)
-  if isinstance(builder, tfds.ImageFolder):  # It has no sub-splits.
-    return builder.as_dataset(split=split, decoders=decoders).shard(num_parts, part)
-  return builder.as_dataset(split=tfds.even_splits(split, num_parts)[part], decoders=decoders)
+    return builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
+  if _parts_interleave(builder):
+    ds = builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
+    return ds.shard(num_parts, part)
+  return builder.as_dataset(
+    split=tfds.even_splits(split, num_parts)[part], decoders=decoders, read_config=read_config
+  )
+
+
+def _part_labels(
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  num_parts: int,
+  read_config: tfds.ReadConfig | None,
+) -> list[np.ndarray]:
+  """The labels of every part of `split`, int64, in the order `_read_part` streams them.
+
+  Images are read (an image folder's files, a TFRecord's bytes) but not decoded.
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False  # No 60-s autotuner sleep at the iterator's end.
+  labels = []
+  for part in range(num_parts):
+    ds = _read_part(builder, split, part, num_parts, read_config).map(lambda ex: ex['label'])
+    batches = ds.batch(8192).with_options(options).as_numpy_iterator()
+    labels.append(np.concatenate([np.zeros(0, np.int64), *batches]))
+  return labels
+
+
+def _kept_per_class(
+  part_labels: list[np.ndarray],
+  new_ids: np.ndarray,
+  per_class: int | None,
+  interleaved: bool,
+) -> np.ndarray:
+  """How many examples of each class every part keeps, int [parts, dataset classes].
+
+  Kept: those of the classes with `new_ids[label] >= 0`, and with `per_class`, only
+  the first `per_class` of each class in the split's stored order (which the parts
+  hold consecutively, or interleaved: `_parts_interleave`). As each part streams its
+  examples in stored order, a part's kept examples of a class are then its first
+  ones of that class, however the split is cut into parts.
+  """
+  num_parts = len(part_labels)
+  sizes = [len(labels) for labels in part_labels]
+  if interleaved:
+    positions = [np.arange(size) * num_parts + part for part, size in enumerate(sizes)]
+  else:
+    starts = np.cumsum([0, *sizes[:-1]])
+    positions = [start + np.arange(size) for start, size in zip(starts, sizes, strict=True)]
+  stored = np.empty(sum(sizes), np.int64)
+  for where, labels in zip(positions, part_labels, strict=True):
+    stored[where] = labels
+  kept = new_ids[stored] >= 0
+  if per_class is not None:
+    # Each example's index among the examples of its class, in stored order.
+    order = np.argsort(stored, kind='stable')
+    by_class = stored[order]
+    index_in_class = np.empty(len(stored), np.int64)
+    index_in_class[order] = np.arange(len(stored)) - np.searchsorted(by_class, by_class)
+    kept &= index_in_class < per_class
+  return np.stack(
+    [
+      np.bincount(labels[kept[where]], minlength=len(new_ids))
+      for where, labels in zip(positions, part_labels, strict=True)
+    ]
+  )
+
+
+def _select(
+  ds: tf.data.Dataset, new_ids: np.ndarray, quota: np.ndarray | None = None
+) -> tf.data.Dataset:
+  """The examples of `ds` whose class has `new_ids[label] >= 0`, labelled `new_ids[label]`.
+
+  With `quota` (int [dataset classes]), only the first `quota[label]` of each class,
+  counted by a scan over the stream; its reading ends once every quota is met.
+  """
+  new_ids = tf.constant(new_ids, tf.int64)
+  if quota is None:
+    ds = ds.filter(lambda ex: tf.gather(new_ids, ex['label']) >= 0)
+  else:
+    quota = tf.constant(quota, tf.int64)
+
+    def count(seen, ex):
+      label = ex['label']
+      done = tf.reduce_all(seen >= quota)  # Before this example: it is not needed.
+      keep = seen[label] < quota[label]
+      return tf.tensor_scatter_nd_add(seen, [[label]], [1]), (ex, keep, done)
+
+    ds = ds.scan(tf.zeros_like(quota), count)
+    ds = ds.take_while(lambda ex, keep, done: tf.logical_not(done))
+    ds = ds.filter(lambda ex, keep, done: keep).map(lambda ex, keep, done: ex)
+  return ds.map(lambda ex: {**ex, 'label': tf.gather(new_ids, ex['label'])})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,9 +325,12 @@ class Datasets:
   [B, 10, S, S, 3] (`ten_crops`).
   """
 
+  # After `config.classes` and `config.train_examples_per_class`.
   num_train_examples: int  # Of the whole split, over all parts.
   num_test_examples: int  # Of the whole split.
-  steps_per_epoch: int  # Global batches per epoch: num_train_examples // batch_size.
+  # Global batches per epoch: num_train_examples // batch_size (with a subset: what
+  # the part with the fewest examples fills).
+  steps_per_epoch: int
   num_test_batches: int  # What `test_batches` yields, the same for every part.
   train_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
   test_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
@@ -251,26 +354,87 @@ def create_datasets(
   function of (seed, step) alone. Augmentation is seeded by (config.seed, position
   in the stream, part).
 
+  Subsets: `config.classes` (dataset label ids) keeps only their examples in both
+  splits, relabelled 0..k-1 in that order; `config.train_examples_per_class` = N keeps
+  the first N of each class of the train split in its stored order (its files then
+  read one at a time, not interleaved; `_kept_per_class`). Either one reads every
+  label of the split(s) concerned once, here, to count what is kept (images read but
+  not decoded); the selection is made on the encoded stream, before each epoch's
+  shuffle, so that every epoch reshuffles the same examples.
+
   Raises:
     FileNotFoundError: if the dataset's source files are missing.
     ValueError: if the dataset's class count differs from `config.num_classes`.
+    config_lib.ConfigError: if an id of `config.classes` is not one of the dataset's.
   """
   builder = datasets.builder(config)
   num_classes = builder.info.features['label'].num_classes
-  if num_classes != config.num_classes:
+  classes = tuple(config.classes)
+  per_class = config.train_examples_per_class
+  if classes:
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+      raise config_lib.ConfigError(
+        f'config.classes={classes} holds id {bad[0]}, but {config.dataset} has '
+        f'{num_classes} classes (ids 0-{num_classes - 1}).'
+      )
+  elif num_classes != config.num_classes:
     raise ValueError(
       f'{config.dataset} has {num_classes} classes but config.num_classes='
       f'{config.num_classes}; set --config.num_classes={num_classes}.'
     )
-  train = _read_part(builder, config.train_split, part, num_parts)
+  new_ids = np.arange(num_classes)  # Dataset label id -> ours (-1: dropped).
+  if classes:
+    new_ids = np.full(num_classes, -1)
+    new_ids[list(classes)] = np.arange(len(classes))
+  # "The first N in stored order" needs the files read in order, not interleaved; it
+  # then does not depend on how many parts the split is cut into.
+  train_read = tfds.ReadConfig(interleave_cycle_length=1) if per_class is not None else None
+  train = _read_part(builder, config.train_split, part, num_parts, train_read)
   test = _read_part(builder, config.test_split, part, num_parts)
-  num_train = _num_examples(builder, config.train_split)
-  num_test = _num_examples(builder, config.test_split)
   rows, eval_rows = config.batch_size // num_parts, config.eval_batch_size // num_parts
-  steps_per_epoch = num_train // config.batch_size
+  interleaved = _parts_interleave(builder)
+  subset = bool(classes) or per_class is not None
+  if subset:
+    kept = _kept_per_class(
+      _part_labels(builder, config.train_split, num_parts, train_read),
+      new_ids,
+      per_class,
+      interleaved,
+    )
+    train = _select(train, new_ids, None if per_class is None else kept[part])
+    part_train = kept.sum(axis=1)
+    num_train = int(part_train.sum())
+    # Parts may keep different numbers of examples: every part (every process) runs
+    # the same steps per epoch, those its smallest one fills, so that none waits for
+    # another in a collective; a larger part leaves a few examples out of each epoch
+    # (other ones each epoch, as its shuffle differs).
+    steps_per_epoch = int(min(part_train // rows))
+    logging.info(
+      '%s %s subset: %d examples (per part: %s), %d steps per epoch.',
+      config.dataset,
+      config.train_split,
+      num_train,
+      part_train.tolist(),
+      steps_per_epoch,
+    )
+  else:
+    num_train = _num_examples(builder, config.train_split)
+    steps_per_epoch = num_train // config.batch_size
   # Every part runs as many eval batches as the largest part needs (no process may
   # wait for another in a collective); the others end with all-padding batches.
-  num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
+  if classes:
+    test = _select(test, new_ids)
+    part_test = _kept_per_class(
+      _part_labels(builder, config.test_split, num_parts, None), new_ids, None, interleaved
+    ).sum(axis=1)
+    num_test = int(part_test.sum())
+    num_test_batches = _ceil_div(int(part_test.max()), eval_rows)
+    test_total = int(part_test[part])
+  else:
+    num_test = _num_examples(builder, config.test_split)
+    num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
+    test_total = int(test.cardinality())
   options = tf.data.Options()
   options.deterministic = config.deterministic_input
   # tf.data's autotuner thread sleeps in periods that double up to 60 s, and an
@@ -285,6 +449,12 @@ def create_datasets(
     Raises:
       ValueError: if the split holds fewer examples than one batch.
     """
+    if steps_per_epoch == 0 and subset:
+      raise ValueError(
+        f'{config.dataset} {config.train_split}: a part of the subset (per part: '
+        f'{part_train.tolist()} examples) holds fewer than its {rows} rows of '
+        f'config.batch_size={config.batch_size}.'
+      )
     if steps_per_epoch == 0:
       raise ValueError(
         f'{config.dataset} {config.train_split} has {num_train} examples, '
@@ -333,7 +503,7 @@ def create_datasets(
     )
     ds = ds.batch(eval_rows).prefetch(tf.data.AUTOTUNE)
     batches = _skip_counted(
-      ds.with_options(options).as_numpy_iterator(), 0, 'test', total=int(test.cardinality())
+      ds.with_options(options).as_numpy_iterator(), 0, 'test', total=test_total
     )
     image_shape = (config.image_size, config.image_size, 3)
     if crops != 1:

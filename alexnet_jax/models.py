@@ -41,13 +41,19 @@ class LRNConvention:
 
 
 LRN_CONVENTIONS = {
-  # Krizhevsky's cuda-convnet2, the code behind the paper: layer.py divides the
+  # cuda-convnet2's LRN arithmetic. cuda-convnet2 is Krizhevsky's 2014 code release,
+  # not the code the paper was trained with: its layers-imagenet-2gpu-model.cfg
+  # normalises conv1 before the ReLU (rnorm1a reads conv1a, which has no neuron; the
+  # ReLU comes with pool1a) and adds a within-map norm after conv2 (cnorm2a/b,
+  # type=rnorm); neither is taken here, only the arithmetic: layer.py divides the
   # configured scale by the window (`dic['scale'] /= dic['size']`), and
   # layer-params-imagenet-2gpu-model.cfg sets scale=0.0001, pow=0.75, minDiv=2 for
   # rnorm1a/b and rnorm2a/b, each on one tower's maps (channels=48, 128).
   'cuda-convnet': LRNConvention(k=LRN_K, alpha=LRN_ALPHA / LRN_SIZE, across_towers=False),
-  # The paper's text taken literally: α multiplies the sum itself.
-  'paper-text': LRNConvention(k=LRN_K, alpha=LRN_ALPHA, across_towers=False),
+  # The paper's formula whole (Sec. 3.3): α as printed multiplies the sum itself, and
+  # the sum runs over "n adjacent kernel maps" of "the N kernels in the layer", all of
+  # them, so the window crosses from one tower's maps into the other's.
+  'paper-text': LRNConvention(k=LRN_K, alpha=LRN_ALPHA, across_towers=True),
   # BVLC Caffe, models/bvlc_alexnet: local_size 5, alpha 1e-4, beta 0.75, k = 1
   # (LRNParameter's default), and lrn_layer.cpp scales by alpha / size; one GPU,
   # so the window crosses from one tower's maps into the other's.
@@ -59,6 +65,8 @@ PAPER_INIT_STDDEV = 0.01
 # The parameter layers, in order (the names of Caffe's bvlc_alexnet layers too).
 LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
 PAPER_BIAS_ONE_LAYERS = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
+# The layers whose outputs `AlexNet.activations` gives (DeCAF's features: pool5-fc7).
+FEATURE_LAYERS = ('pool5', 'fc6', 'fc7', 'fc8')
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -406,8 +414,8 @@ class AlexNet(nnx.Module):
     image_size: input side in pixels; fixes fc6's input size (paper: 227).
     dropout_rate: Sec. 4.2: 0.5.
     init: 'paper' (Sec. 5) or 'he'.
-    lrn: a key of `LRN_CONVENTIONS`: 'cuda-convnet' (the code behind the paper),
-      'paper-text' or 'caffe'.
+    lrn: a key of `LRN_CONVENTIONS`: 'cuda-convnet' (cuda-convnet2's LRN
+      arithmetic), 'paper-text' (Sec. 3.3 as printed) or 'caffe'.
     dtype: compute dtype; parameters are always float32, logits float32.
     rngs: `nnx.Rngs` with a `params` stream. Dropout draws from the `rngs`
       passed to `__call__`, so the module holds no RNG state.
@@ -485,10 +493,41 @@ class AlexNet(nnx.Module):
     Raises:
       ValueError: in train mode without `rngs`.
     """
+    return self.activations(images, 'fc8', rngs=rngs, data_axis=data_axis, model_axis=model_axis)
+
+  def activations(
+    self,
+    images: jax.Array,
+    layer: str,
+    *,
+    rngs: nnx.Rngs | None = None,
+    data_axis: str | None = None,
+    model_axis: str | None = None,
+  ) -> jax.Array:
+    """The output of `layer` (one of `FEATURE_LAYERS`), both towers', float32 `[N, D]`.
+
+    'pool5': the pool5 maps flattened in (h, w, c) order, as fc6 reads them
+    (D = s² · 256: 9216 at 227 px, 256 at 67 px; Caffe's pool5 blob is (c, h, w)).
+    'fc6', 'fc7': after the ReLU, as Caffe's blobs (its ReLUs are in place) and
+    DeCAF's features; after dropout too in train mode, none in eval mode. 'fc8': the
+    logits (`__call__`). Inside `shard_map` the towers' units are gathered over
+    `model_axis`, so the result is whole on every tower. Arguments as `__call__`'s.
+
+    Raises:
+      ValueError: for another `layer`; in train mode without `rngs`.
+    """
+    if layer not in FEATURE_LAYERS:
+      raise ValueError(f'Unknown layer {layer!r}: use one of {", ".join(FEATURE_LAYERS)}.')
     dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis, model_axis=model_axis)
     x = self.features(images, model_axis=model_axis)
     # (h, w, c) order; Caffe's fc6 reads (c, h, w), so imported rows are permuted.
     x = x.reshape(x.shape[0], -1)
-    x = dropout(jax.nn.relu(self.fc6(x)))
-    x = dropout(jax.nn.relu(self.fc7(gather_towers([x], model_axis))))
-    return self.fc8(gather_towers([x], model_axis)).astype(jnp.float32)
+    if layer == 'pool5':
+      return x.astype(jnp.float32)
+    x = gather_towers([dropout(jax.nn.relu(self.fc6(x)))], model_axis)
+    if layer == 'fc6':
+      return x.astype(jnp.float32)
+    x = gather_towers([dropout(jax.nn.relu(self.fc7(x)))], model_axis)
+    if layer == 'fc7':
+      return x.astype(jnp.float32)
+    return self.fc8(x).astype(jnp.float32)

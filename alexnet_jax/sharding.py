@@ -289,18 +289,22 @@ def fetch(tree):
   return jax.tree.map(whole, tree)
 
 
-def sharded_apply(graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh) -> Callable:
+def sharded_apply(
+  graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh, layer: str = 'fc8'
+) -> Callable:
   """`f(params, images, dropout_key) -> logits`, run per device with `shard_map`.
 
   Each device holds its tower's parameters (or both towers when 'model' has size 1)
   and its slice of the batch; `images` `[N, H, W, 3]` and the float32 logits
   `[N, classes]` are split over 'data'. Gradients through it are summed over
   'data' by `shard_map`'s transpose. On a one-device mesh it is the plain module.
+  Another `layer` (`models.FEATURE_LAYERS`) gives that layer's whole activations
+  `[N, D]` instead (`AlexNet.activations`).
   """
 
   def apply(params, images, dropout_key, **axes):
     model = nnx.merge(graphdef, params)
-    return model(images, rngs=nnx.Rngs(dropout=dropout_key), **axes)
+    return model.activations(images, layer, rngs=nnx.Rngs(dropout=dropout_key), **axes)
 
   if mesh.size == 1:
     # The plain module: shard_map would add a copy of every gradient (an all-reduce

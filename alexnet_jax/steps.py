@@ -205,6 +205,20 @@ def eval_apply(
   )
 
 
+def eval_features(
+  mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params, layer: str
+) -> Callable[[Any, jax.Array], jax.Array]:
+  """`features(params, images)`: `eval_apply` for the activations of `layer` (one of
+  `models.FEATURE_LAYERS`; see `AlexNet.activations`), float32 `[N, D]` replicated,
+  from `images` `[N, H, W, 3]` float32 split over 'data'."""
+  apply = sharding.sharded_apply(eval_graphdef, params, mesh, layer)
+  return jax.jit(
+    lambda params, images: apply(params, images, jax.random.key(0)),  # Eval mode: unused key.
+    out_shardings=sharding.replicated(mesh),
+    compiler_options=compiler_options(),
+  )
+
+
 def eval_step(params, batch: Batch, *, logits_fn) -> dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 hits and the example count over a padded batch.
 

@@ -1,6 +1,9 @@
 """Tests of building TFDS `cifar10` offline from an archive in the original format."""
 
+import hashlib
 import io
+import json
+import os
 import tarfile
 
 import numpy as np
@@ -10,6 +13,7 @@ import tensorflow_datasets as tfds
 from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
 from configs import cifar10
+from helpers import run_together
 
 CLASS_NAMES = (
   'airplane',
@@ -41,11 +45,11 @@ def write_archive(path, members: dict[str, bytes]):
       tar.addfile(info, io.BytesIO(data))
 
 
-@pytest.fixture(scope='module')
-def archive(tmp_path_factory):
-  """A 5 × 4 + 6 record cifar-10-binary.tar.gz; returns (manual_dir, split → (images,
-  labels)) in record order. Pixels are random, so any plane or axis mix-up shows."""
-  rng = np.random.RandomState(0)
+def make_archive(manual_dir, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Writes a 5 × 4 + 6 record `manual_dir/cifar-10-binary.tar.gz`; returns split →
+  (images, labels) in record order. Pixels are random (from `seed`), so any plane or
+  axis mix-up shows."""
+  rng = np.random.RandomState(seed)
   expected = {
     'train': (
       rng.randint(0, 256, (5 * TRAIN_PER_BATCH, 32, 32, 3), np.uint8),
@@ -64,9 +68,15 @@ def archive(tmp_path_factory):
   }
   members['test_batch.bin'] = records(*expected['test'])
   members['batches.meta.txt'] = ('\n'.join(CLASS_NAMES) + '\n\n').encode()
-  manual_dir = tmp_path_factory.mktemp('manual')
   write_archive(manual_dir / 'cifar-10-binary.tar.gz', members)
-  return manual_dir, expected
+  return expected
+
+
+@pytest.fixture(scope='module')
+def archive(tmp_path_factory):
+  """(manual_dir, split → (images, labels)) of a `make_archive` archive."""
+  manual_dir = tmp_path_factory.mktemp('manual')
+  return manual_dir, make_archive(manual_dir)
 
 
 @pytest.fixture(scope='module')
@@ -76,9 +86,8 @@ def prepared(archive, tmp_path_factory):
   return data_dir, datasets.prepare_cifar10(data_dir, str(archive[0]))
 
 
-def test_prepared_examples_are_the_archive_records(archive, prepared):
-  _, expected = archive
-  _, builder = prepared
+def assert_holds(builder, expected):
+  """The builder's splits hold exactly `expected`'s records (`make_archive`)."""
   for split, (images, labels) in expected.items():
     seen = set()
     for example in tfds.as_numpy(builder.as_dataset(split=split)):
@@ -88,6 +97,11 @@ def test_prepared_examples_are_the_archive_records(archive, prepared):
       assert example['label'] == labels[index]
       seen.add(index)
     assert seen == set(range(len(images)))
+
+
+def test_prepared_examples_are_the_archive_records(archive, prepared):
+  _, builder = prepared
+  assert_holds(builder, archive[1])
   assert builder.info.splits['train'].num_examples == 20
   assert builder.info.splits['test'].num_examples == 6
 
@@ -134,3 +148,110 @@ def test_config_builds_from_manual_dir_and_gives_67_px_batches(archive, tmp_path
     assert batch['image'].shape == (4, 67, 67, 3) and batch['image'].dtype == np.float32
   # Standardised with CIFAR-10's statistics: pixels 0-255 map to about [-2, 2.2].
   assert -2.1 < test[0]['image'].min() and test[0]['image'].max() < 2.3
+
+
+def digest(images, labels) -> list[list]:
+  """[label, sha256 of the pixels] per record, in record order."""
+  return [
+    [int(label), hashlib.sha256(image.tobytes()).hexdigest()]
+    for image, label in zip(images, labels, strict=True)
+  ]
+
+
+# A job's first run (`datasets.builder`, as the input pipeline calls it) on a fresh
+# data_dir; prints what it then reads, in record order (TFDS's ids).
+FIRST_RUN = """
+import hashlib, json, sys
+from absl import logging
+import tensorflow_datasets as tfds
+from alexnet_jax import datasets
+from configs import cifar10
+
+logging.set_verbosity(logging.INFO)
+config = cifar10.get_config()
+config.update(manual_dir=sys.argv[2], data_dir=sys.argv[3])
+start_together()
+builder = datasets.builder(config)
+read = {}
+for split in ('train', 'test'):
+  examples = sorted(
+    (int(e['id'].decode().split('_')[1]), int(e['label']), hashlib.sha256(e['image'].tobytes()).hexdigest())
+    for e in tfds.as_numpy(builder.as_dataset(split=split))
+  )
+  read[split] = [[label, sha] for _, label, sha in examples]
+print('READ', json.dumps(read))
+"""
+
+
+def test_separate_jobs_on_a_fresh_data_dir_prepare_it_once_and_read_the_same(archive, tmp_path):
+  """Sweep points run in parallel (or SLURM array tasks) start their first runs on one
+  data_dir together: the first job prepares, the other waits for its lock and reuses
+  the data (without: TFDS's download cache and temporary folder are written by both)."""
+  manual_dir, expected = archive
+  jobs = run_together(FIRST_RUN, 2, tmp_path, args=(manual_dir, tmp_path / 'tfds'))
+  for code, log in jobs:
+    assert code == 0, log[-3000:]
+    [line] = [line for line in log.splitlines() if line.startswith('READ ')]
+    assert json.loads(line.removeprefix('READ ')) == {
+      split: digest(*records) for split, records in expected.items()
+    }
+  waited = ['Waiting for another job preparing cifar10' in log for _, log in jobs]
+  assert sorted(waited) == [False, True]
+
+
+def extractions(data_dir) -> list[str]:
+  folder = os.path.join(data_dir, 'downloads', 'extracted')
+  return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def test_data_that_failed_the_check_are_deleted_and_rebuilt_from_the_new_archive(
+  tmp_path, monkeypatch
+):
+  """Data failing the check must not count as prepared, and neither may TFDS's
+  extraction of that archive (TFDS reuses one whatever the archive holds now)."""
+  data_dir, manual_dir = str(tmp_path / 'tfds'), tmp_path / 'manual'
+  os.makedirs(manual_dir)
+  make_archive(manual_dir, seed=1)
+  counts = datasets._cifar10_record_counts
+  # Expecting one record more than the archive holds: the real check then fails.
+  monkeypatch.setattr(
+    datasets,
+    '_cifar10_record_counts',
+    lambda archive: {split: n + 1 for split, n in counts(archive).items()},
+  )
+  with pytest.raises(ValueError, match=r'Prepared cifar10 train split is wrong: images \(20,') as e:
+    datasets.prepare_cifar10(data_dir, str(manual_dir))
+  assert not tfds.builder('cifar10', data_dir=data_dir).is_prepared()
+  assert extractions(data_dir) == []
+  assert 'deleted' in str(e.value) and 'Delete' not in str(e.value)
+  monkeypatch.undo()
+
+  expected = make_archive(manual_dir, seed=2)  # The user's fixed archive.
+  builder = datasets.prepare_cifar10(data_dir, str(manual_dir))
+  assert_holds(builder, expected)
+
+
+# A job killed (SIGKILL: no handler runs) during the check of the data it prepared.
+KILLED_IN_CHECK = """
+import os, signal, sys
+from alexnet_jax import datasets
+
+datasets._check_cifar10 = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+start_together()
+datasets.prepare_cifar10(sys.argv[3], sys.argv[2])
+"""
+
+
+def test_data_whose_check_was_killed_are_checked_by_the_next_run(archive, tmp_path, monkeypatch):
+  manual_dir, expected = archive
+  data_dir = tmp_path / 'tfds'
+  [(code, log)] = run_together(KILLED_IN_CHECK, 1, tmp_path, args=(manual_dir, data_dir))
+  assert code == -9, log[-3000:]
+  checks = []
+  check = datasets._check_cifar10
+  monkeypatch.setattr(
+    datasets, '_check_cifar10', lambda *args: checks.append(args[1]) or check(*args)
+  )
+  builder = datasets.prepare_cifar10(str(data_dir), str(manual_dir))
+  assert checks == [{'train': 20, 'test': 6}]
+  assert_holds(builder, expected)

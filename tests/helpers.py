@@ -200,3 +200,82 @@ def train_losses(log: str) -> dict[int, float]:
     int(step): float(loss)
     for step, loss in re.findall(r'\] \[(\d+)\] .*train_loss=([-\d.e]+)', log)
   }
+
+
+# --------------------------------------------------------------------------------------
+# Separate jobs (not one JAX job) released at the same moment, as a sweep's or a SLURM
+# array's tasks that start together.
+
+# Prepended to `run_together`'s code: `start_together()` is its start line.
+_START_TOGETHER = """
+def start_together():
+  import os, time
+  sync = os.environ['TOGETHER_DIR']
+  open(os.path.join(sync, 'ready' + os.environ['TOGETHER_INDEX']), 'w').close()
+  deadline = time.monotonic() + float(os.environ['TOGETHER_TIMEOUT'])
+  while not os.path.exists(os.path.join(sync, 'go')):
+    if time.monotonic() > deadline:
+      raise SystemExit('The test never said go.')
+    time.sleep(0.005)
+"""
+
+
+def run_together(
+  code: str, num_jobs: int, log_dir, args=(), timeout=TIMEOUT
+) -> list[tuple[int, str]]:
+  """Runs `python -c code INDEX *args` as `num_jobs` processes from the repo root,
+  `tests/` importable. Each calls `start_together()` once set up (its imports, which
+  take seconds, done); all are let go when all got there, so the code after it runs
+  in every job within milliseconds. Returns each (exit code, output); fails the test
+  if they do not finish within `timeout` s (and kills them)."""
+  sync = os.path.join(log_dir, 'sync')
+  os.makedirs(sync)
+  env = {
+    **os.environ,
+    'PYTHONPATH': os.pathsep.join([REPO, os.path.join(REPO, 'tests')]),
+    'TOGETHER_DIR': sync,
+    'TOGETHER_TIMEOUT': str(timeout),
+  }
+  deadline = time.monotonic() + timeout
+  running = []
+  try:
+    for i in range(num_jobs):
+      with open(os.path.join(log_dir, f'job{i}.log'), 'w') as log:
+        running.append(
+          subprocess.Popen(
+            [sys.executable, '-c', _START_TOGETHER + code, str(i), *map(str, args)],
+            cwd=REPO,
+            env={**env, 'TOGETHER_INDEX': str(i)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+          )
+        )
+    while not all(os.path.exists(os.path.join(sync, f'ready{i}')) for i in range(num_jobs)):
+      if time.monotonic() > deadline or any(p.poll() is not None for p in running):
+        pytest.fail(f'Not every job reached start_together() (logs in {log_dir}).')
+      time.sleep(0.01)
+    open(os.path.join(sync, 'go'), 'w').close()
+    codes = []
+    for p in running:
+      try:
+        codes.append(p.wait(timeout=max(1, deadline - time.monotonic())))
+      except subprocess.TimeoutExpired:
+        pytest.fail(f'A job did not finish within {timeout} s (logs in {log_dir}).')
+  finally:
+    for p in running:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [(code, open(os.path.join(log_dir, f'job{i}.log')).read()) for i, code in enumerate(codes)]
+
+
+@contextlib.contextmanager
+def optimised_compiles():
+  """XLA's optimisations on inside, as in training (conftest turns them off for speed);
+  conftest's setting restored after. The persistent compilation cache keys on them."""
+  unoptimised = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', unoptimised)

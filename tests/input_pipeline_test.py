@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from alexnet_jax import config_lib
 from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
 from configs import fashion_mnist
@@ -200,19 +201,84 @@ def test_wrong_class_count_says_which(image_folder):
     input_pipeline.create_datasets(folder_config(image_folder, num_classes=1000))
 
 
-def test_inception_crop_is_a_resized_window_of_the_image():
-  image = np.random.RandomState(1).randint(0, 256, (60, 80, 3), np.uint8)
-  encoded = tf.io.encode_png(image)  # The non-JPEG path crops after decoding.
-  crops = [
-    input_pipeline.inception_crop(encoded, 32, tf.constant([2, i])).numpy() for i in range(5)
-  ]
-  for out in crops:
-    assert out.shape == (32, 32, 3)
-    assert 0 <= out.min() and out.max() <= 255  # Bilinear: no overshoot.
-  assert not np.allclose(crops[0], crops[1])
-  np.testing.assert_array_equal(
-    crops[0], input_pipeline.inception_crop(encoded, 32, tf.constant([2, 0])).numpy()
+def resized_windows(image: np.ndarray, size: int) -> dict[tuple[int, int, int, int], np.ndarray]:
+  """{(top, left, height, width): that window of `image` resized to `size`², bilinear,
+  antialiased} for every window of `image` (float32 [H, W, 3])."""
+  h, w = image.shape[:2]
+  windows = {}
+  for height, width in itertools.product(range(1, h + 1), range(1, w + 1)):
+    corners = list(itertools.product(range(h - height + 1), range(w - width + 1)))
+    stack = np.stack([image[t : t + height, x : x + width] for t, x in corners])
+    resized = tf.image.resize(stack, (size, size), antialias=True).numpy()
+    windows.update({(t, x, height, width): r for (t, x), r in zip(corners, resized, strict=True)})
+  return windows
+
+
+def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Pillow's bilinear resize (its support widens when shrinking, as an antialiased
+  one does), per channel in float32: an implementation other than TensorFlow's."""
+  return np.stack(
+    [
+      np.asarray(Image.fromarray(image[..., c], 'F').resize((width, height), Image.BILINEAR))
+      for c in range(image.shape[-1])
+    ],
+    axis=-1,
   )
+
+
+def test_inception_crop_is_a_resized_window_of_the_image():
+  """Each crop is exactly one window of the image, of 8-100% of its area and aspect
+  3/4-4/3 (width rounded to whole pixels), resized with antialiasing (Pillow's bilinear
+  resize of that window agrees); other seeds, other windows."""
+  image = np.random.RandomState(1).randint(0, 256, (12, 16, 3), np.uint8)
+  encoded = tf.io.encode_png(image)  # The non-JPEG path crops after decoding.
+  windows = resized_windows(image.astype(np.float32), 8)
+  found = []
+  for i in range(12):
+    out = input_pipeline.inception_crop(encoded, 8, tf.constant([2, i])).numpy()
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_array_equal(
+      out, input_pipeline.inception_crop(encoded, 8, tf.constant([2, i])).numpy()
+    )
+    [(top, left, height, width)] = [k for k, v in windows.items() if np.array_equal(v, out)]
+    assert 0.08 * 12 * 16 <= height * width <= 12 * 16
+    assert 3 / 4 * height - 0.5 <= width <= 4 / 3 * height + 0.5
+    window = image[top : top + height, left : left + width].astype(np.float32)
+    np.testing.assert_allclose(out, pil_resize(window, 8, 8), atol=2e-3)
+    found.append((top, left, height, width))
+  assert len(set(found)) > 6 and min(h * w for _, _, h, w in found) < 12 * 16 / 2, found
+
+
+@pytest.mark.parametrize(
+  'shape, resized',
+  [
+    ((45, 30), (36, 24)),  # Shrunk: antialiasing matters.
+    ((15, 19), (24, 30)),  # Enlarged, 19 · 24 / 15 = 30.4 rounded.
+  ],
+)
+def test_paper_crop_is_a_random_window_of_the_central_patch_of_the_rescaled_image(shape, resized):
+  """Sec. 4.1's crop against Pillow: shorter side to 24 (bilinear, antialiased), the
+  central 24², then 20² at one of its 5 × 5 offsets, each offset taken by some seed;
+  minus the mean. (Pillow and TensorFlow agree to ~5e-4 of 255.)"""
+  config = imagenet.get_config()
+  config.update(image_size=20, resize_size=24)
+  config.augment.update(flip=False, pca_lighting_stddev=0.0)
+  image = np.random.RandomState(2).randint(0, 256, (*shape, 3), np.uint8)
+  encoded = tf.io.encode_png(image)
+  rescaled = pil_resize(image.astype(np.float32), *resized)
+  top, left = (resized[0] - 24) // 2, (resized[1] - 24) // 2
+  central = rescaled[top : top + 24, left : left + 24] - np.asarray(config.pixel_mean, np.float32)
+  offsets = []
+  for i in range(40):
+    out = input_pipeline.preprocess_train(encoded, tf.constant([3, i], tf.int64), config).numpy()
+    assert out.shape == (20, 20, 3)
+    [offset] = [
+      (t, x)
+      for t, x in itertools.product(range(5), range(5))
+      if np.abs(out - central[t : t + 20, x : x + 20]).max() < 2e-3
+    ]
+    offsets.append(offset)
+  assert {t for t, _ in offsets} == {x for _, x in offsets} == set(range(5)), offsets
 
 
 def unaugmented_config():
@@ -272,3 +338,228 @@ def test_parts_split_every_epoch_between_them(toy_image_folder):
   assert parts[0].num_test_batches == len(tests[0]) == len(tests[1]) == 4
   real = [{'image': b['image'][b['mask'] > 0]} for p in tests for b in p]
   assert len(rows(real)) == len(set(rows(real))) == 37
+
+
+# --------------------------------------------------------------------------------------
+# Subsets: config.classes and config.train_examples_per_class.
+
+
+def raw_examples(builder, split):
+  """(labels int [N], encoded images) of `split` in its stored order, read with TFDS."""
+  ds = builder.as_dataset(
+    split=split,
+    decoders={'image': tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(interleave_cycle_length=1),
+  )
+  examples = list(tfds.as_numpy(ds))
+  return np.array([e['label'] for e in examples]), [e['image'] for e in examples]
+
+
+def first_per_class(labels, classes, n=None):
+  """Positions of the first `n` (None: all) examples of each of `classes`, in order."""
+  kept, seen = [], {c: 0 for c in classes}
+  for i, label in enumerate(labels):
+    if label in seen and (n is None or seen[label] < n):
+      kept.append(i)
+      seen[label] += 1
+  return kept
+
+
+def expected_rows(config, images, labels, classes, positions):
+  """{row bytes: new label} of the examples at `positions`, as unaugmented batches
+  show them (the eval preprocessing, where the train one only flips and crops)."""
+  return {
+    input_pipeline.preprocess_eval(tf.constant(images[i]), config).numpy().tobytes(): (
+      classes.index(labels[i])
+    )
+    for i in positions
+  }
+
+
+def labelled_rows(batches):
+  return [
+    (row.tobytes(), int(label))
+    for batch in batches
+    for row, label in zip(batch['image'], batch['label'], strict=True)
+  ]
+
+
+def test_classes_filter_and_relabel_both_splits(fashion_mnist_as_is):
+  del fashion_mnist_as_is
+  classes = (7, 2, 5)
+  config = unaugmented_config()
+  config.update(classes=classes, num_classes=3)
+  with tfds.testing.mock_data(num_examples=64):
+    builder = tfds.builder('fashion_mnist')
+    data = input_pipeline.create_datasets(config)
+    for split in ('train', 'test'):
+      labels, images = raw_examples(builder, split)
+      kept = [i for i, label in enumerate(labels) if label in classes]
+      expected = expected_rows(config, images, labels, list(classes), kept)
+      assert len(expected) == len(kept) > 8
+      if split == 'test':
+        assert data.num_test_examples == len(kept)
+        batches = list(data.test_batches())
+        assert len(batches) == data.num_test_batches == -(-len(kept) // 8)
+        real = [{k: b[k][b['mask'] > 0] for k in ('image', 'label')} for b in batches]
+        # In order: the test split's kept examples, relabelled.
+        assert labelled_rows(real) == list(expected.items())
+      else:
+        assert data.num_train_examples == len(kept)
+        assert data.steps_per_epoch == len(kept) // 8
+        epoch = labelled_rows(itertools.islice(data.train_batches(), data.steps_per_epoch))
+        assert len({row for row, _ in epoch}) == len(epoch) == data.steps_per_epoch * 8
+        assert all(expected.get(row) == label for row, label in epoch)
+  assert datasets.class_names(config) == ['Sneaker', 'Pullover', 'Sandal']
+
+
+@pytest.mark.parametrize('classes', [(0, 3, 2), ()])
+def test_train_examples_per_class_keeps_the_first_n_of_each(fashion_mnist_as_is, classes):
+  """One epoch (batches of 1) is exactly the first 2 train examples of each class;
+  the test split keeps all of them."""
+  del fashion_mnist_as_is
+  config = unaugmented_config()
+  config.update(classes=classes, num_classes=len(classes) or 10, train_examples_per_class=2)
+  config.update(batch_size=1)
+  with tfds.testing.mock_data(num_examples=64):
+    builder = tfds.builder('fashion_mnist')
+    data = input_pipeline.create_datasets(config)
+    labels, images = raw_examples(builder, 'train')
+    ids = list(classes or range(10))
+    kept = first_per_class(labels, ids, 2)
+    assert len(kept) == 2 * len(ids)  # Each class has at least 2 (else: fix the test).
+    assert data.num_train_examples == data.steps_per_epoch == len(kept)
+    expected = expected_rows(config, images, labels, ids, kept)
+    epoch = labelled_rows(itertools.islice(data.train_batches(), len(kept)))
+    assert sorted(epoch) == sorted(expected.items())
+    test_labels, _ = raw_examples(builder, 'test')
+    assert data.num_test_examples == sum(label in ids for label in test_labels)
+
+
+class SubsetDigits(tfds.core.GeneratorBasedBuilder):
+  """`subset_digits`: train 60 (6 per class), test 25 random 28×28 grey images of 10
+  classes, in shuffled class order; a TFDS dataset on disk, read in even splits."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(28, 28, 1)),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(60, 0), 'test': self._generate_examples(25, 1)}
+
+  def _generate_examples(self, count, seed):
+    rng = np.random.RandomState(seed)
+    for i, label in enumerate(rng.permutation(np.arange(count) % 10)):
+      yield i, {'image': rng.randint(0, 256, (28, 28, 1), np.uint8), 'label': label}
+
+
+@pytest.mark.parametrize('source', ['image_folder', 'tfds'])
+def test_parts_keep_the_first_n_of_each_class_of_the_whole_split(
+  source, toy_image_folder, tmp_path
+):
+  """Two parts (image folders: interleaved; TFDS: its two halves) keep between them
+  the split's first 3 of each class, each part the ones it holds, and run the same
+  numbers of train steps (what the smaller part fills) and test batches (what the
+  larger one needs)."""
+  classes = [9, 0, 4]
+  if source == 'image_folder':
+    config = folder_config(toy_image_folder, image_size=67, resize_size=67)
+    builder = tfds.ImageFolder(toy_image_folder)
+    test_split = 'val'
+  else:
+    config = unaugmented_config()
+    config.update(dataset='subset_digits', data_dir=str(tmp_path), manual_dir=None)
+    builder = tfds.builder('subset_digits', data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    test_split = 'test'
+  config.update(classes=tuple(classes), num_classes=3, train_examples_per_class=3)
+  config.update(batch_size=2, eval_batch_size=4)
+  config.augment.update(flip=False, pca_lighting_stddev=0.0)
+  parts = [input_pipeline.create_datasets(config, part, 2) for part in (0, 1)]
+
+  def part_of(split):
+    """The part (0, 1) of each example of `split`, by position."""
+    n = len(raw_examples(builder, split)[0])
+    if source == 'image_folder':
+      return [i % 2 for i in range(n)]
+    half = len(list(builder.as_dataset(split=tfds.even_splits(split, 2)[0])))
+    return [int(i >= half) for i in range(n)]
+
+  labels, images = raw_examples(builder, 'train')
+  kept = first_per_class(labels, classes, 3)
+  owner = part_of('train')
+  kept_by_part = [[i for i in kept if owner[i] == part] for part in (0, 1)]
+  assert len(kept) == 9
+  steps = min(map(len, kept_by_part))  # Each part feeds 1 row of each batch.
+  for part, data in enumerate(parts):
+    assert data.num_train_examples == 9
+    assert data.steps_per_epoch == steps
+    expected = expected_rows(config, images, labels, classes, kept_by_part[part])
+    stream = labelled_rows(itertools.islice(data.train_batches(), 3 * steps))
+    for e in range(3):
+      epoch = stream[e * steps : (e + 1) * steps]
+      assert len(set(epoch)) == steps and all(expected.get(row) == lab for row, lab in epoch)
+    if len(kept_by_part[part]) == steps:  # The smaller part: all of it every epoch.
+      assert sorted(stream[:steps]) == sorted(expected.items())
+
+  test_labels, _ = raw_examples(builder, test_split)
+  test_owner = part_of(test_split)
+  expected_test = [
+    [classes.index(c) for i, c in enumerate(test_labels) if c in classes and test_owner[i] == part]
+    for part in (0, 1)
+  ]
+  num_batches = -(-max(map(len, expected_test)) // 2)  # 2 rows of each batch per part.
+  for part, data in enumerate(parts):
+    assert data.num_test_examples == sum(map(len, expected_test))
+    batches = list(data.test_batches())
+    assert len(batches) == data.num_test_batches == num_batches
+    masked = [int(c) for b in batches for c in b['label'][b['mask'] > 0]]
+    assert masked == expected_test[part]
+
+
+def test_unknown_class_id_is_refused_before_images_are_read(fashion_mnist_as_is, monkeypatch):
+  del fashion_mnist_as_is
+
+  def no_reading(*args, **kwargs):
+    raise AssertionError('The data were read.')
+
+  config = unaugmented_config()
+  config.update(classes=(3, 10), num_classes=2)
+  with tfds.testing.mock_data(num_examples=64):
+    monkeypatch.setattr(tfds.core.DatasetBuilder, 'as_dataset', no_reading)
+    with pytest.raises(
+      config_lib.ConfigError, match=r'config\.classes=\(3, 10\) holds id 10.* has 10 classes'
+    ):
+      input_pipeline.create_datasets(config)
+
+
+@pytest.mark.parametrize('classes, per_class', [((0, 3, 2, 8), 4), ((1, 5, 6), None)])
+def test_subset_train_order_is_a_function_of_seed_and_step(fashion_mnist_as_is, classes, per_class):
+  """With a subset, a resumed stream (mid-epoch, at an epoch start, in a later epoch)
+  equals the rest of the uninterrupted one; every epoch reshuffles the same examples."""
+  del fashion_mnist_as_is
+  config = unaugmented_config()
+  config.update(classes=classes, num_classes=len(classes), train_examples_per_class=per_class)
+  config.update(batch_size=4)
+  with tfds.testing.mock_data(num_examples=64):
+    data = input_pipeline.create_datasets(config)
+    steps = data.steps_per_epoch
+    assert steps >= 4
+    stream = list(itertools.islice(data.train_batches(), 3 * steps))
+    for start in (1, steps, 2 * steps + 1):
+      resumed = list(itertools.islice(data.train_batches(start_step=start), 3 * steps - start))
+      assert labelled_rows(resumed) == labelled_rows(stream[start:]), start
+    epochs = [labelled_rows(stream[steps * e : steps * (e + 1)]) for e in range(3)]
+    if per_class is not None:  # 16 examples, 4 batches of 4: each epoch all of them.
+      assert steps == 4 and set(epochs[0]) == set(epochs[1]) == set(epochs[2])
+    assert epochs[0] != epochs[1] != epochs[2]

@@ -1,5 +1,6 @@
 """Tests of the tower × data mesh against the single-device run (4 simulated CPUs)."""
 
+import os
 import re
 
 import jax
@@ -8,9 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax._src import clusters
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import config_lib
+from alexnet_jax import models
 from alexnet_jax import sharding
 from alexnet_jax import steps
 from configs import fashion_mnist
@@ -149,6 +152,47 @@ def test_collectives_only_where_the_towers_communicate():
   assert 'all-gather' in collectives(tower_local_hlo(mesh, conv3, params, jnp.ones((2, 3, 3, 256))))
 
 
+CAFFE_LRN = models.LRN_CONVENTIONS['caffe']
+
+
+def lrn_and_gradient(lrn, x, g):
+  """(lrn(x), the gradient of sum(lrn(x) * g) with respect to x), jitted."""
+
+  def both(x):
+    y, vjp = jax.vjp(lrn, x)
+    return y, vjp(g)[0]
+
+  return jax.device_get(jax.jit(both)(x))
+
+
+@pytest.mark.parametrize('data, model', [(1, 2), (2, 2), (1, 4)])
+def test_cross_tower_lrn_and_its_gradient_equal_one_device(data, model):
+  """Caffe's LRN on a model-parallel mesh (`lrn_across_towers`: each tower sends its 2
+  edge maps to its neighbours) and its gradient (the edge maps' gradients go back)
+  equal one device's LRN over all maps, at activations where the window matters."""
+  rng = np.random.RandomState(0)
+  channels = 8 * model  # 8 maps a tower: each window reaches at most one neighbour.
+  x = (np.maximum(rng.randn(4, 3, 3, channels), 0) * 100).astype(np.float32)  # ReLU'd.
+  g = rng.randn(*x.shape).astype(np.float32)
+  norm = lambda a: models.local_response_norm(a, k=CAFFE_LRN.k, alpha=CAFFE_LRN.alpha)
+  want, want_grad = lrn_and_gradient(norm, x, g)
+  spec = P('data', None, None, 'model')
+  across = jax.shard_map(
+    lambda a: models.lrn_across_towers(a, 'model', k=CAFFE_LRN.k, alpha=CAFFE_LRN.alpha),
+    mesh=mesh_of(data, model),
+    in_specs=spec,
+    out_specs=spec,
+  )
+  got, got_grad = lrn_and_gradient(across, x, g)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+  # What crosses the boundary matters: each tower's LRN alone is far off.
+  within = lambda a: jnp.concatenate([norm(t) for t in jnp.split(a, model, axis=-1)], -1)
+  _, within_grad = lrn_and_gradient(within, x, g)
+  edge = np.abs(got_grad - within_grad)[..., 6:10].max()
+  assert edge > 100 * np.abs(got_grad - want_grad).max(), edge
+
+
 def abstract_params():
   return jax.eval_shape(lambda: steps.init_params(fashion_mnist.get_config(), jax.random.key(0)))
 
@@ -197,6 +241,93 @@ def test_joining_a_job_needs_its_whole_description(monkeypatch):
   assert jax.process_count() == 1
 
 
+def slurm_env(monkeypatch, variables):
+  """Sets `variables` (None: unsets it) and unsets every other SLURM_ variable."""
+  for name in [n for n in os.environ if n.startswith('SLURM_')]:
+    monkeypatch.delenv(name)
+  for name, value in variables.items():
+    if value is None:
+      monkeypatch.delenv(name, raising=False)
+    else:
+      monkeypatch.setenv(name, value)
+
+
+# What srun gives task 1 of a 2-task step on two nodes of job 7.
+SLURM_STEP = {
+  'SLURM_JOB_ID': '7',
+  'SLURM_NTASKS': '2',
+  'SLURM_STEP_ID': '0',
+  'SLURM_STEP_NUM_TASKS': '2',
+  'SLURM_STEP_NODELIST': 'node[001-002]',
+  'SLURM_STEP_TASKS_PER_NODE': '1(x2)',
+  'SLURM_PROCID': '1',
+  'SLURM_LOCALID': '0',
+}
+
+
+def record_initialize(monkeypatch, calls):
+  """`jax.distributed.initialize` records what JAX's own detection makes of its
+  arguments and the environment (coordinator, count, id, device ids), joining nothing."""
+
+  def initialize(coordinator_address, num_processes, process_id, local_device_ids=None):
+    calls.append(
+      clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        coordinator_address, num_processes, process_id, local_device_ids, None, 300
+      )
+    )
+
+  monkeypatch.setattr(jax.distributed, 'initialize', initialize)
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)  # Keep this process's backend.
+
+
+@pytest.mark.parametrize(
+  'ntasks',
+  [
+    '2',
+    '4',  # `srun --preserve-env -n 2` in a 4-task allocation: SLURM_NTASKS is the job's.
+  ],
+)
+def test_a_slurm_job_step_of_several_tasks_joins_as_jax_detects_it(monkeypatch, ntasks):
+  calls = []
+  record_initialize(monkeypatch, calls)
+  slurm_env(monkeypatch, {**SLURM_STEP, 'SLURM_NTASKS': ntasks, 'CUDA_VISIBLE_DEVICES': '0,1'})
+  sharding.initialize_distributed()
+  # Port: JAX's, from the job id (7 % 4096 + 61440); both of the node's GPUs.
+  assert calls == [('node001:61447', 2, 1, [0, 1])]
+
+
+@pytest.mark.parametrize(
+  'shell',
+  [
+    {},  # `salloc -n 2`'s shell.
+    {'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'},  # An sbatch script's may have these.
+  ],
+)
+def test_a_slurm_allocation_without_srun_runs_one_process_and_says_why(monkeypatch, caplog, shell):
+  calls = []
+  record_initialize(monkeypatch, calls)
+  allocation = {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_NODELIST': 'node[001-002]'}
+  slurm_env(monkeypatch, {**allocation, **shell})
+  with caplog.at_level('WARNING'):
+    sharding.initialize_distributed()
+  assert calls == []  # It would wait for peers that never come.
+  assert (
+    'SLURM job 7 has 2 tasks, but this process was not started by srun (no job step): '
+    'running as a single process. Use `srun` to run 2 processes.'
+  ) in caplog.text
+
+
+def test_a_one_task_srun_step_runs_one_process_quietly(monkeypatch, caplog):
+  calls = []
+  record_initialize(monkeypatch, calls)
+  # `srun --preserve-env -n 1` in a 2-task allocation.
+  slurm_env(monkeypatch, {**SLURM_STEP, 'SLURM_STEP_NUM_TASKS': '1', 'SLURM_PROCID': '0'})
+  with caplog.at_level('WARNING'):
+    sharding.initialize_distributed()
+  assert calls == []
+  assert 'srun' not in caplog.text
+
+
 @pytest.mark.parametrize(
   'tasks_per_node, gpus, expected',
   [
@@ -212,15 +343,9 @@ def test_slurm_with_one_task_per_node_gives_each_process_its_nodes_gpus(
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append(k))
   monkeypatch.setattr(jax.config, 'update', lambda *a: None)  # Keep this process's backend.
-  for name, value in {
-    'SLURM_JOB_ID': '7',
-    'SLURM_NTASKS': '2',
-    'SLURM_STEP_TASKS_PER_NODE': tasks_per_node,
-    'CUDA_VISIBLE_DEVICES': gpus,
-  }.items():
-    if value is None:
-      monkeypatch.delenv(name, raising=False)
-    else:
-      monkeypatch.setenv(name, value)
+  slurm_env(
+    monkeypatch,
+    {**SLURM_STEP, 'SLURM_STEP_TASKS_PER_NODE': tasks_per_node, 'CUDA_VISIBLE_DEVICES': gpus},
+  )
   sharding.initialize_distributed()
   assert calls == [{'local_device_ids': expected}]

@@ -12,6 +12,7 @@ from alexnet_jax import sharding
 from alexnet_jax import steps
 from helpers import REPO
 from helpers import mesh_of
+from helpers import optimised_compiles
 from helpers import small_config
 from helpers import train_state
 
@@ -33,16 +34,12 @@ def test_cpu_compiler_options_leave_convolutions_to_xla_and_reductions_to_ynnpac
     return jax.jit(fn, **jit_kwargs).lower(x, kernel).compile().as_text()
 
   # Optimised as in training (conftest's fast compiles keep YNNPACK convs regardless).
-  unoptimised = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', False)
-  try:
+  with optimised_compiles():
     options = {'compiler_options': steps.compiler_options()}
     assert '%ynn_fusion' in compiled(conv)  # jaxlib's default, which the options undo.
     assert '%ynn_fusion' not in compiled(conv, **options)
     assert 'reduce-window(' not in compiled(bias_gradient, **options)
     assert '%ynn_fusion' in compiled(bias_gradient, **options)
-  finally:
-    jax.config.update('jax_disable_most_optimizations', unoptimised)
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
