@@ -86,6 +86,9 @@ def _preparing(builder: tfds.core.DatasetBuilder):
   names the lock waited for.
   """
   root = os.fspath(builder.data_dir_root)
+  if '://' in root:  # A bucket (gs://...) has no file locks: TFDS alone, as before.
+    yield
+    return
   os.makedirs(root, exist_ok=True)
   path = os.path.join(root, f'{builder.name}.lock')
   lock = filelock.FileLock(path)
@@ -317,7 +320,8 @@ def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
   In a multi-process job process 0 prepares the dataset first and the others wait,
   so that processes sharing a filesystem do not build it concurrently; on hosts
-  without a shared one each then prepares its own copy.
+  without a shared one each then prepares its own copy. Separate jobs on one data_dir
+  take turns through a file lock there (`_preparing`): the later ones reuse the data.
 
   Raises:
     FileNotFoundError: if the dataset's source files are missing (on process 0; the

@@ -13,6 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from threadpoolctl import threadpool_limits
 
 from alexnet_jax import config_lib
 from alexnet_jax import features
@@ -140,9 +141,13 @@ def test_a_missing_checkpoint_is_the_restore_error(tmp_path):
 
 
 def run_features(*args):
+  # One BLAS/OpenMP thread for scikit-learn: on 2 busy cores two threads make each of
+  # lbfgs's iterations 40× slower (spinning), not faster.
+  env = {**os.environ, 'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1'}
   return subprocess.run(
     [sys.executable, '-m', 'alexnet_jax.features', *args],
     cwd=REPO,
+    env=env,
     capture_output=True,
     text=True,
     timeout=TIMEOUT,
@@ -185,8 +190,9 @@ def test_probe_is_a_logistic_regression_fit_on_the_written_train_features(
   assert sorted(np.bincount(npz['train_labels'])) == [8] * 10
   assert sorted(np.bincount(npz['labels'])) == [3] * 3 + [4] * 7
   classifier = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
-  classifier.fit(npz['train_features'], npz['train_labels'])
+  with threadpool_limits(1):
+    classifier.fit(npz['train_features'], npz['train_labels'])
   top1 = classifier.score(npz['features'], npz['labels'])
   assert float(npz['probe_top1']) == pytest.approx(top1, abs=1e-12)
-  assert 0.3 < top1 <= 1.0, top1  # Chance: 0.1.
+  assert 0.5 < top1 <= 1.0, top1  # Chance: 0.1.
   assert f'fc7 probe: top-1 {top1:.4f} on val (37 examples), fit on train (80)' in result.stdout
