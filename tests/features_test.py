@@ -2,8 +2,6 @@
 command line (the probe, bad flags)."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -20,8 +18,7 @@ from alexnet_jax import features
 from alexnet_jax import input_pipeline
 from alexnet_jax import predict
 from configs import fashion_mnist
-from helpers import REPO
-from helpers import TIMEOUT
+from helpers import run_module
 from helpers import on_devices
 from helpers import save_checkpoint
 
@@ -143,16 +140,7 @@ def test_a_missing_checkpoint_is_the_restore_error(tmp_path):
 def run_features(*args):
   # One BLAS/OpenMP thread for scikit-learn: on 2 busy cores two threads make each of
   # lbfgs's iterations 40× slower (spinning), not faster.
-  env = {**os.environ, 'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1'}
-  return subprocess.run(
-    [sys.executable, '-m', 'alexnet_jax.features', *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT,
-    check=False,
-  )
+  return run_module('alexnet_jax.features', *args, OMP_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1')
 
 
 def test_an_unknown_layer_is_one_line_before_anything_is_read(tmp_path):

@@ -119,6 +119,20 @@ def folder_flags(root, **overrides) -> list[str]:
 # `python -m alexnet_jax.main` as separate processes, as a user (or a cluster) runs it.
 
 
+def run_module(module: str, *args, **env) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repo root, `env` added to the environment;
+  output captured, bounded by TIMEOUT."""
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=REPO,
+    env={**os.environ, **env},
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    check=False,
+  )
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

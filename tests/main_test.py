@@ -3,8 +3,6 @@
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,25 +10,18 @@ import pytest
 from alexnet_jax import config_lib
 from alexnet_jax import main
 from configs import fashion_mnist
-from helpers import REPO
 from helpers import TIMEOUT
 from helpers import folder_flags
 from helpers import logged_train_rows
 from helpers import on_devices
 from helpers import processes
+from helpers import run_module
 from helpers import wait_all
 
 
 def run_main(*args, devices=1):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  return subprocess.run(
-    [sys.executable, '-m', 'alexnet_jax.main', *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT,
-    check=False,
+  return run_module(
+    'alexnet_jax.main', *args, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
   )
 
 
