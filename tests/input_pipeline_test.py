@@ -416,7 +416,7 @@ def test_classes_filter_and_relabel_both_splits(fashion_mnist_as_is):
 @pytest.mark.parametrize('classes', [(0, 3, 2), ()])
 def test_train_examples_per_class_keeps_the_first_n_of_each(fashion_mnist_as_is, classes):
   """One epoch (batches of 1) is exactly the first 2 train examples of each class;
-  the test split keeps all of them."""
+  the test split keeps all of them, and the train split read as a test split only those."""
   del fashion_mnist_as_is
   config = unaugmented_config()
   config.update(classes=classes, num_classes=len(classes) or 10, train_examples_per_class=2)
@@ -434,6 +434,13 @@ def test_train_examples_per_class_keeps_the_first_n_of_each(fashion_mnist_as_is,
     assert sorted(epoch) == sorted(expected.items())
     test_labels, _ = raw_examples(builder, 'test')
     assert data.num_test_examples == sum(label in ids for label in test_labels)
+    # The train split read as a test split (features --probe): the same examples, in order.
+    config.test_split = 'train'
+    data = input_pipeline.create_datasets(config)
+    assert data.num_test_examples == len(kept)
+    batches = list(data.test_batches())
+    real = [{k: b[k][b['mask'] > 0] for k in ('image', 'label')} for b in batches]
+    assert labelled_rows(real) == list(expected.items())
 
 
 class SubsetDigits(tfds.core.GeneratorBasedBuilder):
