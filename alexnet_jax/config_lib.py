@@ -134,6 +134,9 @@ RULES: dict[str, _Rule] = {
   'cache': _BOOL,
   'shuffle_buffer': _POSITIVE_INT,
   'deterministic_input': _BOOL,
+  'prepared': _BOOL,
+  'prepared_format': _choice('jpeg', 'raw'),
+  'prepared_jpeg_quality': ((lambda v: _is_int(v) and 1 <= v <= 100), 'an integer in [1, 100]'),
   'image_size': _int(67),  # The smallest input with a 1×1 pool5.
   'resize_size': _int(67),
   'resize': _choice('shorter_side', 'square', 'pad'),

@@ -61,6 +61,16 @@ def rescale(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
   return central_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
 
 
+def stored_image(encoded: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """The `rescale`d image as uint8 `[S, S, 3]` (S = resize_size), rounded: what crops
+  are cut from, and what `alexnet_jax.prepare` stores once per image.
+
+  Raises (inside tf.data): InvalidArgumentError for undecodable bytes.
+  """
+  image = rescale(decode(encoded), config)
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
 def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   """The central `size`×`size` patch."""
   h, w = tf.shape(image)[0], tf.shape(image)[1]

@@ -23,6 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.shuffle_buffer = 16_384
   # Exact, resumable data order; False lets tf.data reorder examples when that is faster.
   config.deterministic_input = True
+  # Read the copy `python -m alexnet_jax.prepare` wrote of every split, rescaled once
+  # (`resize` to resize_size², as the paper down-sampled ImageNet to 256 px, Sec. 2) and
+  # stored as JPEG at `prepared_jpeg_quality` (95: cuda-convnet2's
+  # make-data/pyext/include/pyext.h:26, JPEG_QUALITY) or as
+  # raw uint8 pixels ('raw'); README, "Preparing ImageNet once".
+  config.prepared = False
+  config.prepared_format = 'jpeg'
+  config.prepared_jpeg_quality = 95
 
   # Sec. 2 and 4.1: shorter side to 256, random 227×227 crops (224 in the text;
   # 227 makes conv1's arithmetic exact), flips, PCA lighting with σ = 0.1.
