@@ -83,7 +83,10 @@ def evaluate_checkpoint(
   data = input_pipeline.create_datasets(config, *sharding.data_groups(mesh))
   batches = (sharding.global_batch(mesh, b) for b in data.test_batches(crops=config.eval_crops))
   _, eval_graphdef = steps_lib.graphdefs(config)
-  test = evaluate(steps_lib.jit_eval_step(mesh, eval_graphdef, params), params, batches)
+  eval_step = steps_lib.jit_eval_step(
+    mesh, eval_graphdef, params, (config.pixel_mean, config.pixel_std)
+  )
+  test = evaluate(eval_step, params, batches)
   results = {
     'step': step,
     'top1': test['top1'],

@@ -23,6 +23,7 @@ from sklearn import pipeline
 from sklearn import preprocessing
 import tensorflow as tf
 
+from alexnet_jax import augment
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
 from alexnet_jax import input_pipeline
@@ -68,7 +69,8 @@ def split_features(
   features, labels = [], []
   for local_batch in data.test_batches():
     batch = sharding.global_batch(mesh, local_batch)
-    activations = np.asarray(features_fn(params, batch['image']))
+    images = augment.normalize(batch['image'], (config.pixel_mean, config.pixel_std))
+    activations = np.asarray(features_fn(params, images))
     kept = sharding.fetch({'label': batch['label'], 'mask': batch['mask']})
     real = kept['mask'] > 0
     features.append(activations[real])

@@ -1,16 +1,24 @@
 """tf.data input: the paper's augmentation (Sec. 4.1), train batches in an order fixed by
 (seed, step), padded evaluation batches; each process reads its part of the data.
 
-All images are float32 RGB on the 0-255 pixel scale until `normalize`. Random ops
-are stateless, seeded by (config.seed, example position), so a resumed run sees
-exactly the batches an uninterrupted one would.
+The host decodes and crops (of a prepared copy, only the crop window) and draws each
+example's flip and lighting; batches cross to the device as uint8 pixels, where the
+jitted step applies the draws and normalises (`augment.model_input`): 1/4 of float32's
+bytes, and the per-pixel float work off the host. Random draws are stateless, seeded
+by (config.seed, example position), so a resumed run sees exactly the batches an
+uninterrupted one would.
 """
 
 import dataclasses
 import itertools
+import os
+import socket
+import zlib
 from collections.abc import Callable, Iterator
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -61,14 +69,17 @@ def rescale(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
   return central_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
 
 
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
 def stored_image(encoded: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
   """The `rescale`d image as uint8 `[S, S, 3]` (S = resize_size), rounded: what crops
   are cut from, and what `alexnet_jax.prepare` stores once per image.
 
   Raises (inside tf.data): InvalidArgumentError for undecodable bytes.
   """
-  image = rescale(decode(encoded), config)
-  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+  return _to_uint8(rescale(decode(encoded), config))
 
 
 def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -95,45 +106,38 @@ def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.concat([patches, tf.reverse(patches, axis=[2])], axis=0)
 
 
-def random_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  """A uniformly placed `size`×`size` patch (Sec. 4.1: 224×224 of 256×256)."""
-  return tf.image.stateless_random_crop(image, (size, size, 3), seed=seed)
+def crop_window(shape, size: int, seed: tf.Tensor) -> tf.Tensor:
+  """[top, left] int32 of a uniformly placed `size`×`size` window of an image of
+  `shape` [H, W, 3] (Sec. 4.1: 224×224 of 256×256).
+
+  The offsets `tf.image.stateless_random_crop` draws for that shape and seed, so that
+  decoding only the window (`tf.image.decode_and_crop_jpeg`) takes the same pixels
+  as cropping the decoded image.
+  """
+  limit = tf.stack([shape[0] - size + 1, shape[1] - size + 1, 1])
+  offset = tf.random.stateless_uniform([3], seed=seed, maxval=tf.int32.max, dtype=tf.int32)
+  return (offset % limit)[:2]
 
 
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Horizontal reflection with probability 1/2 (Sec. 4.1)."""
-  return tf.image.stateless_random_flip_left_right(image, seed=seed)
+def flip_draw(seed: tf.Tensor) -> tf.Tensor:
+  """Whether to reflect the image horizontally, with probability 1/2 (Sec. 4.1): bool
+  []; `tf.image.stateless_random_flip_left_right`'s draw for the seed."""
+  return tf.random.stateless_uniform([], seed=seed, minval=0.0, maxval=1.0) < 0.5
 
 
-def pca_lighting(image: tf.Tensor, stddev: float, seed: tf.Tensor) -> tf.Tensor:
-  """Adds V · (α ∘ λ) to every pixel, α ~ N(0, stddev) per image (Sec. 4.1, 0.1).
+def lighting_offset(stddev: float, seed: tf.Tensor) -> tf.Tensor:
+  """The PCA lighting offset V · (α ∘ λ), float32 [3] in 0-255 RGB units, α ~ N(0,
+  stddev) (Sec. 4.1: 0.1), added to every pixel of the image.
 
   λ, V: `IMAGENET_EIGVALS` (scaled to 0-255 here) and `IMAGENET_EIGVECS` (columns).
   """
   alpha = tf.random.stateless_normal([3], seed=seed, stddev=stddev)
   eigvals = tf.constant(IMAGENET_EIGVALS) * 255.0
-  offset = tf.linalg.matvec(tf.constant(IMAGENET_EIGVECS), alpha * eigvals)
-  return image + offset
+  return tf.linalg.matvec(tf.constant(IMAGENET_EIGVECS), alpha * eigvals)
 
 
-def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
-  """(image - mean) / std per channel; the paper (Sec. 2) subtracts the mean only."""
-  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-
-
-def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  """Random-resized crop (Szegedy et al. 2015): 8-100% of the area, aspect 3/4-4/3.
-
-  Not the paper's augmentation; torchvision's AlexNet recipe uses it, the original
-  (and Caffe's bvlc_alexnet) use `random_crop` of the 256² image. JPEGs are decoded
-  only inside the crop window.
-  """
-  is_jpeg = tf.io.is_jpeg(encoded)
-  shape = tf.cond(
-    is_jpeg,
-    lambda: tf.io.extract_jpeg_shape(encoded),
-    lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False)),
-  )
+def _inception_window(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(top-left [2], size [2]) of a random-resized crop's window in `shape` [H, W, 3]."""
   top_left, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
     shape,
     tf.zeros([1, 0, 4]),
@@ -144,12 +148,36 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
     max_attempts=10,
     use_image_if_no_bounding_boxes=True,
   )
-  window = tf.stack([top_left[0], top_left[1], crop_size[0], crop_size[1]])
+  return top_left[:2], crop_size[:2]
+
+
+def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+  """Random-resized crop (Szegedy et al. 2015): 8-100% of the area, aspect 3/4-4/3,
+  resized to `size`², float32 `[size, size, 3]`.
+
+  Not the paper's augmentation; torchvision's AlexNet recipe uses it, the original
+  (and Caffe's bvlc_alexnet) use a random window of the 256² image. `encoded` is
+  image bytes (JPEGs are decoded only inside the window) or uint8 pixels [H, W, 3].
+  """
+  if encoded.dtype == tf.uint8:
+    top_left, crop_size = _inception_window(tf.shape(encoded), seed)
+    image = tf.slice(encoded, tf.concat([top_left, [0]], 0), tf.concat([crop_size, [3]], 0))
+    return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
+  is_jpeg = tf.io.is_jpeg(encoded)
+  shape = tf.cond(
+    is_jpeg,
+    lambda: tf.io.extract_jpeg_shape(encoded),
+    lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False)),
+  )
+  top_left, crop_size = _inception_window(shape, seed)
+  window = tf.concat([top_left, crop_size], 0)
   image = tf.cond(
     is_jpeg,
     lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
     lambda: tf.slice(
-      tf.io.decode_image(encoded, channels=3, expand_animations=False), top_left, crop_size
+      tf.io.decode_image(encoded, channels=3, expand_animations=False),
+      tf.concat([top_left, [0]], 0),
+      tf.concat([crop_size, [3]], 0),
     ),
   )
   return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
@@ -161,27 +189,62 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32)
 
 
-def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Decode, crop (`config.augment.crop`), flip, PCA lighting, normalize; `seed` int [2].
+def _rescaled(encoded: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """The uint8 `[S, S, 3]` image crops are cut from: `stored_image` of an original, or
+  a prepared copy's image (JPEG bytes, or raw pixels) decoded as it is."""
+  if not config.prepared:
+    return stored_image(encoded, config)
+  if config.prepared_format == 'raw':
+    return encoded
+  return tf.io.decode_jpeg(encoded, channels=3)
+
+
+def paper_crop(encoded: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """A `crop_window` of the `_rescaled` image, uint8 `[s, s, 3]` (s = image_size).
+
+  Of a prepared JPEG only that window is decoded; its pixels are the full decode's,
+  but for the last column of a 4:2:0 JPEG (libjpeg upsamples chroma from the right
+  neighbour, which the window lacks): within a few levels there.
+  """
+  size = config.image_size
+  if config.prepared and config.prepared_format == 'jpeg':
+    stored = (config.resize_size, config.resize_size, 3)
+    top, left = tf.unstack(crop_window(stored, size, seed))
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, size, size]), channels=3)
+  image = _rescaled(encoded, config)
+  top, left = tf.unstack(crop_window(tf.shape(image), size, seed))
+  return image[top : top + size, left : left + size]
+
+
+def preprocess_train(encoded, seed, config: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
+  """One train example's crop and its draws of the augmentation; `seed` int [2].
+
+  The crop (`config.augment.crop`) is made here; the per-pixel work is left to the
+  device (`augment.model_input`, in the jitted step): 'image' uint8 `[s, s, 3]`,
+  'flip' bool [] (`flip_draw`; False without `augment.flip`) and 'lighting' float32
+  [3] (`lighting_offset`; 0 without PCA lighting). Applied in that order and then
+  normalised, they give the paper's crop → flip → lighting → mean subtraction.
 
   Raises (inside tf.data): InvalidArgumentError for undecodable bytes.
   """
   crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   if config.augment.crop == 'inception':
-    image = inception_crop(encoded, config.image_size, crop_seed)
+    image = _to_uint8(inception_crop(encoded, config.image_size, crop_seed))
   elif config.augment.crop == 'paper':
-    image = random_crop(rescale(decode(encoded), config), config.image_size, crop_seed)
+    image = paper_crop(encoded, crop_seed, config)
   else:
     raise ValueError(f"Unknown augment.crop {config.augment.crop!r}: use 'paper' or 'inception'.")
-  if config.augment.flip:
-    image = random_flip(image, flip_seed)
-  if config.augment.pca_lighting_stddev > 0:
-    image = pca_lighting(image, config.augment.pca_lighting_stddev, light_seed)
-  return normalize(image, config.pixel_mean, config.pixel_std)
+  stddev = config.augment.pca_lighting_stddev
+  return {
+    'image': image,
+    'flip': flip_draw(flip_seed) if config.augment.flip else tf.constant(False),
+    'lighting': lighting_offset(stddev, light_seed) if stddev > 0 else tf.zeros([3]),
+  }
 
 
 def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) -> tf.Tensor:
-  """Decode, rescale, crop, normalize: `[S, S, 3]`, or `[crops, S, S, 3]`.
+  """The test view, uint8 `[S, S, 3]` or `[crops, S, S, 3]`; normalised on the device
+  (`augment.model_input`).
 
   1 crop is the central patch of the `rescale`d image; 10 are its `ten_crops`, as
   the paper tests (Sec. 4.1); 2 are the central patch and its reflection, the same
@@ -191,9 +254,9 @@ def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) 
   Raises:
     ValueError: if `crops` is not 1, 2 or 10.
   """
-  image = rescale(decode(encoded), config)
+  image = _rescaled(encoded, config)
   if crops == 10:
-    return normalize(ten_crops(image, config.image_size), config.pixel_mean, config.pixel_std)
+    return ten_crops(image, config.image_size)
   if crops not in (1, 2):
     raise ValueError(
       f'crops={crops}: use 1 (central patch), 2 (and its reflection) or 10 (Sec. 4.1).'
@@ -201,17 +264,23 @@ def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) 
   image = central_crop(image, config.image_size)
   if crops == 2:
     image = tf.stack([image, tf.reverse(image, axis=[1])])
-  return normalize(image, config.pixel_mean, config.pixel_std)
+  return image
 
 
 # --------------------------------------------------------------------------------------
 # Batches.
 
 
+def _decoders(builder: tfds.core.DatasetBuilder) -> dict | None:
+  """Images stay encoded until `preprocess_*` (a prepared copy's raw pixels, a
+  `tfds.features.Tensor`, are read as uint8 [S, S, 3])."""
+  if isinstance(builder.info.features['image'], tfds.features.Image):
+    return {'image': tfds.decode.SkipDecoding()}
+  return None
+
+
 def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-  return int(
-    builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()}).cardinality()
-  )
+  return int(builder.as_dataset(split=split, decoders=_decoders(builder)).cardinality())
 
 
 def _parts_interleave(builder: tfds.core.DatasetBuilder) -> bool:
@@ -228,7 +297,7 @@ def _read_part(
   read_config: tfds.ReadConfig | None = None,
 ) -> tf.data.Dataset:
   """Part `part` of `num_parts` of `split` (all of it for one part), images encoded."""
-  decoders = {'image': tfds.decode.SkipDecoding()}
+  decoders = _decoders(builder)
   if num_parts == 1:
     return builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
   if _parts_interleave(builder):
@@ -330,7 +399,8 @@ class Datasets:
   """Sizes and batch iterators of one dataset's train and test splits.
 
   Batches hold this part's rows of every global batch (all rows for one part), as
-  numpy: 'image' float32 [B, S, S, 3], 'label' int32 [B]; test batches also carry
+  numpy: 'image' uint8 [B, S, S, 3], 'label' int32 [B]; train batches also carry
+  'flip' bool [B] and 'lighting' float32 [B, 3] (`preprocess_train`), test batches
   'mask' [B] (0 on padding), and `test_batches(crops=10)` gives 'image'
   [B, 10, S, S, 3] (`ten_crops`).
   """
@@ -454,13 +524,15 @@ def create_datasets(
     num_test = _num_examples(builder, config.test_split)
     num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
     test_total = int(test.cardinality())
+  threads = decode_threads()
   options = tf.data.Options()
   options.deterministic = config.deterministic_input
   # tf.data's autotuner thread sleeps in periods that double up to 60 s, and an
   # iterator's destructor waits for it: the end of a 30-min run hung ~50 s (a slowly
-  # read stream, benchmarks/README.md). AUTOTUNE then keeps TF's starting value,
-  # min(16, cores) parallel calls; the same img/s here.
+  # read stream, benchmarks/README.md). Without it AUTOTUNE would keep TF's starting
+  # value, min(16, cores) parallel calls: the decodes get `threads` instead.
   options.autotune.enabled = False
+  options.threading.private_threadpool_size = threads
 
   def train_batches(start_step: int = 0):
     """Endless batches from step `start_step` on; the same for a given config.seed.
@@ -479,6 +551,7 @@ def create_datasets(
         f'{config.dataset} {config.train_split} has {num_train} examples, '
         f'fewer than config.batch_size={config.batch_size}.'
       )
+    _check_decodes(train, config)
     source = train.map(lambda ex: (ex['image'], ex['label']))
     if config.cache:
       source = source.cache()
@@ -496,12 +569,12 @@ def create_datasets(
       encoded, label = example
       seed = tf.stack([tf.constant(config.seed, tf.int64), index * num_parts + part])
       return {
-        'image': preprocess_train(encoded, seed, config),
+        **preprocess_train(encoded, seed, config),
         'label': tf.cast(label, tf.int32),
         'index': index,
       }
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ds = ds.map(preprocess, num_parallel_calls=threads).ignore_errors()
     ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _skip_counted(ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train')
 
@@ -516,7 +589,7 @@ def create_datasets(
           'label': tf.cast(ex['label'], tf.int32),
           'index': index,
         },
-        num_parallel_calls=tf.data.AUTOTUNE,
+        num_parallel_calls=threads,
       )
       .ignore_errors()
     )
@@ -527,7 +600,7 @@ def create_datasets(
     image_shape = (config.image_size, config.image_size, 3)
     if crops != 1:
       image_shape = (crops, *image_shape)
-    empty = {'image': np.zeros((0, *image_shape), np.float32), 'label': np.zeros((0,), np.int32)}
+    empty = {'image': np.zeros((0, *image_shape), np.uint8), 'label': np.zeros((0,), np.int32)}
     for _, batch in itertools.zip_longest(range(num_test_batches), batches, fillvalue=empty):
       yield pad_batch(batch, eval_rows)
 
@@ -539,6 +612,48 @@ def create_datasets(
     train_batches=train_batches,
     test_batches=test_batches,
   )
+
+
+def decode_threads() -> int:
+  """Parallel decodes for this process: the cores it may run on (`os.sched_getaffinity`:
+  SLURM's --cpus-per-task binding, taskset), shared evenly with the job's other
+  processes on this host when none is bound to fewer than all cores.
+
+  In a multi-process job this is a collective (every process calls it): the processes
+  learn how many of them share a host from their host names.
+  """
+  cores = len(os.sched_getaffinity(0))
+  if jax.process_count() == 1 or cores < (os.cpu_count() or cores):
+    return cores
+  host = np.int64(zlib.crc32(socket.gethostname().encode()))
+  on_host = int(np.sum(multihost_utils.process_allgather(host) == host))
+  return max(1, cores // on_host)
+
+
+# How many of a train split's first examples `_check_decodes` tries before it gives up.
+_DECODE_PROBE = 1000
+
+
+def _check_decodes(train: tf.data.Dataset, config: ml_collections.ConfigDict):
+  """Raises ValueError unless one of the split's first `_DECODE_PROBE` images decodes.
+
+  Undecodable images are skipped in the endless train stream (`ignore_errors`), so
+  one that holds none would never yield a batch (an image folder of text files
+  named .jpg ran for 10 min at full CPU); this costs one decode on a sound split.
+  """
+  seed = tf.zeros([2], tf.int64)
+  probe = (
+    train.take(_DECODE_PROBE)
+    .map(lambda ex: preprocess_train(ex['image'], seed, config)['image'])
+    .ignore_errors()
+    .take(1)
+  )
+  if not list(probe.as_numpy_iterator()):
+    raise ValueError(
+      f'None of the first {_DECODE_PROBE} images of {config.dataset} {config.train_split} '
+      f'decodes as a PNG/JPEG/GIF/BMP image (config.manual_dir={config.manual_dir!r}, '
+      f'data_dir={config.data_dir!r}); check the files, or prepare the dataset again.'
+    )
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from alexnet_jax import augment
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
 from alexnet_jax import files
@@ -221,15 +222,15 @@ def predict(
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   logits_fn = steps_lib.eval_apply(mesh, eval_graphdef, params)
-  mean, std = np.asarray(config.pixel_mean), np.asarray(config.pixel_std)
+  normalization = (config.pixel_mean, config.pixel_std)
   data = input_pipeline.create_datasets(config, *sharding.data_groups(mesh))
   images, labels, probs, seen = [], [], [], 0
   for local_batch in data.test_batches():
     batch = sharding.global_batch(mesh, local_batch)
-    logits = np.asarray(logits_fn(params, batch['image']))
+    logits = np.asarray(logits_fn(params, augment.normalize(batch['image'], normalization)))
     batch = sharding.fetch(batch)
     real = batch['mask'] > 0
-    images.append(np.clip(batch['image'][real] * std + mean, 0, 255).astype(np.uint8))
+    images.append(batch['image'][real])
     labels.append(batch['label'][real])
     probs.append(np.asarray(jax.nn.softmax(logits[real])))
     seen += int(real.sum())

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import augment
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
 from alexnet_jax import datasets
@@ -22,7 +23,8 @@ from alexnet_jax import steps as steps_lib
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
-  """The evaluation view of one image file: float32 `[S, S, 3]`, normalized.
+  """The evaluation view of one image file: float32 `[S, S, 3]`, normalised (the
+  model's input).
 
   Raises:
     FileNotFoundError: if `path` does not exist.
@@ -31,9 +33,10 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f'No image file {path!r}.')
   try:
-    return input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
+    pixels = input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
   except tf.errors.InvalidArgumentError as e:
     raise ValueError(f'Cannot decode {path!r} as an image: {e.message}') from e
+  return np.asarray(augment.normalize(pixels, (config.pixel_mean, config.pixel_std)))
 
 
 def predict_files(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from alexnet_jax import augment
 from alexnet_jax import models
 from alexnet_jax import sharding
 
@@ -107,8 +108,11 @@ def train_step(
   *,
   apply_fn,
   tx: optax.GradientTransformation,
+  normalization: augment.Normalization | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on `batch` = {'image': [N, H, W, 3] float32, 'label': [N] int32}.
+  """One SGD step on `batch` = {'image', 'label': [N] int32}: an input-pipeline batch
+  (uint8 images, their 'flip' and 'lighting'; `augment.model_input` with
+  `normalization`) or float32 model input `[N, H, W, 3]`.
 
   `apply_fn(params, images, dropout_key) -> logits` is the model in train mode,
   e.g. `sharding.sharded_apply(train_graphdef, ...)`. Returns the new state and
@@ -118,9 +122,10 @@ def train_step(
   costs ~10% of a CPU step: its squares are materialised next to the update).
   """
   dropout_key = jax.random.fold_in(dropout_rng, state.step)
+  images = augment.model_input(batch, normalization)
 
   def loss_fn(params):
-    logits = apply_fn(params, batch['image'], dropout_key)
+    logits = apply_fn(params, images, dropout_key)
     return cross_entropy_loss(logits, batch['label']).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -219,13 +224,16 @@ def eval_features(
   )
 
 
-def eval_step(params, batch: Batch, *, logits_fn) -> dict[str, jax.Array]:
+def eval_step(
+  params, batch: Batch, *, logits_fn, normalization: augment.Normalization | None = None
+) -> dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 hits and the example count over a padded batch.
 
   `logits_fn` is `eval_logits_fn(...)`; `batch['image']` is `[N, H, W, 3]` or
-  `[N, C, H, W, 3]`; `batch['mask']` `[N]` is 1 for real examples and 0 for padding.
+  `[N, C, H, W, 3]`, uint8 (normalised with `normalization`) or float32 model input;
+  `batch['mask']` `[N]` is 1 for real examples and 0 for padding.
   """
-  logits = logits_fn(params, batch['image'])
+  logits = logits_fn(params, augment.model_input(batch, normalization))
   mask = batch['mask'].astype(jnp.float32)
   return {
     'loss': jnp.sum(cross_entropy_loss(logits, batch['label']) * mask),
@@ -240,24 +248,32 @@ def jit_train_step(
   train_graphdef: nnx.GraphDef,
   state: TrainState,
   tx: optax.GradientTransformation,
+  normalization: augment.Normalization | None = None,
 ):
   """`train_step(state, batch, dropout_rng)` jitted for `mesh`: the state keeps its
   `sharding.PARTITION_RULES` placement (and is donated), batches are split over
-  'data', metrics come back replicated."""
+  'data', metrics come back replicated. `normalization`: (config.pixel_mean,
+  config.pixel_std) for the input pipeline's uint8 batches."""
   train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
   return jax.jit(
-    functools.partial(train_step, apply_fn=train_apply, tx=tx),
+    functools.partial(train_step, apply_fn=train_apply, tx=tx, normalization=normalization),
     out_shardings=(sharding.named_shardings(mesh, state), sharding.replicated(mesh)),
     donate_argnums=0,
     compiler_options=compiler_options(),
   )
 
 
-def jit_eval_step(mesh: jax.sharding.Mesh, eval_graphdef: nnx.GraphDef, params):
-  """`eval_step(params, batch)` jitted for `mesh`; the sums come back replicated."""
+def jit_eval_step(
+  mesh: jax.sharding.Mesh,
+  eval_graphdef: nnx.GraphDef,
+  params,
+  normalization: augment.Normalization | None = None,
+):
+  """`eval_step(params, batch)` jitted for `mesh`; the sums come back replicated.
+  `normalization` as for `jit_train_step`."""
   logits_fn = eval_logits_fn(mesh, eval_graphdef, params)
   return jax.jit(
-    functools.partial(eval_step, logits_fn=logits_fn),
+    functools.partial(eval_step, logits_fn=logits_fn, normalization=normalization),
     out_shardings=sharding.replicated(mesh),
     compiler_options=compiler_options(),
   )

@@ -237,8 +237,9 @@ def train_and_evaluate(
     initial_step = int(state.step)
     _record_config(config, workdir, changes, initial_step)
 
-    train_step = steps_lib.jit_train_step(mesh, train_graphdef, state, tx)
-    eval_step = steps_lib.jit_eval_step(mesh, eval_graphdef, state.params)
+    normalization = (config.pixel_mean, config.pixel_std)
+    train_step = steps_lib.jit_train_step(mesh, train_graphdef, state, tx, normalization)
+    eval_step = steps_lib.jit_eval_step(mesh, eval_graphdef, state.params, normalization)
     test_batches = lambda crops: (
       sharding.global_batch(mesh, b) for b in data.test_batches(crops=crops)
     )

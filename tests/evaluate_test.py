@@ -112,7 +112,8 @@ def test_every_test_example_counts_once(tmp_path, crops):
   assert results['step'] == 4 and results['crops'] == crops
   # Reference: the plain model on all 37 examples at once.
   model = nnx.merge(eval_graphdef, params)
-  flat = jnp.asarray(images.reshape(-1, 67, 67, 3))
+  mean, std = (np.asarray(v, np.float32) for v in (config.pixel_mean, config.pixel_std))
+  flat = jnp.asarray((images.reshape(-1, 67, 67, 3) - mean) / std)
   probs = np.asarray(jax.nn.softmax(model(flat))).reshape(37, crops, -1).mean(1)
   assert results['loss'] == pytest.approx(-np.log(probs[np.arange(37), labels]).mean(), rel=1e-4)
   assert results['top1'] == pytest.approx(np.mean(probs.argmax(-1) == labels))

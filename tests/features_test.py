@@ -96,7 +96,8 @@ def test_split_and_file_features_are_the_numpy_forward_pass(run, tmp_path, monke
   config, workdir, params = run
   on_devices(monkeypatch, devices)  # Mesh from the devices present: (1, 1) or (1, 2).
   batches = list(input_pipeline.create_datasets(config).test_batches())
-  images = np.concatenate([b['image'][b['mask'] > 0] for b in batches])
+  pixels = np.concatenate([b['image'][b['mask'] > 0] for b in batches])
+  images = (pixels - np.float32(config.pixel_mean)) / np.float32(config.pixel_std)
   labels = np.concatenate([b['label'][b['mask'] > 0] for b in batches])
   expected = numpy_alexnet(images, params)
   assert expected['pool5'].shape == (6, 2 * 2 * 256)

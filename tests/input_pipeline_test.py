@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from alexnet_jax import augment
 from alexnet_jax import config_lib
 from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
@@ -44,29 +45,30 @@ def encode_png(image: np.ndarray) -> tf.Tensor:
 
 
 def test_train_preprocessing_is_deterministic_and_flips_half_the_time():
+  """Fashion-MNIST's crop is the whole image (image_size = resize_size): every draw
+  gives the test view, and a flip with probability 1/2."""
   config = fashion_mnist.get_config()
   image = np.random.RandomState(0).randint(0, 256, (28, 28, 1), np.uint8)
   encoded = encode_png(image)
   plain = input_pipeline.preprocess_eval(encoded, config).numpy()
-  assert plain.shape == (67, 67, 3) and plain.dtype == np.float32
+  assert plain.shape == (67, 67, 3) and plain.dtype == np.uint8
   flips = 0
   for i in range(200):
     seed = tf.constant([0, i], tf.int64)
-    out = input_pipeline.preprocess_train(encoded, seed, config).numpy()
-    np.testing.assert_array_equal(
-      out, input_pipeline.preprocess_train(encoded, seed, config).numpy()
-    )
-    if np.array_equal(out, plain[:, ::-1]):
-      flips += 1
-    else:
-      np.testing.assert_array_equal(out, plain)
+    out = {k: v.numpy() for k, v in input_pipeline.preprocess_train(encoded, seed, config).items()}
+    again = input_pipeline.preprocess_train(encoded, seed, config)
+    assert all(np.array_equal(out[k], again[k].numpy()) for k in out)
+    np.testing.assert_array_equal(out['image'], plain)
+    np.testing.assert_array_equal(out['lighting'], [0, 0, 0])  # No PCA lighting on grey.
+    flips += int(out['flip'])
   assert 70 < flips < 130
 
 
-def test_normalize_uses_config_statistics():
+def test_model_input_normalises_with_config_statistics():
   config = fashion_mnist.get_config()
   encoded = encode_png(np.full((28, 28, 1), 72, np.uint8))
-  out = input_pipeline.preprocess_eval(encoded, config).numpy()
+  pixels = input_pipeline.preprocess_eval(encoded, config).numpy()
+  out = augment.model_input({'image': pixels[None]}, (config.pixel_mean, config.pixel_std))
   np.testing.assert_allclose(out, (72 - 72.94) / 90.02, rtol=1e-5)
 
 
@@ -80,12 +82,18 @@ def test_pad_rescale_puts_the_whole_image_inside_a_black_frame():
   np.testing.assert_allclose(out, expected, atol=1e-3)
 
 
-def test_random_crop_stays_inside_the_image():
+def test_crop_window_is_tf_random_crops_window():
+  """The window `tf.image.stateless_random_crop` takes for the same seed: decoding only
+  it gives the crop of the decoded image."""
   image = tf.reshape(tf.range(10 * 12 * 3, dtype=tf.float32), (10, 12, 3))
+  tops = set()
   for i in range(20):
-    crop = input_pipeline.random_crop(image, 7, tf.constant([1, i])).numpy()
-    top, left = np.argwhere(image.numpy()[..., 0] == crop[0, 0, 0])[0]
-    np.testing.assert_array_equal(crop, image.numpy()[top : top + 7, left : left + 7])
+    seed = tf.constant([1, i])
+    top, left = input_pipeline.crop_window(tf.shape(image), 7, seed).numpy()
+    expected = tf.image.stateless_random_crop(image, (7, 7, 3), seed=seed).numpy()
+    np.testing.assert_array_equal(image.numpy()[top : top + 7, left : left + 7], expected)
+    tops.add(top)
+  assert tops == set(range(4))
 
 
 # fb.resnet.torch datasets/imagenet.lua `pca`: eigenvalues and eigenvectors (columns) of
@@ -96,17 +104,51 @@ PCA_EIGVEC = np.array(
 )
 
 
-def test_pca_lighting_adds_the_eigenvector_offset_of_its_seed():
+def test_pca_lighting_offset_is_the_eigenvector_offset_of_its_seed():
   """Sec. 4.1: every pixel gets [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T, a ~ N(0, 0.1), the
   same a for the whole image; on the 0-255 scale the eigenvalues are 255 l. Exact to
-  1e-4 per pixel, so even the third component (~0.1 on this scale) is checked."""
-  image = np.random.RandomState(3).uniform(0, 255, (5, 4, 3)).astype(np.float32)
+  1e-4, so even the third component (~0.1 on this scale) is checked."""
   for i in range(20):
     seed = tf.constant([0, i])
     alpha = tf.random.stateless_normal([3], seed=seed, stddev=0.1).numpy()
-    out = input_pipeline.pca_lighting(tf.constant(image), 0.1, seed).numpy()
-    offset = PCA_EIGVEC @ (alpha * PCA_EIGVAL * 255)
-    np.testing.assert_allclose(out - image, np.broadcast_to(offset, image.shape), atol=1e-4)
+    out = input_pipeline.lighting_offset(0.1, seed).numpy()
+    np.testing.assert_allclose(out, PCA_EIGVEC @ (alpha * PCA_EIGVAL * 255), atol=1e-4)
+
+
+def host_reference(encoded, seed, config):
+  """What the host computed before the per-pixel work moved to the device, from TF's
+  own ops: rescale in float32, tf.image's stateless crop and flip, the PCA offset,
+  normalisation (Sec. 4.1, Sec. 2)."""
+  crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  image = input_pipeline.rescale(input_pipeline.decode(encoded), config)
+  size = (config.image_size, config.image_size, 3)
+  image = tf.image.stateless_random_crop(image, size, seed=crop_seed)
+  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  alpha = tf.random.stateless_normal([3], seed=light_seed, stddev=0.1).numpy()
+  image = image.numpy() + (PCA_EIGVEC @ (alpha * PCA_EIGVAL * 255)).astype(np.float32)
+  return (image - np.asarray(config.pixel_mean, np.float32)) / np.asarray(config.pixel_std)
+
+
+@pytest.mark.parametrize('resize', ['shorter_side', 'square'])
+def test_device_augmentation_is_the_host_reference(resize):
+  """Crop, flip and lighting drawn on the host, applied on the device (`augment`), give
+  the host reference's images for the same seeds, within the rounding of the rescaled
+  image to uint8 (0.5 of 255 before normalisation)."""
+  config = imagenet.get_config()
+  config.update(image_size=20, resize_size=24, resize=resize, pixel_std=(58.4, 57.1, 57.4))
+  image = np.random.RandomState(4).randint(0, 256, (37, 29, 3), np.uint8)
+  encoded = tf.io.encode_png(image)
+  examples = [
+    input_pipeline.preprocess_train(encoded, tf.constant([5, i], tf.int64), config)
+    for i in range(16)
+  ]
+  batch = {k: np.stack([e[k].numpy() for e in examples]) for k in examples[0]}
+  assert batch['image'].dtype == np.uint8 and 0 < batch['flip'].sum() < 16
+  out = np.asarray(augment.model_input(batch, (config.pixel_mean, config.pixel_std)))
+  for i in range(16):
+    expected = host_reference(encoded, tf.constant([5, i], tf.int64), config)
+    tolerance = 0.5 / np.asarray(config.pixel_std) + 1e-4
+    assert np.all(np.abs(out[i] - expected) <= tolerance), i
 
 
 def test_pad_batch_masks_padding():
@@ -176,7 +218,7 @@ def test_image_folder_skips_and_counts_a_corrupt_image(image_folder, caplog):
   batches = list(data.test_batches())
   masks = np.concatenate([b['mask'] for b in batches])
   assert masks.sum() == 11  # 9 + grayscale + CMYK; the corrupt file is left out.
-  assert all(b['image'].shape == (4, 67, 67, 3) and b['image'].dtype == np.float32 for b in batches)
+  assert all(b['image'].shape == (4, 67, 67, 3) and b['image'].dtype == np.uint8 for b in batches)
   assert 'test: skipped 1 undecodable image(s)' in caplog.text
 
 
@@ -190,10 +232,11 @@ def test_image_folder_train_batches(image_folder, crop, caplog):
   for _ in range(3):  # Past the corrupt file, whatever the shuffle.
     next(batches)
   assert 'train: skipped 1 undecodable image(s)' in caplog.text
-  assert batch['image'].shape == (4, 67, 67, 3) and batch['image'].dtype == np.float32
-  assert set(batch) == {'image', 'label'} and set(batch['label']) <= {0, 1, 2}
-  # Pixels in 0-255 minus the ImageNet mean, plus a PCA-lighting offset.
-  assert -200 < batch['image'].min() and batch['image'].max() < 200
+  assert batch['image'].shape == (4, 67, 67, 3) and batch['image'].dtype == np.uint8
+  assert set(batch) == {'image', 'label', 'flip', 'lighting'} and set(batch['label']) <= {0, 1, 2}
+  assert batch['flip'].dtype == bool and batch['lighting'].shape == (4, 3)
+  # A PCA-lighting offset of 0.1 (Sec. 4.1): ~ +-20 of 255.
+  assert 0 < np.abs(batch['lighting']).max() < 100
 
 
 def test_wrong_class_count_says_which(image_folder):
@@ -258,8 +301,8 @@ def test_inception_crop_is_a_resized_window_of_the_image():
 )
 def test_paper_crop_is_a_random_window_of_the_central_patch_of_the_rescaled_image(shape, resized):
   """Sec. 4.1's crop against Pillow: shorter side to 24 (bilinear, antialiased), the
-  central 24², then 20² at one of its 5 × 5 offsets, each offset taken by some seed;
-  minus the mean. (Pillow and TensorFlow agree to ~5e-4 of 255.)"""
+  central 24², then 20² at one of its 5 × 5 offsets, each offset taken by some seed,
+  rounded to uint8. (Pillow and TensorFlow agree to ~5e-4 of 255.)"""
   config = imagenet.get_config()
   config.update(image_size=20, resize_size=24)
   config.augment.update(flip=False, pca_lighting_stddev=0.0)
@@ -267,15 +310,16 @@ def test_paper_crop_is_a_random_window_of_the_central_patch_of_the_rescaled_imag
   encoded = tf.io.encode_png(image)
   rescaled = pil_resize(image.astype(np.float32), *resized)
   top, left = (resized[0] - 24) // 2, (resized[1] - 24) // 2
-  central = rescaled[top : top + 24, left : left + 24] - np.asarray(config.pixel_mean, np.float32)
+  central = rescaled[top : top + 24, left : left + 24]
   offsets = []
   for i in range(40):
-    out = input_pipeline.preprocess_train(encoded, tf.constant([3, i], tf.int64), config).numpy()
-    assert out.shape == (20, 20, 3)
-    [offset] = [
+    seed = tf.constant([3, i], tf.int64)
+    out = input_pipeline.preprocess_train(encoded, seed, config)['image'].numpy()
+    assert out.shape == (20, 20, 3) and out.dtype == np.uint8
+    [offset] = [  # Rounded to uint8: within 0.5.
       (t, x)
       for t, x in itertools.product(range(5), range(5))
-      if np.abs(out - central[t : t + 20, x : x + 20]).max() < 2e-3
+      if np.abs(out - central[t : t + 20, x : x + 20]).max() < 0.5 + 2e-3
     ]
     offsets.append(offset)
   assert {t for t, _ in offsets} == {x for _, x in offsets} == set(range(5)), offsets
@@ -570,3 +614,53 @@ def test_subset_train_order_is_a_function_of_seed_and_step(fashion_mnist_as_is, 
     if per_class is not None:  # 16 examples, 4 batches of 4: each epoch all of them.
       assert steps == 4 and set(epochs[0]) == set(epochs[1]) == set(epochs[2])
     assert epochs[0] != epochs[1] != epochs[2]
+
+
+@pytest.mark.parametrize('prepared_format', ['jpeg', 'raw'])
+def test_prepared_crops_are_crops_of_the_stored_image(prepared_format):
+  """From a prepared copy (the `stored_image`, as JPEG or raw pixels) a train crop is
+  the same window of the stored image as the original path takes (a JPEG's decoded
+  only inside it), and the test view is its central patch; the original path's
+  crops are windows of its own `stored_image`."""
+  config = imagenet.get_config()
+  config.update(image_size=20, resize_size=24)
+  original = tf.io.encode_png(np.random.RandomState(6).randint(0, 256, (37, 29, 3), np.uint8))
+  stored = input_pipeline.stored_image(original, config)
+  assert stored.shape == (24, 24, 3) and stored.dtype == tf.uint8
+  if prepared_format == 'jpeg':
+    encoded = tf.io.encode_jpeg(stored, quality=95)
+    pixels = tf.io.decode_jpeg(encoded, channels=3).numpy()
+  else:
+    encoded, pixels = stored, stored.numpy()
+  prepared = config.copy_and_resolve_references()
+  prepared.update(prepared=True, prepared_format=prepared_format)
+  for i in range(12):
+    seed = tf.constant([7, i], tf.int64)
+    crop_seed = tf.random.experimental.stateless_split(seed, 3)[0]
+    from_copy = input_pipeline.preprocess_train(encoded, seed, prepared)
+    from_original = input_pipeline.preprocess_train(original, seed, config)
+    window = tf.image.stateless_random_crop(pixels, (20, 20, 3), seed=crop_seed).numpy()
+    crop = from_copy['image'].numpy()
+    # libjpeg upsamples 4:2:0 chroma from the right neighbour, which a window decode
+    # lacks at its last column.
+    np.testing.assert_array_equal(crop[:, :-1], window[:, :-1])
+    assert np.abs(crop[:, -1].astype(int) - window[:, -1]).mean() < 8
+    expected = tf.image.stateless_random_crop(stored, (20, 20, 3), seed=crop_seed).numpy()
+    np.testing.assert_array_equal(from_original['image'].numpy(), expected)
+    for key in ('flip', 'lighting'):
+      np.testing.assert_array_equal(from_copy[key].numpy(), from_original[key].numpy())
+  central = input_pipeline.preprocess_eval(encoded, prepared).numpy()
+  np.testing.assert_array_equal(central, pixels[2:22, 2:22])
+
+
+def test_a_train_split_where_no_image_decodes_stops_with_a_clear_error(tmp_path):
+  """An image folder of text files named .jpg: an error naming the split, not an
+  endless stream that never yields a batch."""
+  for split in ('train', 'val'):
+    for label in ('cat', 'dog'):
+      os.makedirs(tmp_path / split / label)
+      for i in range(3):
+        (tmp_path / split / label / f'{i}.jpg').write_text('not an image\n')
+  data = input_pipeline.create_datasets(folder_config(tmp_path, num_classes=2, batch_size=2))
+  with pytest.raises(ValueError, match='None of the first 1000 images of image_folder train'):
+    next(data.train_batches())

@@ -49,7 +49,8 @@ def test_top5_are_the_model_softmax_sorted(workdir, tmp_path):
   paths = [write_png(tmp_path / f'{i}.png', i) for i in range(2)]
   results = predict.predict_files(config, run_dir, paths)
   for path, top in zip(paths, results, strict=True):
-    image = input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
+    pixels = input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
+    image = (pixels - np.float32(config.pixel_mean)) / np.float32(config.pixel_std)
     expected = np.asarray(jax.nn.softmax(model(image[None]))[0])
     assert len(top) == 5
     assert [p for _, p in top] == sorted((p for _, p in top), reverse=True)
