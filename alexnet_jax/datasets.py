@@ -2,7 +2,8 @@
 
 Nothing here downloads at run time when the original files are given: Fashion-MNIST's
 IDX files and CIFAR-10's binary archive are placed in TFDS's download cache; ImageNet
-is built from its tars.
+is built from its tars. With `config.prepared`, the builder is instead the rescaled
+copy that `python -m alexnet_jax.prepare` wrote once (`prepared_dir`).
 """
 
 from collections.abc import Callable
@@ -315,8 +316,78 @@ def _check_cifar10(builder: tfds.core.DatasetBuilder, expected: dict[str, int], 
       )
 
 
+# The folder under the TFDS data dir holding `python -m alexnet_jax.prepare`'s copies.
+PREPARED_FOLDER = 'alexnet_jax_prepared'
+# Written last into a finished copy (its per-split counts, JSON): a copy without it is
+# not read.
+PREPARED_MARKER = 'alexnet_jax_prepared.json'
+
+
+def prepared_name(config: ml_collections.ConfigDict) -> str:
+  """The source's name in `prepared_dir`: `config.dataset`, or for an image folder
+  `image_folder_<basename of manual_dir>`."""
+  if config.dataset == 'image_folder':
+    root = os.path.normpath(os.path.expanduser(config.manual_dir or ''))
+    return f'image_folder_{os.path.basename(root)}'
+  return config.dataset
+
+
+def prepared_dir(config: ml_collections.ConfigDict) -> str:
+  """Where `python -m alexnet_jax.prepare` writes, and `config.prepared` reads, the copy.
+
+  `<data_dir>/alexnet_jax_prepared/<prepared_name>/<resize>_<resize_size>_<format>`,
+  with data_dir TFDS's default (~/tensorflow_datasets, or $TFDS_DATA_DIR) when None,
+  and format `jpeg<prepared_jpeg_quality>` or `raw`, e.g.
+  `~/tensorflow_datasets/alexnet_jax_prepared/imagenet2012/shorter_side_256_jpeg95`.
+  'pad' also names image_size, as its stored image depends on it
+  (`pad_<resize_size>_<image_size>_raw`).
+  """
+  data_dir = os.path.expanduser(config.data_dir or tfds.core.constants.get_default_data_dir())
+  size = f'{config.resize_size}'
+  if config.resize == 'pad':
+    size += f'_{config.image_size}'
+  fmt = 'raw' if config.prepared_format == 'raw' else f'jpeg{config.prepared_jpeg_quality}'
+  return os.path.join(
+    data_dir, PREPARED_FOLDER, prepared_name(config), f'{config.resize}_{size}_{fmt}'
+  )
+
+
+def prepare_flags(config: ml_collections.ConfigDict) -> str:
+  """The `--config.KEY=VALUE` flags that make `alexnet_jax.prepare` write `prepared_dir`."""
+  keys = ['dataset', 'data_dir', 'manual_dir', 'resize', 'resize_size']
+  if config.resize == 'pad':
+    keys.append('image_size')
+  keys.append('prepared_format')
+  if config.prepared_format == 'jpeg':
+    keys.append('prepared_jpeg_quality')
+  return ' '.join(f'--config.{k}={config[k]}' for k in keys if config[k] is not None)
+
+
+def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The finished copy at `prepared_dir(config)`, read as a TFDS dataset.
+
+  Raises:
+    FileNotFoundError: naming the folder and the command that writes it, if it holds
+      no finished copy.
+  """
+  directory = prepared_dir(config)
+  if not os.path.exists(os.path.join(directory, PREPARED_MARKER)):
+    state = 'holds no finished copy' if os.path.exists(directory) else 'does not exist'
+    if os.path.exists(directory + '.incomplete'):
+      state += f' (a copy is in progress in {directory}.incomplete: rerun to finish it)'
+    raise FileNotFoundError(
+      f'config.prepared=True, but {directory} {state}. Write it once with: python -m '
+      f'alexnet_jax.prepare --config=YOUR_CONFIG {prepare_flags(config)} (README, '
+      '"Preparing ImageNet once"), or set --config.prepared=False to read the original '
+      'images.'
+    )
+  return tfds.builder_from_directory(directory)
+
+
 def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder of `config.dataset` (built from local files if needed).
+  """The prepared TFDS builder of `config.dataset` (built from local files if needed);
+  with `config.prepared`, the copy `python -m alexnet_jax.prepare` wrote of it
+  (`prepared_dir`), which is only looked up here, never written.
 
   In a multi-process job process 0 prepares the dataset first and the others wait,
   so that processes sharing a filesystem do not build it concurrently; on hosts
@@ -324,8 +395,9 @@ def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   take turns through a file lock there (`_preparing`): the later ones reuse the data.
 
   Raises:
-    FileNotFoundError: if the dataset's source files are missing (on process 0; the
-      others then raise ValueError, saying so).
+    FileNotFoundError: if the dataset's source files (or with `config.prepared`, its
+      finished copy) are missing (on process 0; the others then raise ValueError,
+      saying so).
   """
   if jax.process_count() == 1:
     return _prepare(config)
@@ -349,6 +421,8 @@ def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 def _prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  if config.prepared:
+    return _prepared_builder(config)
   if config.dataset == 'fashion_mnist':
     return prepare_fashion_mnist(config.data_dir, config.manual_dir)
   if config.dataset == 'cifar10' and config.manual_dir:  # Else TFDS downloads it.

@@ -202,6 +202,9 @@ def main(argv):
     _run()
   except train.Preempted as e:
     logging.warning('%s', e)
+    if isinstance(e, train.PreemptedWaitingForData):
+      logging.flush()
+      os._exit(1)  # Checkpoints and logs are complete; see PreemptedWaitingForData.
     sys.exit(1)  # Non-zero, so a cluster requeues the job.
   except (ValueError, FloatingPointError, FileNotFoundError) as e:
     # What the user must fix (a config value, a missing file, a NaN) as the last line;

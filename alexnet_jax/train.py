@@ -5,6 +5,7 @@ number of processes; stops cleanly on preemption and never keeps a non-finite st
 import contextlib
 import json
 import os
+import queue
 import threading
 import time
 from typing import Any
@@ -33,9 +34,81 @@ class Preempted(Exception):
   """Training stopped early on request, after checkpointing; a rerun resumes."""
 
 
+class PreemptedWaitingForData(Preempted):
+  """`Preempted` while waiting for a batch: the thread reading it may still be blocked
+  inside tf.data, and an interpreter exit that tears it down aborts the process
+  (C++'s "FATAL: exception not rethrown"): leave with `os._exit`."""
+
+
 def request_stop(*unused_signal_args):
   """Asks the running loop to checkpoint and stop after its current step."""
   _STOP.set()
+
+
+@contextlib.contextmanager
+def _read_ahead(make_batches, size: int = 2):
+  """Yields `next_batch()`: the batches of `make_batches()`, read `size` ahead on a
+  thread; None if a stop is requested (`request_stop`) while waiting for one.
+
+  The loop then waits on a queue, not inside tf.data's C++ iterator, where a SIGTERM
+  handler cannot run until a batch arrives: one that never does (a stalled file
+  system) would make the job ignore SIGTERM. Errors of the pipeline are raised by
+  `next_batch`; leaving the context stops the thread after its current batch.
+  """
+  batches, done = queue.Queue(size), threading.Event()
+
+  def put(item) -> bool:
+    while not done.is_set():
+      try:
+        batches.put(item, timeout=0.5)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def read():
+    try:
+      for batch in make_batches():
+        if not put((batch, None)):
+          return
+    except Exception as e:  # pylint: disable=broad-except
+      put((None, e))  # Raised in the loop's thread.
+
+  def next_batch():
+    while True:
+      try:
+        batch, error = batches.get(timeout=0.5)
+      except queue.Empty:
+        if _STOP.is_set():
+          return None
+        continue
+      if error is not None:
+        raise error
+      return batch
+
+  threading.Thread(target=read, name='read_ahead', daemon=True).start()
+  try:
+    yield next_batch
+  finally:
+    done.set()
+
+
+def _save(manager, state, step: int, unchecked, config, checkpoint_dir: str):
+  """Checkpoints `state` (of `step`) unless it holds NaNs: neither a step's loss and
+  gradients (the `unchecked` window's) nor the parameters it left.
+
+  Raises:
+    FloatingPointError: for non-finite values (`_nonfinite_error`).
+  """
+  _check_finite(unchecked, config, checkpoint_dir)
+  if not steps_lib.all_finite(state.params):
+    raise _nonfinite_error(
+      step,
+      'finite loss and gradients, but NaN or Inf parameters after the update',
+      config,
+      checkpoint_dir,
+    )
+  checkpoints.save(manager, state, force=True)
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -227,6 +300,7 @@ def train_and_evaluate(
     contextlib.closing(
       metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     ) as writer,
+    contextlib.ExitStack() as stack,
   ):
     latest = checkpoints.latest_step(manager)
     if latest is not None:
@@ -250,14 +324,28 @@ def train_and_evaluate(
     if initial_step == 0:
       writer.write_hparams(config_lib.flatten(config))
 
-    train_iter = data.train_batches(start_step=initial_step)
+    next_batch = stack.enter_context(
+      _read_ahead(lambda: data.train_batches(start_step=initial_step))
+    )
     chrono = Chrono(config.batch_size)
     window, checked = [], 0  # (step, metrics) since the last log; how many are checked.
     test = None
     for step in range(initial_step + 1, num_steps + 1):
-      state, step_metrics = train_step(
-        state, sharding.global_batch(mesh, next(train_iter)), dropout_rng
-      )
+      batch = next_batch()
+      if batch is None:  # Stopped while waiting for data: the last step's state stays.
+        if step - 1 > initial_step and manager.latest_step() != step - 1:
+          _save(manager, state, step - 1, window[checked:], config, checkpoint_dir)
+        manager.wait_until_finished()
+        done = (
+          f'steps up to {step - 1} are checkpointed in {checkpoint_dir}'
+          if step > 1
+          else 'no step was trained'
+        )
+        raise PreemptedWaitingForData(
+          f'Stopped on request (SIGTERM) while waiting for the batch of step {step}; '
+          f'{done}; rerun the same command to resume.'
+        )
+      state, step_metrics = train_step(state, sharding.global_batch(mesh, batch), dropout_rng)
       window.append((step, step_metrics))
       report_progress(step)
       if itstime(step, every['log_every'], num_steps):
@@ -298,17 +386,8 @@ def train_and_evaluate(
         step < num_steps
       )
       if manager.should_save(step) or preempted or step == num_steps:
-        # Never save NaNs: neither a step's loss and gradients nor the parameters it left.
-        _check_finite(window[checked:], config, checkpoint_dir)
+        _save(manager, state, step, window[checked:], config, checkpoint_dir)
         checked = len(window)
-        if not steps_lib.all_finite(state.params):
-          raise _nonfinite_error(
-            step,
-            'finite loss and gradients, but NaN or Inf parameters after the update',
-            config,
-            checkpoint_dir,
-          )
-        checkpoints.save(manager, state, force=True)
       if preempted:
         manager.wait_until_finished()
         raise Preempted(

@@ -17,6 +17,7 @@ from helpers import on_devices
 from helpers import processes
 from helpers import run_module
 from helpers import wait_all
+from helpers import write_image_folder
 
 
 def run_main(*args, devices=1):
@@ -115,3 +116,26 @@ def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(
   assert results['step'] == 12
   logged = [row['step'] for row in logged_train_rows(workdir)]
   assert logged == list(range(1, 13))  # Each step once: nothing lost or repeated.
+
+
+def test_sigterm_is_honoured_while_waiting_for_data(tmp_path):
+  """A train split that stalls (a FIFO named .png: reading it blocks inside tf.data's
+  C++ iterator, as a hung file system would): SIGTERM still stops the run, exit 1."""
+  root = tmp_path / 'data'
+  write_image_folder(str(root))
+  os.mkfifo(root / 'train' / sorted(os.listdir(root / 'train'))[0] / 'stalled.png')
+  args = [f'--workdir={tmp_path / "run"}', '--noplots', *folder_flags(str(root))]
+  log = tmp_path / 'logs' / 'process0.log'
+  os.makedirs(log.parent)
+  with processes(1, 1, args, log.parent) as [trainer]:
+    deadline = time.time() + TIMEOUT
+    while 'Batch: global' not in log.read_text():
+      assert time.time() < deadline and trainer.poll() is None, log.read_text()[-3000:]
+      time.sleep(0.2)
+    time.sleep(2)  # Waiting for the first batch (a shuffle buffer of the whole split).
+    trainer.send_signal(signal.SIGTERM)
+    assert wait_all([trainer], timeout=60) == [1], log.read_text()[-3000:]
+  assert (
+    'Stopped on request (SIGTERM) while waiting for the batch of step 1; no step was trained'
+    in log.read_text()
+  )
