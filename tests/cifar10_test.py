@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from alexnet_jax import augment
 from alexnet_jax import datasets
 from alexnet_jax import input_pipeline
 from configs import cifar10
@@ -145,9 +146,10 @@ def test_config_builds_from_manual_dir_and_gives_67_px_batches(archive, tmp_path
   test = list(data.test_batches())
   assert [b['mask'].sum() for b in test] == [4, 2]
   for batch in test + [next(data.train_batches())]:
-    assert batch['image'].shape == (4, 67, 67, 3) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (4, 67, 67, 3) and batch['image'].dtype == np.uint8
   # Standardised with CIFAR-10's statistics: pixels 0-255 map to about [-2, 2.2].
-  assert -2.1 < test[0]['image'].min() and test[0]['image'].max() < 2.3
+  images = np.asarray(augment.model_input(test[0], (config.pixel_mean, config.pixel_std)))
+  assert -2.1 < images.min() and images.max() < 2.3
 
 
 def digest(images, labels) -> list[list]:

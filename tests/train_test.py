@@ -252,7 +252,18 @@ def test_a_nan_or_a_preemption_closes_the_checkpoints_and_the_metric_writer(tmp_
       train.train_and_evaluate(small_config(dropout_rate=1.0), str(tmp_path / 'nan'))
     assert closed == ['metrics', 'checkpoints']
     closed.clear()
-    train.request_stop()
+    jit_train_step = train.steps_lib.jit_train_step
+
+    def stop_after_the_first_step(*args):  # As a SIGTERM during step 1 would.
+      step = jit_train_step(*args)
+
+      def stepped(*step_args):
+        train.request_stop()
+        return step(*step_args)
+
+      return stepped
+
+    monkeypatch.setattr(train.steps_lib, 'jit_train_step', stop_after_the_first_step)
     try:
       with pytest.raises(train.Preempted, match='after step 1'):
         train.train_and_evaluate(small_config(), str(tmp_path / 'preempted'))
