@@ -25,15 +25,20 @@ def setup(mesh, config=None):
   config = config or fashion_mnist.get_config()
   state, tx = train_state(config, mesh)
   train_graphdef, eval_graphdef = steps.graphdefs(config)
-  train_fn = steps.jit_train_step(mesh, train_graphdef, state, tx)
-  eval_fn = steps.jit_eval_step(mesh, eval_graphdef, state.params)
+  normalization = (config.pixel_mean, config.pixel_std)
+  train_fn = steps.jit_train_step(mesh, train_graphdef, state, tx, normalization)
+  eval_fn = steps.jit_eval_step(mesh, eval_graphdef, state.params, normalization)
   return state, train_fn, eval_fn, eval_graphdef
 
 
 def fixed_batch(n=8):
+  """As the input pipeline gives it: uint8 pixels with their flips and lighting, which
+  the step applies on the mesh (`augment.model_input`)."""
   rng = np.random.RandomState(0)
   return {
-    'image': rng.randn(n, 67, 67, 3).astype(np.float32),
+    'image': rng.randint(0, 256, (n, 67, 67, 3), np.uint8),
+    'flip': rng.rand(n) < 0.5,
+    'lighting': rng.randn(n, 3).astype(np.float32) * 10,
     'label': rng.randint(0, 10, n).astype(np.int32),
     'mask': np.ones(n, np.float32),
   }
