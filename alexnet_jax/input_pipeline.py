@@ -37,7 +37,7 @@ IMAGENET_EIGVECS = (
 )
 
 # --------------------------------------------------------------------------------------
-# Augmentation (per example, float32 [H, W, 3] in 0-255).
+# Augmentation (per example, [H, W, 3] in 0-255: float32 while rescaled, uint8 crops).
 
 
 def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -90,7 +90,7 @@ def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The paper's test patches (Sec. 4.1), float32 `[10, size, size, 3]` from `[H, W, 3]`.
+  """The paper's test patches (Sec. 4.1), `[10, size, size, 3]` from `[H, W, 3]` (any dtype).
 
   In order: top-left, top-right, bottom-left, bottom-right and central patch, then
   the same five reflected horizontally.
@@ -623,10 +623,13 @@ def decode_threads() -> int:
   learn how many of them share a host from their host names.
   """
   cores = len(os.sched_getaffinity(0))
-  if jax.process_count() == 1 or cores < (os.cpu_count() or cores):
+  if jax.process_count() == 1:
     return cores
+  # Every process takes part, bound or not: a collective some skip would hang.
   host = np.int64(zlib.crc32(socket.gethostname().encode()))
   on_host = int(np.sum(multihost_utils.process_allgather(host) == host))
+  if cores < (os.cpu_count() or cores):  # Bound to its own cores already.
+    return cores
   return max(1, cores // on_host)
 
 

@@ -664,3 +664,12 @@ def test_a_train_split_where_no_image_decodes_stops_with_a_clear_error(tmp_path)
   data = input_pipeline.create_datasets(folder_config(tmp_path, num_classes=2, batch_size=2))
   with pytest.raises(ValueError, match='None of the first 1000 images of image_folder train'):
     next(data.train_batches())
+
+
+def test_decode_threads_are_the_cores_this_process_may_use(monkeypatch):
+  """Not min(16, cores): every core of the affinity mask (here 3 of a 64-core host)."""
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 2, 5})
+  monkeypatch.setattr(os, 'cpu_count', lambda: 64)
+  assert input_pipeline.decode_threads() == 3
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)))
+  assert input_pipeline.decode_threads() == 64
