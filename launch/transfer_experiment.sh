@@ -5,7 +5,8 @@
 #   finetune  configs/finetune.py (Caffe's recipe: fc8 anew at x10, lr 0.001, /10 at
 #             20/40/60/80% of the steps),
 #   frozen    the same with conv1-5 frozen (lr multiplier 0),
-#   scratch   configs/fashion_mnist.py (lr 0.04, cosine, 30 warm-up steps),
+#   scratch   configs/fashion_mnist.py at lr 0.01 (its 0.04 is for batch 128, and
+#             diverged here at batch 50), cosine, 30 warm-up steps,
 # and DeCAF's probe: a logistic regression on the source run's fc7 features.
 #
 #   bash launch/transfer_experiment.sh [OUT_DIR]       (default runs/transfer)
@@ -39,7 +40,7 @@ for seed in $seeds; do
     train "$out/frozen_$n/seed=$seed" "${finetune[@]}" \
       --config.lr_multipliers="(('fc8',10.0),('conv[1-5]',0.0))"
     train "$out/scratch_$n/seed=$seed" --config=configs/fashion_mnist.py \
-      --config.warmup_steps=30 "${subset[@]}"
+      --config.learning_rate=0.01 --config.warmup_steps=30 "${subset[@]}"
     probe=$out/probe_$n/seed=$seed.npz
     if [[ ! -f $probe ]]; then
       mkdir -p "$out/probe_$n"

@@ -63,12 +63,24 @@ def test_separate_jobs_prepare_a_tfds_dataset_once(tmp_path):
   assert sorted(waited) == [False, True]
 
 
-def test_fashion_mnist_that_failed_its_check_is_not_prepared(tmp_path, monkeypatch):
-  def failing_check(builder):
-    assert builder.is_prepared()  # What the check sees: data TFDS counts as prepared.
-    raise ValueError('Prepared fashion_mnist train split is wrong')
+def test_data_that_failed_their_check_are_never_prepared(tmp_path):
+  """`_prepare_checked`, as Fashion-MNIST's and CIFAR-10's preparations use it (CIFAR-10's
+  own data: cifar10_test): data TFDS counts as prepared but whose check failed are
+  deleted, and the next call builds and checks them again."""
+  data_dir = str(tmp_path)
 
-  monkeypatch.setattr(datasets, '_check_fashion_mnist', failing_check)
+  def failing(builder):
+    builder.download_and_prepare()
+    assert builder.is_prepared()  # What the check sees: data TFDS counts as prepared.
+    raise ValueError('tiny_counts train split is wrong')
+
   with pytest.raises(ValueError, match='train split is wrong'):
-    datasets.prepare_fashion_mnist(str(tmp_path), DEBIAN_FASHION_MNIST)
-  assert not tfds.builder('fashion_mnist', data_dir=str(tmp_path)).is_prepared()
+    datasets._prepare_checked('tiny_counts', data_dir, failing)  # pylint: disable=protected-access
+  assert not tfds.builder('tiny_counts', data_dir=data_dir).is_prepared()
+  builder = datasets._prepare_checked(  # pylint: disable=protected-access
+    'tiny_counts', data_dir, lambda b: b.download_and_prepare()
+  )
+  assert builder.is_prepared()
+  assert sorted(int(e['x']) for e in tfds.as_numpy(builder.as_dataset(split='train'))) == list(
+    range(5)
+  )
