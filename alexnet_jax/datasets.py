@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tarfile
+import zlib
 
 from absl import logging
 import filelock
@@ -325,10 +326,11 @@ PREPARED_MARKER = 'alexnet_jax_prepared.json'
 
 def prepared_name(config: ml_collections.ConfigDict) -> str:
   """The source's name in `prepared_dir`: `config.dataset`, or for an image folder
-  `image_folder_<basename of manual_dir>`."""
+  `image_folder_<basename of manual_dir>_<crc32 of its absolute path>`."""
   if config.dataset == 'image_folder':
-    root = os.path.normpath(os.path.expanduser(config.manual_dir or ''))
-    return f'image_folder_{os.path.basename(root)}'
+    root = os.path.abspath(os.path.expanduser(config.manual_dir or ''))
+    # Two folders of one name elsewhere are two datasets: the path's hash tells them apart.
+    return f'image_folder_{os.path.basename(root)}_{zlib.crc32(root.encode()):08x}'
   return config.dataset
 
 

@@ -617,7 +617,7 @@ def create_datasets(
 def decode_threads() -> int:
   """Parallel decodes for this process: the cores it may run on (`os.sched_getaffinity`:
   SLURM's --cpus-per-task binding, taskset), shared evenly with the job's other
-  processes on this host when none is bound to fewer than all cores.
+  processes on this host unless this one is bound to fewer than all cores.
 
   In a multi-process job this is a collective (every process calls it): the processes
   learn how many of them share a host from their host names.

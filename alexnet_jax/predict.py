@@ -32,6 +32,9 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   """
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f'No image file {path!r}.')
+  if config.prepared:  # A file is an original image, never a prepared copy's.
+    config = config.copy_and_resolve_references()
+    config.prepared = False
   try:
     pixels = input_pipeline.preprocess_eval(tf.io.read_file(path), config).numpy()
   except tf.errors.InvalidArgumentError as e:

@@ -498,6 +498,8 @@ def _stream_shards(
     next_index = max(next_index, index)
 
   for index, image, label in feed.dataset(config).as_numpy_iterator():
+    if index >= total:  # Before a shard past the split's size is committed as finished.
+      raise ValueError(f'{split.name}: the source gives more than its {total} examples.')
     skip_to(index)
     feed.names.pop(index, None)
     while index >= (shard + 1) * shard_examples:

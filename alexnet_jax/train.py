@@ -52,7 +52,9 @@ def _read_ahead(make_batches, size: int = 2):
 
   The loop then waits on a queue, not inside tf.data's C++ iterator, where a SIGTERM
   handler cannot run until a batch arrives: one that never does (a stalled file
-  system) would make the job ignore SIGTERM. Errors of the pipeline are raised by
+  system) would make the job ignore SIGTERM. (Only a single-process run sets the
+  stop from SIGTERM; several processes stop through JAX's preemption service, after
+  a step.) Errors of the pipeline are raised by
   `next_batch`; leaving the context stops the thread after its current batch.
   """
   batches, done = queue.Queue(size), threading.Event()
@@ -86,11 +88,15 @@ def _read_ahead(make_batches, size: int = 2):
         raise error
       return batch
 
-  threading.Thread(target=read, name='read_ahead', daemon=True).start()
+  thread = threading.Thread(target=read, name='read_ahead', daemon=True)
+  thread.start()
   try:
     yield next_batch
   finally:
     done.set()
+    # Out of tf.data before the interpreter exits (see PreemptedWaitingForData); a
+    # thread still blocked reading is left to the caller.
+    thread.join(timeout=30)
 
 
 def _save(manager, state, step: int, unchecked, config, checkpoint_dir: str):
@@ -324,9 +330,10 @@ def train_and_evaluate(
     if initial_step == 0:
       writer.write_hparams(config_lib.flatten(config))
 
-    next_batch = stack.enter_context(
-      _read_ahead(lambda: data.train_batches(start_step=initial_step))
-    )
+    if initial_step < num_steps:  # A finished run evaluated again reads no train data.
+      next_batch = stack.enter_context(
+        _read_ahead(lambda: data.train_batches(start_step=initial_step))
+      )
     chrono = Chrono(config.batch_size)
     window, checked = [], 0  # (step, metrics) since the last log; how many are checked.
     test = None

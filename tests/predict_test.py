@@ -66,3 +66,13 @@ def test_bad_files_say_which(workdir, tmp_path):
   (tmp_path / 'broken.jpg').write_bytes(b'not an image')
   with pytest.raises(ValueError, match='broken.jpg'):
     predict.predict_files(config, run_dir, [str(tmp_path / 'broken.jpg')])
+
+
+def test_image_files_are_originals_for_a_run_trained_on_a_prepared_copy(tmp_path):
+  """An image file is rescaled as the original images were, whatever `prepared` says."""
+  config = fashion_mnist.get_config()
+  path = write_png(tmp_path / 'shoe.png', 3)
+  expected = predict.load_image(path, config)
+  for prepared_format in ('jpeg', 'raw'):
+    config.update(prepared=True, prepared_format=prepared_format)
+    np.testing.assert_array_equal(predict.load_image(path, config), expected)

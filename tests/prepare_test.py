@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import tarfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -258,7 +259,10 @@ def test_image_folder_prepared_raw(tmp_path):
   )
   directory = prepare.prepare(config)
   assert directory == str(
-    tmp_path / 'alexnet_jax_prepared' / 'image_folder_toy' / 'shorter_side_67_raw'
+    tmp_path
+    / 'alexnet_jax_prepared'
+    / f'image_folder_toy_{zlib.crc32(str(root).encode()):08x}'  # Another toy/: another copy.
+    / 'shorter_side_67_raw'
   )
   source = tfds.ImageFolder(str(root))
   for split, count in (('train', 80), ('val', 37)):
