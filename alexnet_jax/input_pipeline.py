@@ -160,27 +160,30 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
   image bytes (JPEGs are decoded only inside the window) or uint8 pixels [H, W, 3].
   """
   if encoded.dtype == tf.uint8:
-    top_left, crop_size = _inception_window(tf.shape(encoded), seed)
-    image = tf.slice(encoded, tf.concat([top_left, [0]], 0), tf.concat([crop_size, [3]], 0))
-    return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
-  is_jpeg = tf.io.is_jpeg(encoded)
-  shape = tf.cond(
-    is_jpeg,
-    lambda: tf.io.extract_jpeg_shape(encoded),
-    lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False)),
-  )
-  top_left, crop_size = _inception_window(shape, seed)
-  window = tf.concat([top_left, crop_size], 0)
-  image = tf.cond(
-    is_jpeg,
-    lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=3),
-    lambda: tf.slice(
-      tf.io.decode_image(encoded, channels=3, expand_animations=False),
-      tf.concat([top_left, [0]], 0),
-      tf.concat([crop_size, [3]], 0),
-    ),
-  )
+    image = _slice_window(encoded, *_inception_window(tf.shape(encoded), seed))
+  else:
+    is_jpeg = tf.io.is_jpeg(encoded)
+    shape = tf.cond(
+      is_jpeg,
+      lambda: tf.io.extract_jpeg_shape(encoded),
+      lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False)),
+    )
+    top_left, crop_size = _inception_window(shape, seed)
+    image = tf.cond(
+      is_jpeg,
+      lambda: tf.image.decode_and_crop_jpeg(
+        encoded, tf.concat([top_left, crop_size], 0), channels=3
+      ),
+      lambda: _slice_window(
+        tf.io.decode_image(encoded, channels=3, expand_animations=False), top_left, crop_size
+      ),
+    )
   return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
+
+
+def _slice_window(image: tf.Tensor, top_left: tf.Tensor, crop_size: tf.Tensor) -> tf.Tensor:
+  """The `crop_size` [2] window of `image` [H, W, 3] at `top_left` [2]."""
+  return tf.slice(image, tf.concat([top_left, [0]], 0), tf.concat([crop_size, [3]], 0))
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
