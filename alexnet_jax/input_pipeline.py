@@ -441,9 +441,9 @@ def create_datasets(
   splits, relabelled 0..k-1 in that order; `config.train_examples_per_class` = N keeps
   the first N of each class of the train split in its stored order (its files then
   read one at a time, not interleaved; `_kept_per_class`), and a test split that is
-  the train split (`features --probe`, a top-1 on the train split) reads those too. Either one reads every
-  label of the split(s) concerned once, here, to count what is kept (images read but
-  not decoded); the selection is made on the encoded stream, before each epoch's
+  the train split (`features --probe`, a top-1 on the train split) reads those too.
+  Either one reads every label of the split(s) concerned once, here, to count what is
+  kept (images read but not decoded); the selection is made on the encoded stream, before each epoch's
   shuffle, so that every epoch reshuffles the same examples.
 
   Raises:
@@ -509,9 +509,7 @@ def create_datasets(
   # wait for another in a collective); the others end with all-padding batches.
   if per_class is not None and config.test_split == config.train_split:
     # The examples trained on (features of the train split, its top-1), not the split.
-    test = _select(
-      _read_part(builder, config.train_split, part, num_parts, train_read), new_ids, kept[part]
-    )
+    test = train
     num_test = num_train
     num_test_batches = _ceil_div(int(part_train.max()), eval_rows)
     test_total = int(part_train[part])
