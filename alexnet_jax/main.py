@@ -71,6 +71,11 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
   'Multi-process job: the GPUs this process uses, e.g. 0,1 (default: all it sees).',
 )
 _DEFAULT_CONFIG = 'configs/fashion_mnist.py'
+# Exit status of a run that stopped on request (SIGTERM: a time limit's warning, a
+# preemption, a cancel) after checkpointing the step it reached: sysexits.h's EX_TEMPFAIL
+# ("temporary failure; the user is invited to retry"), so that a launcher can tell it
+# from a failure (1) and rerun it to resume (launch/sweep.py's SLURM script does).
+EXIT_STOPPED = os.EX_TEMPFAIL  # 75
 config_flags.DEFINE_config_file(
   'config', _DEFAULT_CONFIG, 'Training configuration file.', lock_config=True
 )
@@ -162,7 +167,7 @@ def _run():
     evaluate.evaluate_checkpoint(config, workdir, _CHECKPOINT_STEP.value)
     return
   if jax.process_count() == 1:
-    # Preemption (SLURM sends SIGTERM first): checkpoint, then exit non-zero to requeue.
+    # Preemption (SLURM sends SIGTERM first): checkpoint, then exit EXIT_STOPPED.
     # Several processes leave SIGTERM to JAX's preemption service, which makes them
     # all stop at the same step.
     signal.signal(signal.SIGTERM, train.request_stop)
@@ -204,8 +209,8 @@ def main(argv):
     logging.warning('%s', e)
     if isinstance(e, train.PreemptedWaitingForData):
       logging.flush()
-      os._exit(1)  # Checkpoints and logs are complete; see PreemptedWaitingForData.
-    sys.exit(1)  # Non-zero, so a cluster requeues the job.
+      os._exit(EXIT_STOPPED)  # Checkpoints and logs are complete; see PreemptedWaitingForData.
+    sys.exit(EXIT_STOPPED)
   except (ValueError, FloatingPointError, FileNotFoundError) as e:
     # What the user must fix (a config value, a missing file, a NaN) as the last line;
     # the traceback above it is logged for a bug report.

@@ -206,6 +206,12 @@ def run_local(
     return {run.name: status for run, status in zip(runs, statuses, strict=True)}
 
 
+# The trainer's exit status after stopping on request, checkpointed: alexnet_jax.main's
+# EXIT_STOPPED (not imported: alexnet_jax.main defines flags of the same names as this
+# command's).
+TRAINER_STOPPED = os.EX_TEMPFAIL
+
+
 def slurm_script(
   runs: Sequence[Run],
   commands: Sequence[Sequence[str]],
@@ -220,13 +226,19 @@ def slurm_script(
 
   With several nodes, srun starts the trainer once per node and `alexnet_jax.main`
   joins them into one JAX job from the job step's SLURM variables (SLURM_STEP_NUM_TASKS,
-  SLURM_PROCID, SLURM_STEP_NODELIST; `sharding.initialize_distributed`). SIGTERM comes
-  120 s before the time limit (`--signal=B:TERM@120`, to the batch shell, which passes
-  it on through srun, also when it comes before srun has started) or at a preemption
-  (SIGKILL follows after the partition's GraceTime); the trainers checkpoint the same
-  step and exit non-zero, and only then is the task requeued, to resume from that
-  checkpoint. Otherwise the task ends with the trainers' status: 0 for a finished run
-  (also when SIGTERM came as it finished), the failure's status for a failed one.
+  SLURM_PROCID, SLURM_STEP_NODELIST; `sharding.initialize_distributed`).
+
+  Stops (tested on a real SLURM 22.05, tests/slurm_test.py): 120 s before the time limit
+  SIGTERM comes to the batch shell (`--signal=B:TERM@120`), which passes it on to the
+  trainers with `scancel --signal=TERM` on its own job (slurmd signals the job step's
+  tasks; srun itself is never signalled: it would answer with SIGKILL). A preemption
+  sends SIGTERM to the trainers directly. Either way they checkpoint the step they
+  reached and exit with TRAINER_STOPPED, and the script requeues the task, which then
+  resumes from that checkpoint (SLURM itself requeues a preempted job only if it
+  outlives the partition's GraceTime). A user's `scancel` also stops the trainers with
+  TRAINER_STOPPED, but leaves the job COMPLETING, not RUNNING: it is not requeued.
+  Otherwise the task ends with the trainers' status: 0 for a finished run, the
+  failure's status for a failed one (not rerun: it would fail again).
 
   Args:
     gpus_per_node: GPUs each node asks for; 0 asks for none (CPU clusters).
@@ -252,28 +264,30 @@ def slurm_script(
   return f"""#!/bin/bash
 {chr(10).join('#SBATCH --' + o for o in options)}
 set -uo pipefail
-# SIGTERM can come at any moment, also before srun has started: from the first line on,
-# note it, and pass it on to srun (which signals every trainer) once there is one.
-term=0 woken=0 trainer=
-trap 'term=1 woken=1; if [[ -n $trainer ]]; then kill -TERM "$trainer"; fi' TERM
+# SIGTERM to this shell (the time limit's warning) goes on to the trainers through slurmd,
+# not to srun, which would SIGKILL them ("forcing job termination").
+term=0 trainer=
+trap 'term=1; if [[ -n $trainer ]]; then scancel --signal=TERM "$SLURM_JOB_ID"; fi' TERM
 cd {shlex.quote(REPO)}
 case "$SLURM_ARRAY_TASK_ID" in
 {cases}
 esac
-# One trainer per node ({nodes} node(s)); they find each other through SLURM's variables.
-srun --ntasks-per-node=1 "${{cmd[@]}}" &
-trainer=$!
-# A SIGTERM that came before `trainer` was set has not been passed on yet (one that came
-# just after is passed on twice: the trainers' handlers only note that a stop was asked).
-if (( term )); then kill -TERM "$trainer"; fi
-# SIGTERM cuts `wait` short (status 128+15) while srun runs on: wait again, for srun's own.
-while woken=0; wait "$trainer"; status=$?; (( woken && status > 128 )); do :; done
-# Requeue only a preempted task: SIGTERM came and the trainers stopped non-zero, as they
-# do after checkpointing (`train.Preempted`). A run that finished (0), or that failed
-# without SIGTERM, is not rerun: the task ends with its status.
-if (( term && status != 0 )); then
-  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
-  exit 143
+if (( term )); then
+  status={TRAINER_STOPPED}  # Stopped before it started: nothing to checkpoint.
+else
+  # One trainer per node ({nodes} node(s)); they find each other through SLURM's variables.
+  srun --ntasks-per-node=1 "${{cmd[@]}}" &
+  trainer=$!
+  if (( term )); then scancel --signal=TERM "$SLURM_JOB_ID"; fi  # Came before `trainer=`.
+  # SIGTERM cuts `wait` short while srun runs on: wait again, until srun has ended.
+  while wait "$trainer"; status=$?; kill -0 "$trainer" 2>/dev/null; do :; done
+fi
+# Requeue a task whose trainers stopped on request (and checkpointed), unless the job is
+# ending anyway: a user's scancel leaves it COMPLETING, a time limit's warning or a
+# preemption RUNNING.
+if (( status == {TRAINER_STOPPED} )) && [[ $(squeue -h -j "$SLURM_JOB_ID" -o %T) == RUNNING ]]; then
+  echo "Stopped on request: requeuing $SLURM_JOB_ID to resume." >&2
+  scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"
 """

@@ -86,12 +86,12 @@ def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
   )
 
 
-def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(
+def test_sigterm_checkpoints_and_exits_75_then_the_rerun_finishes(
   toy_image_folder, tmp_path, monkeypatch, caplog
 ):
   """main's own SIGTERM handler (one process): the current step is checkpointed, the
-  exit status is 1 (a cluster requeues), and a rerun resumes and finishes (here in this
-  process; multiprocess_test reruns the command)."""
+  exit status is 75 (EX_TEMPFAIL: launch/sweep.py's SLURM script requeues), and a rerun
+  resumes and finishes (here in this process; multiprocess_test reruns the command)."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=12)]
   log_dir = tmp_path / 'logs'
@@ -103,7 +103,7 @@ def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(
       assert time.time() < deadline and trainer.poll() is None, log.read_text()[-3000:]
       time.sleep(0.2)
     trainer.send_signal(signal.SIGTERM)
-    assert wait_all([trainer]) == [1], log.read_text()[-3000:]
+    assert wait_all([trainer]) == [os.EX_TEMPFAIL], log.read_text()[-3000:]
   stopped = int(re.search(r'Stopped on request \(SIGTERM\) after step (\d+)', log.read_text())[1])
   assert stopped < 12 and str(stopped) in os.listdir(workdir / 'checkpoints')
   assert not (workdir / 'results.json').exists()
@@ -120,7 +120,7 @@ def test_sigterm_checkpoints_and_exits_1_then_the_rerun_finishes(
 
 def test_sigterm_is_honoured_while_waiting_for_data(tmp_path):
   """A train split that stalls (a FIFO named .png: reading it blocks inside tf.data's
-  C++ iterator, as a hung file system would): SIGTERM still stops the run, exit 1."""
+  C++ iterator, as a hung file system would): SIGTERM still stops the run, exit 75."""
   root = tmp_path / 'data'
   write_image_folder(str(root))
   os.mkfifo(root / 'train' / sorted(os.listdir(root / 'train'))[0] / 'stalled.png')
@@ -134,7 +134,7 @@ def test_sigterm_is_honoured_while_waiting_for_data(tmp_path):
       time.sleep(0.2)
     time.sleep(2)  # Waiting for the first batch (a shuffle buffer of the whole split).
     trainer.send_signal(signal.SIGTERM)
-    assert wait_all([trainer], timeout=60) == [1], log.read_text()[-3000:]
+    assert wait_all([trainer], timeout=60) == [os.EX_TEMPFAIL], log.read_text()[-3000:]
   assert (
     'Stopped on request (SIGTERM) while waiting for the batch of step 1; no step was trained'
     in log.read_text()

@@ -84,7 +84,7 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tmp_path):
   """2 processes × 2 devices, mesh 2 × 2 (each process feeds half of every batch).
-  SIGTERM to process 1 alone: both checkpoint the same step and exit 1; the rerun, on
+  SIGTERM to process 1 alone: both checkpoint the same step and exit 75; the rerun, on
   one process, restores that checkpoint and finishes."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=12)]
@@ -100,7 +100,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(toy_image_folder, tm
     running[1].send_signal(signal.SIGTERM)
     codes = wait_all(running)
   logs = [(log_dir / f'process{i}.log').read_text() for i in range(2)]
-  assert codes == [1, 1], '\n'.join(log[-3000:] for log in logs)
+  assert codes == [os.EX_TEMPFAIL] * 2, '\n'.join(log[-3000:] for log in logs)
   stopped = [
     int(re.search(r'Stopped on request \(SIGTERM\) after step (\d+)', log)[1]) for log in logs
   ]
