@@ -171,12 +171,13 @@ def cluster(tmp_path_factory):
     )
     yield env
   finally:
-    if len(running) == len(daemons):
-      with contextlib.suppress(subprocess.SubprocessError):
-        _slurm(env, 'scancel', '--user=root')
-        _wait(lambda: not _slurm(env, 'squeue', '-h').strip(), 'the jobs to end', timeout=60)
-        _slurm(env, 'scontrol', 'shutdown')
+    with contextlib.suppress(subprocess.SubprocessError, TimeoutError):
+      _slurm(env, 'scancel', '--user=root')  # Jobs' processes would outlive slurmd.
+      _wait(lambda: not _slurm(env, 'squeue', '-h').strip(), 'the jobs to end', timeout=60)
+      _slurm(env, 'scontrol', 'shutdown')  # slurmctld and slurmd.
     for daemon in reversed(running):
+      if daemon.args[0] == 'munged':
+        daemon.terminate()
       try:
         daemon.wait(timeout=15)
       except subprocess.TimeoutExpired:
