@@ -237,14 +237,19 @@ def trainers(workdir) -> list[int]:
 
 
 def _status(pid: int) -> dict[str, str]:
-  with open(f'/proc/{pid}/status') as f:
-    return dict(line.split(':\t', 1) for line in f.read().splitlines() if ':\t' in line)
+  """/proc/PID/status's fields; {'State': 'X'} for a process that is gone."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      return dict(line.split(':\t', 1) for line in f.read().splitlines() if ':\t' in line)
+  except FileNotFoundError:
+    return {'State': 'X (gone)'}
 
 
 def interrupt(output: str, workdir: str, send):
   """Once the trainer of `workdir` logged step STOP_AFTER (in `output`), freezes it,
   calls `send()` (which makes SLURM send SIGTERM) and lets it go on once SIGTERM is
-  pending (or SLURM has let it go on itself, with SIGCONT)."""
+  pending (or SLURM has let it go on itself, with SIGCONT, or killed it: the scenario's
+  outcome then says so)."""
 
   def reached():
     with contextlib.suppress(FileNotFoundError), open(output) as f:
@@ -262,7 +267,8 @@ def interrupt(output: str, workdir: str, send):
       timeout=60,
     )
   finally:
-    os.kill(pid, signal.SIGCONT)
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid, signal.SIGCONT)
 
 
 def scenarios(env, root, data) -> dict[str, object]:
@@ -298,7 +304,7 @@ def scenarios(env, root, data) -> dict[str, object]:
     interrupt(output, os.path.join(sweep_dir, 'seed=0'), lambda: send(task))
     return (*outcome(sweep_dir, job_id), os.path.join(sweep_dir, 'seed=0'))
 
-  def preempt(task):
+  def preempt(unused_task):
     _slurm(env, 'sbatch', '--partition=high', '--gres=token:1', '--output=/dev/null', '--wrap=true')
 
   def fails():
