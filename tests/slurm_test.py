@@ -33,7 +33,9 @@ from launch import sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('slurm')]
 
-STEPS = 10  # Each run's num_train_steps (one epoch of the toy folder; evaluated at the end).
+STEPS = (
+  6  # Each run's num_train_steps (of a 10-step epoch of the toy folder; evaluated at the end).
+)
 STOP_AFTER = 2  # Interrupted trainers are frozen once they logged this step.
 TIMEOUT = 600  # Seconds a scenario may take on 2 busy cores (their runs share them).
 COMMANDS = ('munged', 'slurmctld', 'slurmd', 'sbatch', 'srun', 'scontrol', 'squeue', 'scancel')
