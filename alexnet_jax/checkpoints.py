@@ -148,12 +148,28 @@ def restore_state(
   """The state of checkpoint `step`, each array placed like `target`'s (any mesh).
 
   Raises:
-    What Orbax raises for a missing or unreadable checkpoint; in a multi-process job,
-    on every process if on any (`sharding.failures_agreed`).
+    FileNotFoundError: if a process does not see the checkpoint (`_check_present`).
+  """
+  _check_present(manager.directory, step)
+  return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _check_present(checkpoint_dir, step: int):
+  """Raises FileNotFoundError on every process unless each one sees checkpoint `step`.
+
+  Process 0 picks the step (`latest_step`); a host whose view of the workdir lacks it
+  (not a shared filesystem, or a stale cache) would fail inside Orbax's restore while
+  the others wait in its closing barrier. Checked and agreed before it
+  (`sharding.failures_agreed`); Orbax's own errors inside the restore, where every
+  process is in its collectives, are not (an agreement there would mismatch them).
   """
   with sharding.failures_agreed():
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  return restored
+    if not os.path.isdir(os.path.join(checkpoint_dir, str(step))):
+      raise FileNotFoundError(
+        f'Checkpoint {step} of {checkpoint_dir} is missing on host {socket.gethostname()} '
+        f'(process {jax.process_index()}): the workdir must be on a filesystem every host '
+        'sees.'
+      )
 
 
 def _from_process_0(value: int) -> int:
@@ -206,9 +222,8 @@ def restore_params(
     step: the checkpoint's step; None for the latest.
 
   Raises:
-    FileNotFoundError: if `workdir` has no checkpoint, or none at `step`.
-    What Orbax raises for an unreadable checkpoint: in a multi-process job, on every
-      process if on any (`sharding.failures_agreed`).
+    FileNotFoundError: if `workdir` has no checkpoint, or none at `step`, or a
+      process does not see it (`_check_present`).
   """
   checkpoint_dir = directory(workdir)
   if not os.path.isdir(checkpoint_dir):  # CheckpointManager would create it.
@@ -226,15 +241,15 @@ def restore_params(
       raise FileNotFoundError(
         f'No checkpoint of step {step} in {checkpoint_dir}; its steps are {sorted(saved)}.'
       )
-    with sharding.failures_agreed():
-      restored = manager.restore(
-        step,
-        args=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True,
-        ),
-      )
+    _check_present(checkpoint_dir, step)
+    restored = manager.restore(
+      step,
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
   return restored['params'], step
 
 

@@ -161,7 +161,7 @@ def _rebuilt(description: np.ndarray) -> Exception:
   """The exception `_describe` described: its type when importable and built from one
   message, else RuntimeError with the type's name in front."""
   text = description[1:].tobytes().rstrip(b'\0').decode(errors='replace')
-  name, message = text.split(': ', 1)
+  name, _, message = text.partition(': ')
   module, _, qualname = name.rpartition('.')
   try:
     kind = functools.reduce(getattr, qualname.split('.'), importlib.import_module(module))
@@ -186,7 +186,9 @@ def failures_agreed():
 
   In a multi-process job this is a collective (an all-gather of uint8
   [1 + _FAILURE_BYTES] per process, after the body): every process must enter it, with
-  or without work of its own inside. With one process it only runs the body.
+  or without work of its own inside. The body must hold no collective (e.g. Orbax's
+  restore ends in a barrier): a process failing before it would meet the others'
+  collective with its own. With one process it only runs the body.
   """
   if jax.process_count() == 1:
     yield

@@ -31,6 +31,8 @@ from helpers import free_port
 from helpers import namespaces_permitted
 from helpers import processes
 from helpers import run_module
+from helpers import save_checkpoint
+from helpers import small_config
 from helpers import wait_all
 
 HOSTS = ('gpu-node-017', 'node-b')
@@ -132,15 +134,6 @@ def test_a_failure_of_a_type_not_built_from_a_message_is_told_as_a_runtime_error
 # --------------------------------------------------------------------------------------
 # Real processes.
 
-_DECODE_THREADS = """
-import sys
-import jax
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from alexnet_jax import input_pipeline
-print('threads', input_pipeline.decode_threads(), flush=True)
-"""
-
 
 def run_scripts(code: str, prefixes) -> list[str]:
   """`python -c code ADDRESS INDEX` as one JAX job of len(prefixes) processes, process
@@ -165,17 +158,6 @@ def run_scripts(code: str, prefixes) -> list[str]:
       p.kill()
   assert [p.returncode for p in running] == [0] * len(running), outputs
   return outputs
-
-
-@pytest.mark.slow
-@needs_namespaces
-def test_processes_on_two_hosts_each_use_all_their_cores(tmp_path):
-  """gpu-node-017 and node-b: no cores shared, so each decodes on all of its own
-  (the 32-bit host id matched no process to itself here and divided by zero)."""
-  hosts = hosts_file(tmp_path)
-  outputs = run_scripts(_DECODE_THREADS, [as_host(h, hosts) for h in HOSTS])
-  cores = len(os.sched_getaffinity(0))
-  assert [re.findall(r'^threads (\d+)$', out, re.M) for out in outputs] == [[str(cores)]] * 2
 
 
 def wait_for(path, running, log_dir):
@@ -283,3 +265,48 @@ def test_data_bad_on_one_process_stops_both_with_its_message(toy_image_folder, t
   assert last[0] == last[1], last
   assert last[0].startswith('ValueError: None of the first 1000 images of image_folder train')
   assert 'Process 1 of 2 failed; stopping with it.' in logs[0]
+
+
+_ON_TWO_HOSTS = """
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from alexnet_jax import checkpoints, config_lib, input_pipeline, sharding
+print('threads', input_pipeline.decode_threads(), flush=True)
+config = config_lib.load(WORKDIR)
+try:
+  checkpoints.restore_params(config, WORKDIR, sharding.create_mesh(config.mesh))
+except FileNotFoundError as e:
+  print(f'FileNotFoundError: {e}', flush=True)
+"""
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_a_job_on_two_hosts(tmp_path):
+  """Processes on hosts gpu-node-017 and node-b share no cores, so each decodes on all
+  of its own (the 32-bit host id matched no process to itself here and divided by
+  zero). node-b's view of the workdir has no checkpoint (no shared filesystem) where
+  process 0 picks step 4: both raise the same error, before Orbax's restore, where
+  process 0 would wait in its closing barrier."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  config = small_config()
+  config_lib.save(config, str(workdir))
+  save_checkpoint(config, str(workdir), 4)
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  hosts = hosts_file(tmp_path)
+  prefixes = [
+    as_host(HOSTS[0], hosts),
+    as_host(HOSTS[1], hosts, [(empty, workdir / 'checkpoints')]),
+  ]
+  outputs = run_scripts(_ON_TWO_HOSTS.replace('WORKDIR', repr(str(workdir))), prefixes)
+  cores = len(os.sched_getaffinity(0))
+  assert [re.findall(r'^threads (\d+)$', out, re.M) for out in outputs] == [[str(cores)]] * 2
+  expected = (
+    f'FileNotFoundError: Checkpoint 4 of {workdir / "checkpoints"} is missing on host '
+    f'{HOSTS[1]} (process 1): the workdir must be on a filesystem every host sees.'
+  )
+  assert [re.findall('^FileNotFoundError: .*$', out, re.M) for out in outputs] == [[expected]] * 2
