@@ -161,10 +161,12 @@ def run_scripts(code: str, prefixes) -> list[str]:
 
 
 def wait_for(path, running, log_dir):
+  """Until `path` exists; fails with the logs if a process ends or TIMEOUT passes first."""
   deadline = time.time() + TIMEOUT
   while not os.path.exists(path):
-    logs = '\n'.join(p.read_text()[-3000:] for p in sorted(log_dir.iterdir()))
-    assert time.time() < deadline and all(p.poll() is None for p in running), logs
+    assert time.time() < deadline and all(p.poll() is None for p in running), '\n'.join(
+      log.read_text()[-3000:] for log in sorted(log_dir.iterdir())
+    )
     time.sleep(0.2)
 
 
