@@ -1,12 +1,20 @@
 """Orbax checkpoints of the train state: saved sharded by every process, restored onto
-any mesh, the parameters alone without an optimizer; preemption across processes.
+any mesh, the parameters alone without an optimizer; preemption across processes; one
+trainer per workdir.
 """
 
+import contextlib
+import datetime
+import errno
+import functools
+import json
 import os
 import re
+import socket
 from typing import Any
 
 from absl import logging
+import filelock
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -14,12 +22,103 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from alexnet_jax import config_lib
+from alexnet_jax import files
+from alexnet_jax import sharding
 from alexnet_jax import steps as steps_lib
 
 
 def directory(workdir: str) -> str:
   """Where the run in `workdir` keeps its checkpoints: `<workdir>/checkpoints/<step>/`."""
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+# In the workdir: the trainer's lock, and who holds it (beside it: filelock may
+# remove the lock file itself on release).
+LOCK_FILE = 'train.lock'
+HOLDER_FILE = 'train.lock.json'
+
+
+class WorkdirInUse(ValueError):
+  """Another trainer holds the workdir (`workdir_lock`)."""
+
+
+def _holder(workdir: str) -> str:
+  """Who holds `workdir`'s lock, from its `HOLDER_FILE`."""
+  try:
+    with open(os.path.join(workdir, HOLDER_FILE)) as f:
+      holder = json.load(f)
+    return f'pid {holder["pid"]} on host {holder["host"]}, started {holder["started"]}'
+  except (OSError, ValueError, KeyError, TypeError):  # Being written, or from elsewhere.
+    return f'a process that has not said who it is ({HOLDER_FILE} unreadable)'
+
+
+def _acquire(workdir: str) -> filelock.FileLock | None:
+  """Takes `workdir`'s lock without waiting and writes who holds it; None where the
+  filesystem has no file locks (then logged: not enforced)."""
+  os.makedirs(workdir, exist_ok=True)
+  # No soft fallback: a lock file left by a killed process would block every rerun.
+  lock = filelock.FileLock(os.path.join(workdir, LOCK_FILE), fallback_to_soft=False)
+  try:
+    lock.acquire(blocking=False)
+  except filelock.Timeout as e:
+    raise WorkdirInUse(
+      f'{workdir} is in use by another trainer: {_holder(workdir)} (lock '
+      f'{lock.lock_file}). Wait for it to end or stop it, or use another --workdir.'
+    ) from e
+  except OSError as e:
+    if e.errno != errno.ENOSYS:
+      raise
+    logging.warning('%s has no file locks: a second trainer on it is not refused.', workdir)
+    return None
+  holder = {
+    'host': socket.gethostname(),
+    'pid': os.getpid(),
+    'started': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+  }
+  files.write_json(os.path.join(workdir, HOLDER_FILE), holder)
+  return lock
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds `workdir/LOCK_FILE` while inside: one trainer per workdir.
+
+  Two trainers on one workdir (a command typed twice, a requeued task beside the old
+  one) would write the same checkpoints and corrupt them. The lock is `flock`'s
+  (filelock), so the kernel releases it when its holder dies, however (kill -9
+  included): a rerun is never blocked by a dead one. Its holder's host, pid and start
+  time (UTC) are written beside it, to `HOLDER_FILE`.
+
+  In a multi-process job process 0 holds it for the job and all processes learn the
+  outcome (a collective: every process enters it).
+
+  Raises:
+    WorkdirInUse: at once, if another trainer holds it, naming the workdir and the
+      holder (on every process of the job).
+  """
+  workdir = os.path.abspath(workdir)
+  lock = None
+  with sharding.failures_agreed():
+    if jax.process_index() == 0:
+      lock = _acquire(workdir)
+  try:
+    yield
+  finally:
+    if lock is not None:
+      with contextlib.suppress(FileNotFoundError):  # Before the release: not a successor's.
+        os.remove(os.path.join(workdir, HOLDER_FILE))
+      lock.release()
+
+
+def one_trainer_per_workdir(train):
+  """Decorates `train(config, workdir, ...)` to run inside `workdir_lock(workdir)`."""
+
+  @functools.wraps(train)
+  def holding_workdir(config, workdir, *args, **kwargs):
+    with workdir_lock(workdir):
+      return train(config, workdir, *args, **kwargs)
+
+  return holding_workdir
 
 
 def create_manager(
@@ -46,8 +145,31 @@ def save(manager: ocp.CheckpointManager, state: steps_lib.TrainState, *, force: 
 def restore_state(
   manager: ocp.CheckpointManager, target: steps_lib.TrainState, step: int
 ) -> steps_lib.TrainState:
-  """The state of checkpoint `step`, each array placed like `target`'s (any mesh)."""
+  """The state of checkpoint `step`, each array placed like `target`'s (any mesh).
+
+  Raises:
+    FileNotFoundError: if a process does not see the checkpoint (`_check_present`).
+  """
+  _check_present(manager.directory, step)
   return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _check_present(checkpoint_dir, step: int):
+  """Raises FileNotFoundError on every process unless each one sees checkpoint `step`.
+
+  Process 0 picks the step (`latest_step`); a host whose view of the workdir lacks it
+  (not a shared filesystem, or a stale cache) would fail inside Orbax's restore while
+  the others wait in its closing barrier. Checked and agreed before it
+  (`sharding.failures_agreed`); Orbax's own errors inside the restore, where every
+  process is in its collectives, are not (an agreement there would mismatch them).
+  """
+  with sharding.failures_agreed():
+    if not os.path.isdir(os.path.join(checkpoint_dir, str(step))):
+      raise FileNotFoundError(
+        f'Checkpoint {step} of {checkpoint_dir} is missing on host {socket.gethostname()} '
+        f'(process {jax.process_index()}): the workdir must be on a filesystem every host '
+        'sees.'
+      )
 
 
 def _from_process_0(value: int) -> int:
@@ -100,7 +222,8 @@ def restore_params(
     step: the checkpoint's step; None for the latest.
 
   Raises:
-    FileNotFoundError: if `workdir` has no checkpoint, or none at `step`.
+    FileNotFoundError: if `workdir` has no checkpoint, or none at `step`, or a
+      process does not see it (`_check_present`).
   """
   checkpoint_dir = directory(workdir)
   if not os.path.isdir(checkpoint_dir):  # CheckpointManager would create it.
@@ -118,6 +241,7 @@ def restore_params(
       raise FileNotFoundError(
         f'No checkpoint of step {step} in {checkpoint_dir}; its steps are {sorted(saved)}.'
       )
+    _check_present(checkpoint_dir, step)
     restored = manager.restore(
       step,
       args=ocp.args.PyTreeRestore(

@@ -17,11 +17,12 @@ import zlib
 from absl import logging
 import filelock
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import resource as tfds_resource
+
+from alexnet_jax import sharding
 
 FASHION_MNIST_FILES_HELP = (
   'Fashion-MNIST is read from its original IDX files (train-images-idx3-ubyte.gz, '
@@ -398,27 +399,19 @@ def builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
   Raises:
     FileNotFoundError: if the dataset's source files (or with `config.prepared`, its
-      finished copy) are missing (on process 0; the others then raise ValueError,
-      saying so).
+      finished copy) are missing. In a multi-process job, what any process raises is
+      raised by all, with the same message (`sharding.failures_agreed`).
   """
   if jax.process_count() == 1:
     return _prepare(config)
-  error = None
-  if jax.process_index() == 0:
-    try:
+  # The others wait for process 0, and all learn whether each process succeeded (a
+  # host may lack its copy): none is left waiting in a collective.
+  with sharding.failures_agreed():
+    if jax.process_index() == 0:
       prepared = _prepare(config)
-    except Exception as e:  # pylint: disable=broad-except
-      error = e  # Raised below, once the others know: none may wait for process 0.
-  # The others wait here for process 0, and learn whether it succeeded.
-  if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
-    if error is not None:
-      raise error
-    raise ValueError(
-      f'Process 0 could not prepare dataset {config.dataset!r}; its log says why. Fix '
-      'that and rerun.'
-    )
-  if jax.process_index() > 0:
-    prepared = _prepare(config)
+  with sharding.failures_agreed():
+    if jax.process_index() > 0:
+      prepared = _prepare(config)
   return prepared
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import os
 import socket
-import zlib
 from collections.abc import Callable, Iterator
 
 from absl import logging
@@ -26,6 +25,7 @@ import tensorflow_datasets as tfds
 
 from alexnet_jax import config_lib
 from alexnet_jax import datasets
+from alexnet_jax import sharding
 
 # Sec. 4.1 PCA ("fancy PCA") lighting: eigen-decomposition of the ImageNet RGB pixel
 # covariance, as published with fb.resnet.torch (pixels scaled to [0, 1]).
@@ -552,7 +552,8 @@ def create_datasets(
         f'{config.dataset} {config.train_split} has {num_train} examples, '
         f'fewer than config.batch_size={config.batch_size}.'
       )
-    _check_decodes(train, config)
+    with sharding.failures_agreed():  # One process's part may be the bad one.
+      _check_decodes(train, config)
     source = train.map(lambda ex: (ex['image'], ex['label']))
     if config.cache:
       source = source.cache()
@@ -615,23 +616,88 @@ def create_datasets(
   )
 
 
-def decode_threads() -> int:
-  """Parallel decodes for this process: the cores it may run on (`os.sched_getaffinity`:
-  SLURM's --cpus-per-task binding, taskset), shared evenly with the job's other
-  processes on this host unless this one is bound to fewer than all cores.
+# The fixed sizes of what `decode_threads` gathers from every process (an all-gather
+# needs one shape on all): a host name (Linux's HOST_NAME_MAX is 64; POSIX allows 255)
+# and an affinity mask of Linux's largest CPU count (CONFIG_NR_CPUS ≤ 8192).
+_HOST_NAME_BYTES = 255
+_MAX_CPUS = 8192
 
-  In a multi-process job this is a collective (every process calls it): the processes
-  learn how many of them share a host from their host names.
+
+def decode_threads() -> int:
+  """Parallel decodes for this process (≥ 1): its share of the cores it may use.
+
+  The cores are those of its affinity mask (`os.sched_getaffinity`: SLURM's
+  --cpus-per-task binding, taskset), no more than its cgroup's CPU quota allows
+  (`cgroup_cpu_limit`), divided evenly among the processes of this job that share
+  them (`_sharers`: on the same host, by name, with overlapping affinity masks). The
+  quota is taken as shared by those processes too, as by a container's or a job's
+  cgroup that holds them all.
+
+  In a multi-process job this is a collective (every process calls it): each
+  all-gathers its host name and affinity mask, uint8 [_HOST_NAME_BYTES + _MAX_CPUS / 8].
   """
-  cores = len(os.sched_getaffinity(0))
-  if jax.process_count() == 1:
-    return cores
-  # Every process takes part, bound or not: a collective some skip would hang.
-  host = np.int64(zlib.crc32(socket.gethostname().encode()))
-  on_host = int(np.sum(multihost_utils.process_allgather(host) == host))
-  if cores < (os.cpu_count() or cores):  # Bound to its own cores already.
-    return cores
-  return max(1, cores // on_host)
+  cores = os.sched_getaffinity(0)
+  limit = cgroup_cpu_limit()
+  available = len(cores) if limit is None else min(len(cores), limit)
+  sharers = 1
+  if jax.process_count() > 1:
+    host = socket.gethostname().encode()[:_HOST_NAME_BYTES].ljust(_HOST_NAME_BYTES, b'\0')
+    mask = np.zeros(_MAX_CPUS, bool)
+    mask[list(cores)] = True
+    mine = np.concatenate([np.frombuffer(host, np.uint8), np.packbits(mask)])
+    gathered = multihost_utils.process_allgather(mine)
+    hosts = [row[:_HOST_NAME_BYTES].tobytes() for row in gathered]
+    masks = np.unpackbits(gathered[:, _HOST_NAME_BYTES:], axis=1).astype(bool)
+    sharers = _sharers(jax.process_index(), hosts, masks)
+  threads = max(1, available // sharers)
+  logging.info(
+    'Decode threads: %d (%d core(s) in the affinity mask, cgroup CPU limit %s, shared '
+    'by %d process(es) of this job on host %s).',
+    threads,
+    len(cores),
+    limit,
+    sharers,
+    socket.gethostname(),
+  )
+  return threads
+
+
+def _sharers(me: int, hosts: list[bytes], masks: np.ndarray) -> int:
+  """How many processes (`me` among them) share process `me`'s cores: those with its
+  host name whose affinity mask (bool [processes, CPUs]) overlaps its own."""
+  return sum(
+    host == hosts[me] and bool(np.any(mask & masks[me]))
+    for host, mask in zip(hosts, masks, strict=True)
+  )
+
+
+def cgroup_cpu_limit(
+  proc_cgroup: str = '/proc/self/cgroup', root: str = '/sys/fs/cgroup'
+) -> int | None:
+  """Whole cores the cgroup v2 CPU quota allows (≥ 1), None without a quota.
+
+  The smallest quota of the process's cgroup (`proc_cgroup`'s '0::/PATH' line, under
+  `root`) and its ancestors, from each one's `cpu.max` ('QUOTA PERIOD' in µs: QUOTA /
+  PERIOD cores, rounded down; 'max PERIOD': none). None also without cgroup v2
+  (no such line, or no `cpu.max` files: e.g. cgroup v1).
+  """
+  with open(proc_cgroup) as f:
+    paths = [line[3:].strip() for line in f if line.startswith('0::')]
+  if not paths:
+    return None
+  parts = paths[0].split('/')[1:] if paths[0] != '/' else []
+  if '..' in parts:  # A cgroup outside this namespace's view: only the root's is seen.
+    parts = []
+  limits = []
+  for depth in range(len(parts) + 1):
+    try:
+      with open(os.path.join(root, *parts[:depth], 'cpu.max')) as f:
+        quota, period = f.read().split()
+    except FileNotFoundError:
+      continue
+    if quota != 'max':
+      limits.append(max(1, int(quota) // int(period)))
+  return min(limits, default=None)
 
 
 # How many of a train split's first examples `_check_decodes` tries before it gives up.

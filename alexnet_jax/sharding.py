@@ -4,7 +4,9 @@ Parameter placement is decided here only, by `PARTITION_RULES`; the model runs p
 device inside `jax.shard_map` and communicates where the paper's GPUs did (Sec. 3.2).
 """
 
+import contextlib
 import functools
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -141,6 +143,73 @@ def initialize_distributed(
     jax.local_device_count(),
     jax.device_count(),
   )
+
+
+# Bytes of a failure's description that `failures_agreed` sends to every process: a
+# fixed size, as an all-gather needs one shape on all; longer ones are cut.
+_FAILURE_BYTES = 4096
+
+
+def _describe(error: Exception) -> np.ndarray:
+  """uint8 [1 + _FAILURE_BYTES]: 1, then 'module.Type: message' in UTF-8, zero-padded."""
+  kind = type(error)
+  text = f'{kind.__module__}.{kind.__qualname__}: {error}'.encode()[:_FAILURE_BYTES]
+  return np.frombuffer(b'\x01' + text.ljust(_FAILURE_BYTES, b'\0'), np.uint8)
+
+
+def _rebuilt(description: np.ndarray) -> Exception:
+  """The exception `_describe` described: its type when importable and built from one
+  message, else RuntimeError with the type's name in front."""
+  text = description[1:].tobytes().rstrip(b'\0').decode(errors='replace')
+  name, _, message = text.partition(': ')
+  module, _, qualname = name.rpartition('.')
+  try:
+    kind = functools.reduce(getattr, qualname.split('.'), importlib.import_module(module))
+    if isinstance(kind, type) and issubclass(kind, Exception) and str(kind(message)) == message:
+      return kind(message)
+  except Exception:  # pylint: disable=broad-except  (any type we cannot rebuild)
+    pass
+  return RuntimeError(f'{name}: {message}')
+
+
+@contextlib.contextmanager
+def failures_agreed():
+  """Runs its body on every process and raises on all of them if it raised on any.
+
+  A check that fails on one process only (its part of the data, its host's copy of a
+  file) would leave the others waiting in their next collective until JAX gives up
+  (minutes); here every process learns of it at once. The first failing process's
+  exception (by process index) is raised on each: its own object where it failed,
+  elsewhere the same type with the same message (`str`), so every process exits with
+  the same line. Exceptions that are not `Exception`s (KeyboardInterrupt, SystemExit)
+  pass through unagreed.
+
+  In a multi-process job this is a collective (an all-gather of uint8
+  [1 + _FAILURE_BYTES] per process, after the body): every process must enter it, with
+  or without work of its own inside. The body must hold no collective (e.g. Orbax's
+  restore ends in a barrier): a process failing before it would meet the others'
+  collective with its own. With one process it only runs the body.
+  """
+  if jax.process_count() == 1:
+    yield
+    return
+  error = None
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+    error = e
+  mine = np.zeros(1 + _FAILURE_BYTES, np.uint8) if error is None else _describe(error)
+  gathered = multihost_utils.process_allgather(mine)
+  failed = np.flatnonzero(gathered[:, 0])
+  if not len(failed):
+    return
+  first = int(failed[0])
+  if first == jax.process_index():
+    raise error
+  if error is not None:  # Its own failure, told only here: all raise the first one's.
+    logging.error('This process failed too: %s: %s', type(error).__name__, error)
+  logging.error('Process %d of %d failed; stopping with it.', first, jax.process_count())
+  raise _rebuilt(gathered[first])
 
 
 def create_mesh(

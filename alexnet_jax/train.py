@@ -238,6 +238,7 @@ def _record_config(config, workdir: str, changes: dict, step: int):
   config_lib.save(config, workdir)
 
 
+@checkpoints.one_trainer_per_workdir
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -255,6 +256,7 @@ def train_and_evaluate(
       before saving parameters that are not; nothing from it is saved.
     Preempted: after `request_stop` or a SIGTERM to any process, once the current
       step is checkpointed.
+    checkpoints.WorkdirInUse: at once, if another trainer runs in `workdir`.
   """
   # Imported here: both import TensorFlow, which the steps do not need.
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top

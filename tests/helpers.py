@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -140,9 +141,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def processes(num_processes, devices_each, args, log_dir):
+def processes(num_processes, devices_each, args, log_dir, prefixes=None):
   """Starts a job of `num_processes` processes with `devices_each` CPU devices each
-  (1 process: a plain single-process run); yields the Popens, kills them on exit."""
+  (1 process: a plain single-process run); yields the Popens, kills them on exit.
+  `prefixes[i]`, if given, is put before process i's command (e.g. `as_host`'s)."""
   port = free_port()
   env = {
     **os.environ,
@@ -164,7 +166,14 @@ def processes(num_processes, devices_each, args, log_dir):
       log = open(os.path.join(log_dir, f'process{i}.log'), 'w')  # pylint: disable=consider-using-with
       running.append(
         subprocess.Popen(
-          [sys.executable, '-m', 'alexnet_jax.main', *args, *job],
+          [
+            *(prefixes[i] if prefixes else []),
+            sys.executable,
+            '-m',
+            'alexnet_jax.main',
+            *args,
+            *job,
+          ],
           cwd=REPO,
           env=env,
           stdout=log,
@@ -179,6 +188,28 @@ def processes(num_processes, devices_each, args, log_dir):
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def namespaces_permitted() -> bool:
+  """Whether this user may give a process its own host name and mounts (`unshare`)."""
+  try:
+    return subprocess.run(['unshare', '--uts', '--mount', 'true'], check=False).returncode == 0
+  except FileNotFoundError:  # No unshare.
+    return False
+
+
+def as_host(name: str, hosts_file, binds=()) -> list[str]:
+  """An argv prefix that runs a command as on host `name`: its own UTS namespace (so
+  `hostname` is `name`) and mount namespace, where `hosts_file` is /etc/hosts (it must
+  map `name` to a loopback address: gloo resolves its own host's name) and each
+  (source, target) of `binds` is bind-mounted (the host's own view of a file).
+  Needs `namespaces_permitted()`."""
+  mounts = [(hosts_file, '/etc/hosts'), *binds]
+  setup = ' && '.join(
+    [f'hostname {shlex.quote(name)}']
+    + [f'mount --bind {shlex.quote(str(a))} {shlex.quote(str(b))}' for a, b in mounts]
+  )
+  return ['unshare', '--uts', '--mount', 'sh', '-c', f'{setup} && exec "$@"', 'sh']
 
 
 def wait_all(running, timeout=TIMEOUT) -> list[int]:

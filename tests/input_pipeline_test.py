@@ -668,6 +668,7 @@ def test_a_train_split_where_no_image_decodes_stops_with_a_clear_error(tmp_path)
 
 def test_decode_threads_are_the_cores_this_process_may_use(monkeypatch):
   """Not min(16, cores): every core of the affinity mask (here 3 of a 64-core host)."""
+  monkeypatch.setattr(input_pipeline, 'cgroup_cpu_limit', lambda: None)  # hosts_test's.
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 2, 5})
   monkeypatch.setattr(os, 'cpu_count', lambda: 64)
   assert input_pipeline.decode_threads() == 3
