@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -35,9 +36,11 @@ class Preempted(Exception):
 
 
 class PreemptedWaitingForData(Preempted):
-  """`Preempted` while waiting for a batch: the thread reading it may still be blocked
-  inside tf.data, and an interpreter exit that tears it down aborts the process
-  (C++'s "FATAL: exception not rethrown"): leave with `os._exit`."""
+  """`Preempted` with the thread reading batches still blocked inside tf.data (a stop
+  while waiting for a batch, or one it did not leave tf.data for in
+  `_STOP_JOIN_SECONDS`): an interpreter exit that tears it down aborts the process
+  (C++'s "FATAL: exception not rethrown"). Checkpoints and TensorBoard events are
+  complete when it is raised: leave with `os._exit`."""
 
 
 def request_stop(*unused_signal_args):
@@ -45,58 +48,85 @@ def request_stop(*unused_signal_args):
   _STOP.set()
 
 
-@contextlib.contextmanager
-def _read_ahead(make_batches, size: int = 2):
-  """Yields `next_batch()`: the batches of `make_batches()`, read `size` ahead on a
-  thread; None if a stop is requested (`request_stop`) while waiting for one.
+# How long a stop waits for the read-ahead thread to leave tf.data (it checks for the
+# stop every 0.5 s between batches) before the process leaves with `os._exit`: well
+# inside SLURM's default KillWait of 30 s between SIGTERM and SIGKILL.
+_STOP_JOIN_SECONDS = 5
+# How long any other way out (the end, an error) waits for it: a batch still being
+# read is finished rather than torn down (see PreemptedWaitingForData).
+_JOIN_SECONDS = 30
+
+
+class _ReadAhead:
+  """Reads batches `size` ahead on a thread, started by `start`; the thread is stopped
+  on leaving the context, after everything entered inside it has been closed.
 
   The loop then waits on a queue, not inside tf.data's C++ iterator, where a SIGTERM
   handler cannot run until a batch arrives: one that never does (a stalled file
   system) would make the job ignore SIGTERM. (Only a single-process run sets the
   stop from SIGTERM; several processes stop through JAX's preemption service, after
-  a step.) Errors of the pipeline are raised by
-  `next_batch`; leaving the context stops the thread after its current batch.
+  a step.) Entered before the checkpoint manager and the metric writer, it is left
+  after them: a stop saves the checkpoint and the last TensorBoard events first, and
+  only then waits (`_STOP_JOIN_SECONDS`) for a thread that may be blocked for good.
+  A stop that leaves the thread inside tf.data is raised as `PreemptedWaitingForData`.
   """
-  batches, done = queue.Queue(size), threading.Event()
 
-  def put(item) -> bool:
-    while not done.is_set():
+  def __init__(self, size: int = 2):
+    self._batches = queue.Queue(size)
+    self._done = threading.Event()
+    self._thread = None
+
+  def start(self, make_batches) -> Callable[[], Any]:
+    """Starts reading `make_batches()`; returns `next_batch()`: the next batch, or None
+    if a stop is requested (`request_stop`) while waiting for one. Errors of the
+    pipeline are raised by `next_batch`."""
+
+    def put(item) -> bool:
+      while not self._done.is_set():
+        try:
+          self._batches.put(item, timeout=0.5)
+          return True
+        except queue.Full:
+          pass
+      return False
+
+    def read():
       try:
-        batches.put(item, timeout=0.5)
-        return True
-      except queue.Full:
-        pass
-    return False
+        for batch in make_batches():
+          if not put((batch, None)):
+            return
+      except Exception as e:  # pylint: disable=broad-except
+        put((None, e))  # Raised in the loop's thread.
 
-  def read():
-    try:
-      for batch in make_batches():
-        if not put((batch, None)):
-          return
-    except Exception as e:  # pylint: disable=broad-except
-      put((None, e))  # Raised in the loop's thread.
+    def next_batch():
+      while True:
+        try:
+          batch, error = self._batches.get(timeout=0.5)
+        except queue.Empty:
+          if _STOP.is_set():
+            return None
+          continue
+        if error is not None:
+          raise error
+        return batch
 
-  def next_batch():
-    while True:
-      try:
-        batch, error = batches.get(timeout=0.5)
-      except queue.Empty:
-        if _STOP.is_set():
-          return None
-        continue
-      if error is not None:
-        raise error
-      return batch
+    self._thread = threading.Thread(target=read, name='read_ahead', daemon=True)
+    self._thread.start()
+    return next_batch
 
-  thread = threading.Thread(target=read, name='read_ahead', daemon=True)
-  thread.start()
-  try:
-    yield next_batch
-  finally:
-    done.set()
-    # Out of tf.data before the interpreter exits (see PreemptedWaitingForData); a
-    # thread still blocked reading is left to the caller.
-    thread.join(timeout=30)
+  def __enter__(self):
+    return self
+
+  def __exit__(self, unused_type, error, unused_traceback):
+    self._done.set()
+    if self._thread is None:
+      return
+    if isinstance(error, PreemptedWaitingForData):
+      return  # Blocked inside tf.data: the process leaves with os._exit.
+    stopping = isinstance(error, Preempted)
+    self._thread.join(timeout=_STOP_JOIN_SECONDS if stopping else _JOIN_SECONDS)
+    if stopping and self._thread.is_alive():
+      raise PreemptedWaitingForData(str(error)) from error
 
 
 def _save(manager, state, step: int, unchecked, config, checkpoint_dir: str):
@@ -297,16 +327,17 @@ def train_and_evaluate(
   logging.info('Parameter placement:\n%s', sharding.describe_partitioning(state.params))
 
   checkpoint_dir = checkpoints.directory(workdir)
-  # Both closed on every way out (a NaN, a preemption, an error): no checkpoint thread
-  # is left running, and the last TensorBoard events are written.
+  # All closed on every way out (a NaN, a preemption, an error): no checkpoint thread
+  # is left running, and the last TensorBoard events are written, before the wait for
+  # the read-ahead thread (`_ReadAhead`).
   with (
+    _ReadAhead() as reader,
     checkpoints.create_manager(
       workdir, save_interval_steps=every['checkpoint_every'], max_to_keep=config.keep_checkpoints
     ) as manager,
     contextlib.closing(
       metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     ) as writer,
-    contextlib.ExitStack() as stack,
   ):
     latest = checkpoints.latest_step(manager)
     if latest is not None:
@@ -331,9 +362,7 @@ def train_and_evaluate(
       writer.write_hparams(config_lib.flatten(config))
 
     if initial_step < num_steps:  # A finished run evaluated again reads no train data.
-      next_batch = stack.enter_context(
-        _read_ahead(lambda: data.train_batches(start_step=initial_step))
-      )
+      next_batch = reader.start(lambda: data.train_batches(start_step=initial_step))
     chrono = Chrono(config.batch_size)
     window, checked = [], 0  # (step, metrics) since the last log; how many are checked.
     test = None

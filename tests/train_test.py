@@ -23,6 +23,7 @@ from helpers import REPO
 from helpers import TIMEOUT
 from helpers import logged_train_rows
 from helpers import mesh_of
+from helpers import tensorboard_steps
 from helpers import small_config as base_config
 
 
@@ -227,19 +228,6 @@ def _recording_closes(monkeypatch, closed: list[str]):
     metric_writers,
     'create_default_writer',
     recorded(metric_writers.create_default_writer, 'metrics'),
-  )
-
-
-def tensorboard_steps(workdir, tag: str) -> list[int]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  return sorted(
-    event.step
-    for name in os.listdir(workdir)
-    if name.startswith('events.out.tfevents')
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name))
-    for value in event.summary.value
-    if value.tag == tag
   )
 
 
