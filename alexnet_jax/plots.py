@@ -285,6 +285,14 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   return paths
 
 
+def _config(workdir: str) -> ml_collections.ConfigDict:
+  """--config if given, else the run's config.json; its --config.KEY overrides on top
+  (`config_lib.for_workdir`)."""
+  flag = flags.FLAGS['config']
+  given = flag.value if flag.present else None
+  return config_lib.for_workdir(workdir, given, dict(flag.override_values))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -293,7 +301,7 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
   workdir = flags.FLAGS.workdir
   try:  # What the user must fix (a config, a missing run) in one line.
-    write_all(config_lib.for_workdir(workdir, flags.FLAGS.config), workdir)
+    write_all(_config(workdir), workdir)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'{type(e).__name__}: {e}')
 
@@ -302,8 +310,13 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
   config_flags.DEFINE_config_file(
     'config',
-    None,
-    "The run's training config file; default: its workdir's config.json.",
+    # Parsed only for the keys that `--config.KEY=VALUE` may set (every config's):
+    # without --config the run's own config.json is used, overrides on top.
+    os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'default.py'
+    ),
+    "The run's training config file; default: its workdir's config.json. Either "
+    'with --config.KEY=VALUE overrides, e.g. --config.mesh.model=1.',
     lock_config=True,
   )
   app.run(main)
