@@ -251,9 +251,14 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   process 0 writes. The confusion matrix needs a pass over the whole test split and
   is drawn only for at most `MAX_CONFUSION_CLASSES` classes; the prediction grid
   reads one batch.
+
+  Raises:
+    config_lib.ConfigError: if `config.classes` is not the run's.
+    FileNotFoundError: without a checkpoint.
   """
   from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
 
+  config_lib.check_same_classes(config_lib.load(workdir), config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   params, step = checkpoints.restore_params(config, workdir, mesh)
   conv1 = sharding.fetch(params['conv1']['kernel'])

@@ -51,7 +51,9 @@ def predict_files(
 
   Raises:
     FileNotFoundError: for a missing checkpoint or file; ValueError: undecodable file.
+    config_lib.ConfigError: if `config.classes` is not the run's.
   """
+  config_lib.check_same_classes(config_lib.load(workdir), config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   params, _ = checkpoints.restore_params(config, workdir, mesh)
   images = np.stack([load_image(path, config) for path in paths])
