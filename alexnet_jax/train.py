@@ -268,6 +268,25 @@ def _record_config(config, workdir: str, changes: dict, step: int):
   config_lib.save(config, workdir)
 
 
+def _with_init_from_step(config, step: int | None) -> ml_collections.ConfigDict:
+  """`config` (unchanged, or a copy) with `init_from_step` = `step` if that is known."""
+  if step is None or config.init_from_step == step:
+    return config
+  config = config.copy_and_resolve_references()
+  config.init_from_step = step
+  return config
+
+
+def _recorded_init_from_step(config, workdir: str) -> int | None:
+  """The source step recorded in `workdir/config.json` by a run started from
+  `config.init_from` whose `init_from_step` was left at None (the source's latest
+  then); None if there is none, or `config` names a step itself."""
+  saved = config_lib.load(workdir)
+  if config.init_from_step is not None or saved is None:
+    return None
+  return saved.init_from_step
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -292,6 +311,7 @@ def train_and_evaluate(
 
   start_time = time.time()
   workdir = os.path.abspath(workdir)
+  config = _with_init_from_step(config, _recorded_init_from_step(config, workdir))
   changes = config_lib.check_rerun(config, workdir, allow_change=allow_config_change)
   if config.init_from and not checkpoints.has_checkpoint(workdir):
     checkpoints.check_init_from(config)  # A missing source says so before any data.
@@ -344,7 +364,9 @@ def train_and_evaluate(
       state = checkpoints.restore_state(manager, state, latest)
       logging.info('Resumed from step %d in %s.', int(state.step), checkpoint_dir)
     elif config.init_from:  # Only a new run starts from another; momentum starts at 0.
-      state = state.replace(params=checkpoints.init_from(config, state.params, mesh))
+      params, source_step = checkpoints.init_from(config, state.params, mesh)
+      state = state.replace(params=params)
+      config = _with_init_from_step(config, source_step)
     initial_step = int(state.step)
     _record_config(config, workdir, changes, initial_step)
 
