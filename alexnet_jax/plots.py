@@ -32,9 +32,10 @@ GRID_ROWS, GRID_COLS = 4, 8  # Prediction grid.
 
 
 def save(fig: Figure, path: str) -> str:
-  """Writes `fig` as a PNG of exactly figsize * DPI pixels (Agg, no display needed)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI, format='png')
+  """Writes `fig` as a PNG of exactly figsize * DPI pixels (Agg, no display needed),
+  whole or not at all (`files.replaced`)."""
+  with files.replaced(path, 'wb') as f:
+    fig.savefig(f, dpi=DPI, format='png')
   return path
 
 
