@@ -238,6 +238,7 @@ for name, write in writes.items():
 """
 
 
+@pytest.mark.slow
 def test_a_png_cut_short_by_a_kill_leaves_the_old_one(tmp_path):
   """A picture (the run's plots, a sweep's test_top1.png) that dies half-way through
   its write (here: at 2,000 bytes) leaves the previous one whole: readers never see
