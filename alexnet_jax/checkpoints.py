@@ -314,9 +314,10 @@ def check_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def init_from(
   config: ml_collections.ConfigDict, params: dict[str, Any], mesh: jax.sharding.Mesh
-) -> dict[str, Any]:
-  """`params` (a new run's initial ones, on `mesh`) with the layers of the checkpoint
-  `config.init_from` names copied in, by layer name (as Caffe's CopyTrainedLayersFrom).
+) -> tuple[dict[str, Any], int]:
+  """(`params` (a new run's initial ones, on `mesh`) with the layers of the checkpoint
+  `config.init_from` names copied in, by layer name (as Caffe's CopyTrainedLayersFrom);
+  that checkpoint's step: `config.init_from_step`, or the source's latest when None).
 
   Layers matching a `config.reinit` pattern keep their initial values, as does fc8 when
   only the class count differs; every other layer is copied bit for bit. The copied
@@ -352,4 +353,4 @@ def init_from(
     config.init,
     ', '.join(reinitialised) or 'none',
   )
-  return result
+  return result, step

@@ -463,6 +463,26 @@ def check_same_function(
     logging.warning('Using the run in %s with a changed config: %s', workdir, _describe(changed))
 
 
+def check_same_classes(
+  saved: ml_collections.ConfigDict | None, config: ml_collections.ConfigDict, workdir: str
+):
+  """Refuses to read the outputs of the run in `workdir` (evaluate, predict, plot) under
+  another `classes`: its output k is the k-th id of the run's own list (of all the
+  dataset's when empty), and another list would score and name it as another class.
+  (The layers below, as `features` reads them, do not depend on it.)
+
+  Raises:
+    ConfigError: naming the key and both values.
+  """
+  if saved is None or _to_python(saved.classes) == _to_python(config.classes):
+    return
+  raise ConfigError(
+    f'The run in {workdir} was trained with config.classes={tuple(saved.classes)!r} (its '
+    f'outputs, in that order), not {tuple(config.classes)!r}: use its own, e.g. leave out '
+    f'--config.classes and --config to use {os.path.join(workdir, CONFIG_FILE)}.'
+  )
+
+
 def check_rerun(
   config: ml_collections.ConfigDict, workdir: str, *, allow_change: bool = False
 ) -> dict[str, tuple[Any, Any]]:

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from alexnet_jax import checkpoints
+from alexnet_jax import config_lib
 from alexnet_jax import files
 from alexnet_jax import sharding
 from alexnet_jax import steps as steps_lib
@@ -68,9 +69,12 @@ def evaluate_checkpoint(
   Raises:
     FileNotFoundError: if `workdir` has no checkpoint (at `step`), or the dataset's
       files are missing.
+    config_lib.ConfigError: if `config.classes` is not the run's
+      (`config_lib.check_same_classes`).
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
+  config_lib.check_same_classes(config_lib.load(workdir), config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   params, step = checkpoints.restore_params(config, workdir, mesh, step)
   logging.info(

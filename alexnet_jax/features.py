@@ -6,9 +6,7 @@ python -m alexnet_jax.features --workdir=runs/fashion_mnist --layer=fc6 --probe
 python -m alexnet_jax.features --workdir=runs/fashion_mnist --output=f.npz shoe.png shirt.jpg
 """
 
-import os
 import sys
-import tempfile
 from typing import Any
 
 from absl import app
@@ -26,6 +24,7 @@ import tensorflow as tf
 from alexnet_jax import augment
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
+from alexnet_jax import files
 from alexnet_jax import input_pipeline
 from alexnet_jax import models
 from alexnet_jax import predict
@@ -180,21 +179,9 @@ def extract(
 
 
 def write_npz(path: str, arrays: dict[str, Any]):
-  """`np.savez(path, **arrays)` written whole or not at all (temp file, `os.replace`)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(
-    'wb', dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp', delete=False
-  ) as f:
-    try:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    except BaseException:
-      os.unlink(f.name)
-      raise
-  os.chmod(f.name, 0o644)
-  os.replace(f.name, path)
+  """`np.savez(path, **arrays)` written whole or not at all (`files.replaced`)."""
+  with files.replaced(path, 'wb') as f:
+    np.savez(f, **arrays)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

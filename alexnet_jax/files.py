@@ -4,23 +4,30 @@ A kill (even `kill -9`) at any moment leaves either the old file or the new one,
 half of one; a JSON-lines file torn by a kill during an append loses only that line.
 """
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 from absl import logging
 
 
-def write_text(path: str, text: str):
-  """Replaces `path` by `text` atomically: a temporary file in the same directory,
-  flushed to disk, then `os.replace` (atomic on POSIX)."""
+@contextlib.contextmanager
+def replaced(path: str, mode: str = 'w') -> Iterator[IO]:
+  """Yields a file (`mode` 'w' or 'wb') that replaces `path` atomically once the block
+  ends without an error: a temporary file in the same directory (created if missing),
+  flushed to disk, then `os.replace` (atomic on POSIX). On an error it is removed and
+  `path` is left as it was.
+  """
   directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile(
-    'w', dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp', delete=False
+    mode, dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp', delete=False
   ) as f:
     try:
-      f.write(text)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     except BaseException:
@@ -28,6 +35,12 @@ def write_text(path: str, text: str):
       raise
   os.chmod(f.name, 0o644)  # NamedTemporaryFile's 0o600 would hide it from other users.
   os.replace(f.name, path)
+
+
+def write_text(path: str, text: str):
+  """Replaces `path` by `text` atomically (`replaced`)."""
+  with replaced(path) as f:
+    f.write(text)
 
 
 def write_json(path: str, value: Any, **dump_kwargs):

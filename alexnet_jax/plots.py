@@ -32,9 +32,10 @@ GRID_ROWS, GRID_COLS = 4, 8  # Prediction grid.
 
 
 def save(fig: Figure, path: str) -> str:
-  """Writes `fig` as a PNG of exactly figsize * DPI pixels (Agg, no display needed)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI, format='png')
+  """Writes `fig` as a PNG of exactly figsize * DPI pixels (Agg, no display needed),
+  whole or not at all (`files.replaced`)."""
+  with files.replaced(path, 'wb') as f:
+    fig.savefig(f, dpi=DPI, format='png')
   return path
 
 
@@ -251,9 +252,14 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   process 0 writes. The confusion matrix needs a pass over the whole test split and
   is drawn only for at most `MAX_CONFUSION_CLASSES` classes; the prediction grid
   reads one batch.
+
+  Raises:
+    config_lib.ConfigError: if `config.classes` is not the run's.
+    FileNotFoundError: without a checkpoint.
   """
   from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
 
+  config_lib.check_same_classes(config_lib.load(workdir), config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   params, step = checkpoints.restore_params(config, workdir, mesh)
   conv1 = sharding.fetch(params['conv1']['kernel'])
@@ -285,6 +291,14 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   return paths
 
 
+def _config(workdir: str) -> ml_collections.ConfigDict:
+  """--config if given, else the run's config.json; its --config.KEY overrides on top
+  (`config_lib.for_workdir`)."""
+  flag = flags.FLAGS['config']
+  given = flag.value if flag.present else None
+  return config_lib.for_workdir(workdir, given, dict(flag.override_values))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -293,7 +307,7 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
   workdir = flags.FLAGS.workdir
   try:  # What the user must fix (a config, a missing run) in one line.
-    write_all(config_lib.for_workdir(workdir, flags.FLAGS.config), workdir)
+    write_all(_config(workdir), workdir)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'{type(e).__name__}: {e}')
 
@@ -302,8 +316,13 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
   config_flags.DEFINE_config_file(
     'config',
-    None,
-    "The run's training config file; default: its workdir's config.json.",
+    # Parsed only for the keys that `--config.KEY=VALUE` may set (every config's):
+    # without --config the run's own config.json is used, overrides on top.
+    os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'default.py'
+    ),
+    "The run's training config file; default: its workdir's config.json. Either "
+    'with --config.KEY=VALUE overrides, e.g. --config.mesh.model=1.',
     lock_config=True,
   )
   app.run(main)

@@ -3,6 +3,7 @@
 python -m alexnet_jax.predict --workdir=runs/fashion_mnist shoe.png shirt.jpg
 """
 
+import os
 import sys
 
 from absl import app
@@ -50,7 +51,9 @@ def predict_files(
 
   Raises:
     FileNotFoundError: for a missing checkpoint or file; ValueError: undecodable file.
+    config_lib.ConfigError: if `config.classes` is not the run's.
   """
+  config_lib.check_same_classes(config_lib.load(workdir), config, workdir)
   mesh = sharding.create_mesh(config.mesh)
   params, _ = checkpoints.restore_params(config, workdir, mesh)
   images = np.stack([load_image(path, config) for path in paths])
@@ -67,6 +70,14 @@ def predict_files(
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probabilities, top, strict=True)]
 
 
+def _config(workdir: str) -> ml_collections.ConfigDict:
+  """--config if given, else the run's config.json; its --config.KEY overrides on top
+  (`config_lib.for_workdir`)."""
+  flag = flags.FLAGS['config']
+  given = flag.value if flag.present else None
+  return config_lib.for_workdir(workdir, given, dict(flag.override_values))
+
+
 def main(argv):
   paths = argv[1:]
   if not paths:
@@ -74,7 +85,7 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
   workdir = flags.FLAGS.workdir
   try:  # What the user must fix (a config, a missing checkpoint or image) in one line.
-    config = config_lib.for_workdir(workdir, flags.FLAGS.config)
+    config = _config(workdir)
     predictions = predict_files(config, workdir, paths)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'{type(e).__name__}: {e}')
@@ -88,8 +99,13 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, "A training run's workdir.", required=True)
   config_flags.DEFINE_config_file(
     'config',
-    None,
-    "The run's training config file; default: its workdir's config.json.",
+    # Parsed only for the keys that `--config.KEY=VALUE` may set (every config's):
+    # without --config the run's own config.json is used, overrides on top.
+    os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'default.py'
+    ),
+    "The run's training config file; default: its workdir's config.json. Either "
+    'with --config.KEY=VALUE overrides, e.g. --config.mesh.model=1.',
     lock_config=True,
   )
   app.run(main)

@@ -95,7 +95,8 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str, title: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100, format='png')
+  with files.replaced(path, 'wb') as f:  # Whole or not at all, as the tables.
+    fig.savefig(f, dpi=100, format='png')
   return path
 
 

@@ -55,6 +55,7 @@ done
 """Mean and spread (sample std over seeds) of the target's test top-1 per method and size."""
 import glob, json, os, sys
 import numpy as np
+from alexnet_jax import files
 
 out = sys.argv[1]
 rows = ['| method | 50 / class | 500 / class |', '| --- | --- | --- |']
@@ -72,7 +73,6 @@ for method in ('finetune', 'frozen', 'probe', 'scratch'):
     cells.append(f'{np.mean(top1):.4f} ± {std:.4f} ({each})')
   rows.append(f'| {method} | ' + ' | '.join(cells) + ' |')
 table = '\n'.join(rows) + '\n'
-with open(os.path.join(out, 'results.md'), 'w') as f:
-  f.write(table)
+files.write_text(os.path.join(out, 'results.md'), table)  # Whole or not at all.
 print(table, end='')
 PY

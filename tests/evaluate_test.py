@@ -162,3 +162,18 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
   save_untrained_checkpoint(config, str(tmp_path), 3)
   with pytest.raises(FileNotFoundError, match=r'step 5 .* steps are \[3\]'):
     evaluate.evaluate_checkpoint(config, str(tmp_path), step=5)
+
+
+def test_another_class_list_than_the_runs_is_refused_naming_the_key(tmp_path):
+  """A run on classes (0, 1, 2, 3, 4) has output k = class k of that list: evaluating,
+  predicting or plotting it with (5, 6, 7, 8, 9) would score and name other classes."""
+  config_lib.save(small_config(classes=(0, 1, 2, 3, 4), num_classes=5), str(tmp_path))
+  other = small_config(classes=(5, 6, 7, 8, 9), num_classes=5)
+  message = r'trained with config.classes=\(0, 1, 2, 3, 4\) .* not \(5, 6, 7, 8, 9\)'
+  for read in (
+    lambda: evaluate.evaluate_checkpoint(other, str(tmp_path)),
+    lambda: predict.predict_files(other, str(tmp_path), ['unused.png']),
+    lambda: plots.write_all(other, str(tmp_path)),
+  ):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      read()

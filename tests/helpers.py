@@ -239,6 +239,20 @@ def logged_train_rows(workdir) -> list[dict]:
     return [row for row in map(json.loads, f) if 'train_loss' in row]
 
 
+def tensorboard_steps(workdir, tag: str) -> list[int]:
+  """The steps of `workdir`'s TensorBoard events that hold a value of `tag`, sorted."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return sorted(
+    event.step
+    for name in os.listdir(workdir)
+    if name.startswith('events.out.tfevents')
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name))
+    for value in event.summary.value
+    if value.tag == tag
+  )
+
+
 def train_losses(log: str) -> dict[int, float]:
   """{step: train_loss} from a process's log (clu's logging writer)."""
   return {

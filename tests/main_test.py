@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+import tensorflow_datasets as tfds
 
 from alexnet_jax import config_lib
 from alexnet_jax import main
@@ -16,6 +17,7 @@ from helpers import logged_train_rows
 from helpers import on_devices
 from helpers import processes
 from helpers import run_module
+from helpers import tensorboard_steps
 from helpers import wait_all
 from helpers import write_image_folder
 
@@ -118,24 +120,55 @@ def test_sigterm_checkpoints_and_exits_75_then_the_rerun_finishes(
   assert logged == list(range(1, 13))  # Each step once: nothing lost or repeated.
 
 
-def test_sigterm_is_honoured_while_waiting_for_data(tmp_path):
-  """A train split that stalls (a FIFO named .png: reading it blocks inside tf.data's
-  C++ iterator, as a hung file system would): SIGTERM still stops the run, exit 75."""
-  root = tmp_path / 'data'
+def stored_order(root) -> list[str]:
+  """The paths of an image folder's train split in the order TFDS stores them."""
+  builder = tfds.ImageFolder(str(root))
+  ds = builder.as_dataset(split='train', decoders={'image': tfds.decode.SkipDecoding()})
+  return [ex['image/filename'].decode() for ex in tfds.as_numpy(ds)]
+
+
+@pytest.mark.slow
+def test_a_stop_while_waiting_for_data_exits_at_once_keeping_every_record(tmp_path):
+  """A train file that stalls (a FIFO named .png, 3/4 into the split: reading it blocks
+  inside tf.data's C++ iterator, as a hung file system would) once some steps have
+  trained: SIGTERM while the loop waits for the next batch exits 75 within 10 s (SLURM
+  sends SIGKILL 30 s after SIGTERM), with the steps trained checkpointed and every
+  one of them in metrics.jsonl and in the TensorBoard events."""
+  root, workdir = tmp_path / 'data', tmp_path / 'run'
   write_image_folder(str(root))
-  os.mkfifo(root / 'train' / sorted(os.listdir(root / 'train'))[0] / 'stalled.png')
-  args = [f'--workdir={tmp_path / "run"}', '--noplots', *folder_flags(str(root))]
+  stalled = stored_order(root)[60]
+  os.remove(stalled)
+  os.mkfifo(stalled)  # Same name: the same stored order.
+  flags = folder_flags(
+    str(root),
+    shuffle_buffer=8,
+    num_train_steps=40,
+    eval_every_steps=100,
+    checkpoint_every_steps=100,
+  )
+  args = [f'--workdir={workdir}', '--noplots', *flags]
   log = tmp_path / 'logs' / 'process0.log'
   os.makedirs(log.parent)
+  metrics = workdir / 'metrics.jsonl'
   with processes(1, 1, args, log.parent) as [trainer]:
-    deadline = time.time() + TIMEOUT
-    while 'Batch: global' not in log.read_text():
+    # Trained until the stall, then waiting: no new step for 5 s.
+    deadline, last, since = time.time() + TIMEOUT, None, time.time()
+    while last is None or time.time() - since < 5:
       assert time.time() < deadline and trainer.poll() is None, log.read_text()[-3000:]
+      size = metrics.stat().st_size if metrics.exists() else None
+      if size != last:
+        last, since = size, time.time()
       time.sleep(0.2)
-    time.sleep(2)  # Waiting for the first batch (a shuffle buffer of the whole split).
     trainer.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     assert wait_all([trainer], timeout=60) == [os.EX_TEMPFAIL], log.read_text()[-3000:]
+    assert time.monotonic() - signalled < 10, log.read_text()[-3000:]
+  trained = [row['step'] for row in logged_train_rows(workdir)]
+  stopped = trained[-1]
+  assert 0 < stopped < 40 and trained == list(range(1, stopped + 1))
   assert (
-    'Stopped on request (SIGTERM) while waiting for the batch of step 1; no step was trained'
-    in log.read_text()
+    f'Stopped on request (SIGTERM) while waiting for the batch of step {stopped + 1}; steps up '
+    f'to {stopped} are checkpointed' in log.read_text()
   )
+  assert str(stopped) in os.listdir(workdir / 'checkpoints')
+  assert tensorboard_steps(workdir, 'train_loss') == trained

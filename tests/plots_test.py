@@ -3,6 +3,8 @@
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -14,6 +16,8 @@ from alexnet_jax import input_pipeline
 from alexnet_jax import plots
 from alexnet_jax import steps
 from configs import fashion_mnist
+from helpers import REPO
+from helpers import TIMEOUT
 from helpers import mesh_of
 from helpers import save_checkpoint
 
@@ -208,3 +212,49 @@ def test_predict_returns_the_test_images_as_the_model_saw_them(tiny_workdir):
   np.testing.assert_array_equal(labels, first_32['label'][:20])
   _, _, all_probs = plots.predict(config, mesh, graphdef, params)
   assert len(all_probs) == 40
+
+
+_SAVE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from matplotlib.figure import Figure
+from alexnet_jax import plots
+from launch import results
+# A write past the limit fails (EFBIG) where it stands, as a kill would stop it.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+figure = Figure(figsize=(4, 3))
+figure.subplots().plot(range(100))
+writes = {
+  'plots.png': lambda path: plots.save(figure, path),
+  'test_top1.png': lambda path: results.plot_curves(
+    [{'name': 'a', 'curve': [(1, 0.5), (2, 0.6)]}], path, 'sweep'
+  ),
+}
+for name, write in writes.items():
+  try:
+    write(f'{sys.argv[1]}/{name}')
+  except OSError as e:
+    print(name, e.strerror)
+"""
+
+
+@pytest.mark.slow
+def test_a_png_cut_short_by_a_kill_leaves_the_old_one(tmp_path):
+  """A picture (the run's plots, a sweep's test_top1.png) that dies half-way through
+  its write (here: at 2,000 bytes) leaves the previous one whole: readers never see
+  half a PNG."""
+  old = b'\x89PNG the previous picture'
+  names = ['plots.png', 'test_top1.png']
+  for name in names:
+    (tmp_path / name).write_bytes(old)
+  result = subprocess.run(
+    [sys.executable, '-c', _SAVE_WITH_A_FILE_SIZE_LIMIT, str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    check=False,
+  )
+  assert result.stdout.splitlines() == [f'{name} File too large' for name in names], result.stderr
+  assert [(tmp_path / name).read_bytes() for name in names] == [old, old]
+  assert sorted(os.listdir(tmp_path)) == names  # No temporary file left.

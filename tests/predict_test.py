@@ -7,10 +7,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from flax import nnx
 
+from alexnet_jax import config_lib
 from alexnet_jax import input_pipeline
 from alexnet_jax import predict
 from alexnet_jax import steps
 from configs import fashion_mnist
+from helpers import run_module
 from helpers import save_checkpoint
 
 FASHION_MNIST_NAMES = [
@@ -76,3 +78,38 @@ def test_image_files_are_originals_for_a_run_trained_on_a_prepared_copy(tmp_path
   for prepared_format in ('jpeg', 'raw'):
     config.update(prepared=True, prepared_format=prepared_format)
     np.testing.assert_array_equal(predict.load_image(path, config), expected)
+
+
+@pytest.fixture
+def folder_run(tmp_path, toy_image_folder):
+  """A run's workdir (config.json and an untrained checkpoint at step 1) on
+  `toy_image_folder`, for the commands run as processes."""
+  config = fashion_mnist.get_config()
+  config.update(dataset='image_folder', manual_dir=toy_image_folder, test_split='val')
+  workdir = str(tmp_path / 'run')
+  save_checkpoint(config, workdir, 1)
+  config_lib.save(config, workdir)
+  return config, workdir
+
+
+@pytest.mark.slow
+def test_predict_and_plots_take_the_mesh_from_the_command_line(folder_run, tmp_path):
+  """`--config.mesh.*` reaches the mesh (README: eval, predict and plots choose one from
+  the devices present unless they ask for one): one that does not fit the devices is
+  refused naming the key (the flag was refused as unknown before)."""
+  _, workdir = folder_run
+  path = write_png(tmp_path / 'shoe.png', 0)
+  for module, args in (('predict', [path]), ('plots', [])):
+    result = run_module(
+      f'alexnet_jax.{module}',
+      f'--workdir={workdir}',
+      '--config.mesh.data=3',
+      *args,
+      XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    )
+    assert result.returncode == 1
+    assert (
+      result.stderr.strip()
+      .splitlines()[-1]
+      .startswith('ConfigError: config.mesh.data=3 × config.mesh.model=2 must equal the 2 devices')
+    ), result.stderr[-3000:]

@@ -23,6 +23,7 @@ from helpers import REPO
 from helpers import TIMEOUT
 from helpers import logged_train_rows
 from helpers import mesh_of
+from helpers import tensorboard_steps
 from helpers import small_config as base_config
 
 
@@ -230,19 +231,6 @@ def _recording_closes(monkeypatch, closed: list[str]):
   )
 
 
-def tensorboard_steps(workdir, tag: str) -> list[int]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  return sorted(
-    event.step
-    for name in os.listdir(workdir)
-    if name.startswith('events.out.tfevents')
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name))
-    for value in event.summary.value
-    if value.tag == tag
-  )
-
-
 def test_a_nan_or_a_preemption_closes_the_checkpoints_and_the_metric_writer(tmp_path, monkeypatch):
   """No checkpoint thread is left running, and TensorBoard has every logged step."""
   closed = []
@@ -325,8 +313,13 @@ def test_a_run_starts_from_another_by_layer_name_and_a_frozen_layer_never_moves(
       lr_multipliers=(('conv[1-5]', 0.0),),
     )
     initial = steps.init_params(config, jax.random.split(jax.random.key(config.seed))[0])
-    started = checkpoints.init_from(config, initial, mesh_of(1, 1))
+    started, source_step = checkpoints.init_from(config, initial, mesh_of(1, 1))
     train.train_and_evaluate(config, target)
+    # The source's latest step is kept (the source may train on); a rerun that leaves
+    # init_from_step at None (its latest) is the same run, not a changed config.
+    assert source_step == 3 and config_lib.load(target).init_from_step == 3
+    assert config.init_from_step is None
+    assert train.train_and_evaluate(config, target)['step'] == 3
   for layer in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7'):
     for a, b in zip(layer_arrays(started, layer), layer_arrays(source_params, layer), strict=True):
       np.testing.assert_array_equal(a, b)
@@ -366,5 +359,5 @@ def test_init_from_refuses_what_it_cannot_use_naming_the_key(tmp_path):
     checkpoints.init_from(bigger, steps.init_params(bigger, jax.random.key(0)), mesh)
   # Another class count: fc8 starts anew without being listed.
   other = small_config(init_from=source, num_classes=5)
-  started = checkpoints.init_from(other, steps.init_params(other, jax.random.key(0)), mesh)
+  started, _ = checkpoints.init_from(other, steps.init_params(other, jax.random.key(0)), mesh)
   assert started['fc8']['kernel'].shape == (4096, 5)
