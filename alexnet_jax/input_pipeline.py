@@ -299,15 +299,38 @@ def _read_part(
   num_parts: int,
   read_config: tfds.ReadConfig | None = None,
 ) -> tf.data.Dataset:
-  """Part `part` of `num_parts` of `split` (all of it for one part), images encoded."""
+  """Part `part` of `num_parts` of `split` (all of it for one part), images encoded.
+
+  With `read_config.shuffle_seed` set, the part's files are read in the order that
+  seed gives (TFDS's `shuffle_files`; an image folder, whose own file shuffle is not
+  seeded, in its stored order).
+  """
   decoders = _decoders(builder)
-  if num_parts == 1:
-    return builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
+  shuffle_files = read_config is not None and read_config.shuffle_seed is not None
   if _parts_interleave(builder):
-    ds = builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
-    return ds.shard(num_parts, part)
+    ds = builder.as_dataset(split=split, decoders=decoders)
+    return ds if num_parts == 1 else ds.shard(num_parts, part)
+  if num_parts > 1:
+    split = tfds.even_splits(split, num_parts)[part]
   return builder.as_dataset(
-    split=tfds.even_splits(split, num_parts)[part], decoders=decoders, read_config=read_config
+    split=split, decoders=decoders, read_config=read_config, shuffle_files=shuffle_files
+  )
+
+
+def _train_read_config(per_class: int | None, seed: tf.Tensor | None = None) -> tfds.ReadConfig:
+  """How the train split's files are read.
+
+  With `train_examples_per_class` (`per_class`), one file after the other in stored
+  order ("the first N" must not depend on the reading). Otherwise interleaved one
+  example at a time (block length 1, from TFDS's 16 files at once), in the order of
+  `seed` when given (a tensor: a new order every epoch): a split stored in class
+  order (ImageNet's tars; a copy TFDS did not shuffle) then reaches the shuffle
+  buffer as a mix of 16 files, not runs of 16 examples of one.
+  """
+  if per_class is not None:
+    return tfds.ReadConfig(interleave_cycle_length=1)
+  return tfds.ReadConfig(
+    interleave_block_length=1, shuffle_seed=seed, shuffle_reshuffle_each_iteration=False
   )
 
 
@@ -471,9 +494,7 @@ def create_datasets(
   if classes:
     new_ids = np.full(num_classes, -1)
     new_ids[list(classes)] = np.arange(len(classes))
-  # "The first N in stored order" needs the files read in order, not interleaved; it
-  # then does not depend on how many parts the split is cut into.
-  train_read = tfds.ReadConfig(interleave_cycle_length=1) if per_class is not None else None
+  train_read = _train_read_config(per_class)
   train = _read_part(builder, config.train_split, part, num_parts, train_read)
   test = _read_part(builder, config.test_split, part, num_parts)
   rows, eval_rows = config.batch_size // num_parts, config.eval_batch_size // num_parts
@@ -553,14 +574,24 @@ def create_datasets(
         f'fewer than config.batch_size={config.batch_size}.'
       )
     _check_decodes(train, config)
-    source = train.map(lambda ex: (ex['image'], ex['label']))
+    pairs = lambda ds: ds.map(lambda ex: (ex['image'], ex['label']))
+    source = pairs(train)
     if config.cache:
       source = source.cache()
+    # Files in a new order every epoch, unless the stream is cached (read once, in
+    # stored order) or must keep its stored order (`per_class`).
+    shuffle_files = not config.cache and per_class is None
 
+    @tf.autograph.experimental.do_not_convert
     def epoch(index):
       # A distinct shuffle seed for every (config.seed < 1_000_003, epoch) pair.
       seed = tf.cast(index, tf.int64) * 1_000_003 + config.seed
-      return source.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * rows)
+      ds = source
+      if shuffle_files:
+        read = _train_read_config(per_class, seed)
+        ds = _read_part(builder, config.train_split, part, num_parts, read)
+        ds = pairs(_select(ds, new_ids) if classes else ds)
+      return ds.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * rows)
 
     first_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)

@@ -53,6 +53,14 @@ IMAGENET_FILES_HELP = (
 _VALIDATION_LABELS = 'datasets/imagenet2012/validation_labels.txt'
 _VAL_NAME = re.compile(r'ILSVRC2012_val_(\d{8})\.JPEG')
 
+# The train tar's images are written in a random order of this seed, as cuda-convnet2's
+# make-data/make-data.py shuffled its list of train JPEGs (`shuffle(train_jpeg_files)`)
+# before writing batches: the tar holds them synset by synset, and the reader's
+# shuffle buffer (config.shuffle_buffer, 16,384 = 1.3% of 1,281,167) cannot mix
+# classes that lie 1,300 images apart. A constant, not config.seed: one copy serves
+# runs of every seed (benchmarks/class_mixing.py).
+TRAIN_ORDER_SEED = 0
+
 # Inside `<prepared_dir>.incomplete` while it is written: a shard's records and counts.
 _WORK = 'work'
 _PROGRESS = 'progress.json'
@@ -60,13 +68,15 @@ _PROGRESS = 'progress.json'
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split of a source: its size, and its examples in source order."""
+  """One split of a source: its size, and its examples in the order the copy keeps."""
 
   name: str
   num_examples: int
   # examples(skip) -> (encoded image bytes, label, file name) of examples skip, skip + 1,
   # ...: the first `skip` are passed over without being decoded.
   examples: Callable[[int], Iterator[tuple[bytes, int, str]]]
+  # That order, for the logs and the finished marker.
+  order: str = 'as stored'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +99,9 @@ def source(config: ml_collections.ConfigDict) -> Source:
   from the original tars in manual_dir in one pass (`imagenet_tars`), with no full-size
   TFDS build first. Any other dataset is the builder `datasets.builder` gives with
   `config.prepared` False (Fashion-MNIST and CIFAR-10 from their files, an image folder,
-  a prepared TFDS ImageNet, any TFDS dataset), every split in its stored order.
+  a prepared TFDS ImageNet, any TFDS dataset), every split in its stored order, which
+  TFDS shuffled when it built the dataset (an image folder: its file list shuffled
+  with the split's name as seed, `tfds.ImageFolder`).
 
   Raises:
     FileNotFoundError: if the source's files are missing.
@@ -107,11 +119,14 @@ def imagenet_tars(manual_dir: str | None, label_names: list[str]) -> Source:
 
   Train: `TRAIN_TAR` holds one tar per synset (`n01440764.tar`, ...) of its JPEGs;
   the label is the synset's index in `label_names` (TFDS's imagenet2012 label names,
-  the sorted synsets). Validation: `VAL_TAR` holds `ILSVRC2012_val_<n>.JPEG`, whose
+  the sorted synsets). Its images are given in a random order, seeded by
+  `TRAIN_ORDER_SEED`, each read at its offset in the tar: the archive holds them
+  class by class, and a copy in that order would give batches of a few classes
+  (`TRAIN_ORDER_SEED`). Validation: `VAL_TAR` holds `ILSVRC2012_val_<n>.JPEG`, whose
   synset is line n of TFDS's validation labels file (`_VALIDATION_LABELS`; by number,
-  so that a tar holding only some of the 50,000 is labelled right too). Both in
-  archive order. The sizes come from a pass over the tars' headers (seeking past the
-  images), which also checks the layout before anything is written.
+  so that a tar holding only some of the 50,000 is labelled right too), in archive
+  order. The sizes and offsets come from a pass over the tars' headers (seeking past
+  the images), which also checks the layout before anything is written.
 
   Raises:
     FileNotFoundError: naming each missing tar and the folder.
@@ -127,6 +142,9 @@ def imagenet_tars(manual_dir: str | None, label_names: list[str]) -> Source:
   label_of = {synset: label for label, synset in enumerate(label_names)}
   logging.info('Counting the images in %s and %s (headers only).', *paths.values())
   train = _synset_tars(paths[TRAIN_TAR], label_of)
+  # Legacy RandomState: its stream is frozen across numpy versions, so a rerun after an
+  # upgrade still resumes the same order.
+  train_order = np.random.RandomState(TRAIN_ORDER_SEED).permutation(len(train.labels))
   with open(tfds.core.tfds_path(_VALIDATION_LABELS)) as f:
     val_synsets = f.read().split()
   val_labels = _val_labels(paths[VAL_TAR], val_synsets, label_of)
@@ -136,8 +154,9 @@ def imagenet_tars(manual_dir: str | None, label_names: list[str]) -> Source:
     splits=[
       Split(
         'train',
-        sum(n for _, _, n in train),
-        functools.partial(_train_examples, paths[TRAIN_TAR], train),
+        len(train.labels),
+        functools.partial(_train_examples, paths[TRAIN_TAR], train, train_order),
+        order=f'shuffled (seed {TRAIN_ORDER_SEED})',
       ),
       Split(
         'validation', len(val_labels), functools.partial(_val_examples, paths[VAL_TAR], val_labels)
@@ -150,9 +169,22 @@ def _tar_error(path: str, e: Exception) -> ValueError:
   return ValueError(f'{path} is not a readable tar ({e}). {IMAGENET_FILES_HELP}')
 
 
-def _synset_tars(path: str, label_of: dict[str, int]) -> list[tuple[str, int, int]]:
-  """(member name, label, number of images) of each synset tar of the train tar."""
-  synsets = []
+@dataclasses.dataclass(frozen=True)
+class _TarImages:
+  """Where each image of the train tar lies: its bytes at `offsets[i]` (from the start of
+  the outer tar file), `sizes[i]` long; its label and file name. In archive order."""
+
+  offsets: np.ndarray  # int64 [N]
+  sizes: np.ndarray  # int64 [N]
+  labels: np.ndarray  # int64 [N]
+  names: np.ndarray  # bytes [N]
+
+
+def _synset_tars(path: str, label_of: dict[str, int]) -> _TarImages:
+  """Every image of the train tar's synset tars, located (headers only: the inner tars
+  are stored uncompressed, so an image's bytes lie at its inner offset past its
+  synset tar's own)."""
+  offsets, sizes, labels, names = [], [], [], []
   try:
     with tarfile.open(path, 'r:') as outer:
       for member in outer:
@@ -165,10 +197,20 @@ def _synset_tars(path: str, label_of: dict[str, int]) -> list[tuple[str, int, in
             f'(n01440764.tar, ...). {IMAGENET_FILES_HELP}'
           )
         with tarfile.open(fileobj=outer.extractfile(member), mode='r:') as inner:
-          synsets.append((member.name, label_of[synset], sum(m.isfile() for m in inner)))
+          for image in inner:
+            if image.isfile():
+              offsets.append(member.offset_data + image.offset_data)
+              sizes.append(image.size)
+              labels.append(label_of[synset])
+              names.append(os.path.basename(image.name).encode())
   except (tarfile.TarError, OSError, EOFError) as e:
     raise _tar_error(path, e) from e
-  return synsets
+  return _TarImages(
+    np.array(offsets, np.int64),
+    np.array(sizes, np.int64),
+    np.array(labels, np.int64),
+    np.array(names, object),
+  )
 
 
 def _val_labels(path: str, val_synsets: list[str], label_of: dict[str, int]) -> list[int]:
@@ -192,26 +234,19 @@ def _val_labels(path: str, val_synsets: list[str], label_of: dict[str, int]) -> 
 
 
 def _train_examples(
-  path: str, synsets: list[tuple[str, int, int]], skip: int
+  path: str, images: _TarImages, order: np.ndarray, skip: int
 ) -> Iterator[tuple[bytes, int, str]]:
-  """The train tar's images from number `skip` on; whole synset tars before it are
-  seeked past, unopened."""
+  """The train tar's images `order[skip]`, `order[skip + 1]`, ..., each read at its
+  offset (as make-data.py read its shuffled list of tar members)."""
   try:
-    with tarfile.open(path, 'r:') as outer:
-      members = {member.name: member for member in outer.getmembers()}
-      for name, label, count in synsets:
-        if skip >= count:
-          skip -= count
-          continue
-        with tarfile.open(fileobj=outer.extractfile(members[name]), mode='r:') as inner:
-          for member in inner:
-            if not member.isfile():
-              continue
-            if skip:
-              skip -= 1
-              continue
-            yield inner.extractfile(member).read(), label, os.path.basename(member.name)
-  except (tarfile.TarError, OSError, EOFError) as e:
+    with open(path, 'rb') as f:
+      for i in order[skip:]:
+        f.seek(images.offsets[i])
+        data = f.read(images.sizes[i])
+        if len(data) != images.sizes[i]:
+          raise EOFError(f'{images.names[i].decode()} ends early')
+        yield data, int(images.labels[i]), images.names[i].decode()
+  except (OSError, EOFError) as e:
     raise _tar_error(path, e) from e
 
 
@@ -240,7 +275,12 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
       f'{", ".join(features)}): alexnet_jax.prepare stores (image, label) pairs.'
     )
   splits = [
-    Split(name, info.num_examples, functools.partial(_tfds_examples, builder, name))
+    Split(
+      name,
+      info.num_examples,
+      functools.partial(_tfds_examples, builder, name),
+      order='as stored (TFDS shuffles when it builds)',
+    )
     for name, info in builder.info.splits.items()
   ]
   if not splits:
@@ -324,8 +364,8 @@ class _Feed:
       self.error = e  # Raised by `_write_split` once the stream ends.
 
   def dataset(self, config: ml_collections.ConfigDict) -> tf.data.Dataset:
-    """(index, stored image, label), in source order; `len(os.sched_getaffinity(0))`
-    images decoded and rescaled at once."""
+    """(index, stored image, label), in the order `split.examples` gives them;
+    `len(os.sched_getaffinity(0))` images decoded and rescaled at once."""
     cores = len(os.sched_getaffinity(0))
     ds = tf.data.Dataset.from_generator(
       self,
@@ -536,6 +576,7 @@ def _start_work(work: str, src: Source, shard_examples: int) -> int:
     'splits': {split.name: split.num_examples for split in src.splits},
     'num_classes': len(src.label_names),
     'shard_examples': shard_examples,
+    'orders': {split.name: split.order for split in src.splits},
   }
   if not os.path.exists(path):
     os.makedirs(work, exist_ok=True)
@@ -543,7 +584,7 @@ def _start_work(work: str, src: Source, shard_examples: int) -> int:
     return shard_examples
   with open(path) as f:
     started = json.load(f)
-  if started['splits'] != record['splits'] or started['num_classes'] != record['num_classes']:
+  if any(started.get(key) != record[key] for key in ('splits', 'num_classes', 'orders')):
     raise ValueError(
       f'{os.path.dirname(work)} holds a copy in progress of another source ({started}; '
       f'now {record}): delete that folder to start again.'
@@ -597,6 +638,7 @@ def _finish(
       'examples': sum(c['examples'] for c in shard_counts),
       'skipped': sum(c['skipped'] for c in counts[split.name]),
       'shards': len(kept),
+      'order': split.order,
     }
   keys = {k: config[k] for k in ('resize', 'resize_size', 'image_size', 'prepared_format')}
   if config.prepared_format == 'jpeg':
@@ -668,9 +710,10 @@ def prepare(config: ml_collections.ConfigDict) -> str:
   uint8 [S, S, 3], S = resize_size: the paper's shorter side to 256 and central patch,
   Sec. 2), stored as a JPEG of quality `config.prepared_jpeg_quality` (95:
   cuda-convnet2's make-data/pyext/include/pyext.h:26) or as raw pixels
-  (`config.prepared_format`), with its label, in source order (`source`). Images
-  are decoded `len(os.sched_getaffinity(0))` at a time by tf.data. Undecodable images
-  are skipped, counted and named in the log.
+  (`config.prepared_format`), with its label, in the order `source` gives: ImageNet's
+  train images in a seeded random order (`TRAIN_ORDER_SEED`), every other split as
+  stored. Images are decoded `len(os.sched_getaffinity(0))` at a time by tf.data.
+  Undecodable images are skipped, counted and named in the log.
 
   The copy is written in `<prepared_dir>.incomplete` in shards of `SHARD_EXAMPLES`
   source examples; a rerun after a kill goes on from the first shard not finished.
