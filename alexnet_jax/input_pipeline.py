@@ -317,12 +317,16 @@ def _read_part(
   )
 
 
+# Train files read at once: TFDS's default interleave_cycle_length.
+_FILES_AT_ONCE = 16
+
+
 def _train_read_config(per_class: int | None, seed: tf.Tensor | None = None) -> tfds.ReadConfig:
   """How the train split's files are read.
 
   With `train_examples_per_class` (`per_class`), one file after the other in stored
   order ("the first N" must not depend on the reading). Otherwise interleaved one
-  example at a time (block length 1, from TFDS's 16 files at once), in the order of
+  example at a time (block length 1, from `_FILES_AT_ONCE` files), in the order of
   `seed` when given (a tensor: a new order every epoch): a split stored in class
   order (ImageNet's tars; a copy TFDS did not shuffle) then reaches the shuffle
   buffer as a mix of 16 files, not runs of 16 examples of one.
@@ -330,7 +334,13 @@ def _train_read_config(per_class: int | None, seed: tf.Tensor | None = None) -> 
   if per_class is not None:
     return tfds.ReadConfig(interleave_cycle_length=1)
   return tfds.ReadConfig(
-    interleave_block_length=1, shuffle_seed=seed, shuffle_reshuffle_each_iteration=False
+    interleave_cycle_length=_FILES_AT_ONCE,
+    interleave_block_length=1,
+    shuffle_seed=seed,
+    shuffle_reshuffle_each_iteration=False,
+    # A dataset its builder stores in order (`disable_shuffling`) is mixed for training
+    # too: TFDS would refuse shuffle_files there, and read one file at a time.
+    enable_ordering_guard=False,
   )
 
 

@@ -673,3 +673,57 @@ def test_decode_threads_are_the_cores_this_process_may_use(monkeypatch):
   assert input_pipeline.decode_threads() == 3
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)))
   assert input_pipeline.decode_threads() == 64
+
+
+class SortedDigits(tfds.core.GeneratorBasedBuilder):
+  """`sorted_digits`: train 80 examples, 8 per class of 10, stored class by class (TFDS
+  not shuffling them: as ImageNet's tars hold them), 8×8 grey images."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(8, 8, 1)),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(80), 'test': self._generate_examples(10)}
+
+  def _generate_examples(self, count):
+    image = np.zeros((8, 8, 1), np.uint8)
+    for i in range(count):
+      yield i, {'image': image, 'label': i * 10 // count}
+
+
+def test_train_files_are_read_in_a_new_order_every_epoch_one_example_at_a_time(tmp_path):
+  """A split stored class by class in 10 files, read without a shuffle buffer: each
+  epoch takes one example from every file in turn (TFDS's 16 files at once, block
+  length 1; its default took 16 from one file), the files in a new order every epoch,
+  and a resumed stream is the rest of the uninterrupted one."""
+  builder = tfds.builder('sorted_digits', data_dir=str(tmp_path))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=10))
+  files = [
+    {int(e['label']) for e in tfds.as_numpy(builder.as_dataset(split=f'train[{i}:{i + 8}]'))}
+    for i in range(0, 80, 8)
+  ]
+  assert builder.info.splits['train'].num_shards == 10 and files == [{c} for c in range(10)]
+  config = unaugmented_config()
+  config.update(dataset='sorted_digits', data_dir=str(tmp_path), manual_dir=None, cache=False)
+  config.update(batch_size=10, shuffle_buffer=1)
+  data = input_pipeline.create_datasets(config)
+  assert data.steps_per_epoch == 8
+  stream = [b['label'].tolist() for b in itertools.islice(data.train_batches(), 24)]
+  firsts = [stream[8 * epoch] for epoch in range(3)]
+  assert all(sorted(first) == list(range(10)) for first in firsts), firsts
+  assert firsts[0] != firsts[1] != firsts[2] != firsts[0]
+  for start in (3, 8, 13):
+    resumed = [b['label'].tolist() for b in itertools.islice(data.train_batches(start), 24 - start)]
+    assert resumed == stream[start:], start
