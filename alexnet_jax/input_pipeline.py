@@ -616,29 +616,30 @@ def create_datasets(
         'index': index,
       }
 
-    ds = ds.map(preprocess, num_parallel_calls=threads).ignore_errors()
+    ds = _map_decodable(ds, preprocess, threads)
     ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _skip_counted(ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train')
+    batches = _skip_counted(
+      ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train'
+    )
+    return _naming_damaged_files(batches, builder, config.train_split)
 
   def test_batches(crops: int = 1):
     """Every decodable test example of the part once, in order, in `num_test_batches`
     batches, padded and masked."""
-    ds = (
-      test.enumerate()
-      .map(
-        lambda index, ex: {
-          'image': preprocess_eval(ex['image'], config, crops),
-          'label': tf.cast(ex['label'], tf.int32),
-          'index': index,
-        },
-        num_parallel_calls=threads,
-      )
-      .ignore_errors()
+    ds = _map_decodable(
+      test.enumerate(),
+      lambda index, ex: {
+        'image': preprocess_eval(ex['image'], config, crops),
+        'label': tf.cast(ex['label'], tf.int32),
+        'index': index,
+      },
+      threads,
     )
     ds = ds.batch(eval_rows).prefetch(tf.data.AUTOTUNE)
     batches = _skip_counted(
       ds.with_options(options).as_numpy_iterator(), 0, 'test', total=test_total
     )
+    batches = _naming_damaged_files(batches, builder, config.test_split)
     image_shape = (config.image_size, config.image_size, 3)
     if crops != 1:
       image_shape = (crops, *image_shape)
@@ -699,6 +700,64 @@ def _check_decodes(train: tf.data.Dataset, config: ml_collections.ConfigDict):
       f'decodes as a PNG/JPEG/GIF/BMP image (config.manual_dir={config.manual_dir!r}, '
       f'data_dir={config.data_dir!r}); check the files, or prepare the dataset again.'
     )
+
+
+def _map_decodable(ds: tf.data.Dataset, fn: Callable, threads: int) -> tf.data.Dataset:
+  """`ds.map(fn)`, `threads` elements at once, without the elements where `fn` raises
+  (an undecodable image); an error of `ds` itself (a corrupt or truncated record, a
+  file shorter than its metadata says) still stops the stream.
+
+  `ignore_errors` after the map would swallow those too, and a truncated file would
+  silently shorten every epoch: each element is mapped in a one-element dataset of
+  its own, whose errors alone are ignored.
+  """
+  return ds.interleave(
+    lambda *element: tf.data.Dataset.from_tensors(element).map(fn).ignore_errors(),
+    cycle_length=threads,
+    block_length=1,
+    num_parallel_calls=threads,
+  )
+
+
+def check_records(paths: list[str], lengths: list[int]):
+  """Reads every record of each TFRecord file of `paths`, checking its CRCs, and
+  counts them against `lengths` (int, one per file).
+
+  Raises:
+    ValueError: naming the first file with a corrupt or truncated record, or another
+      number of records.
+  """
+  for path, length in zip(paths, lengths, strict=True):
+    try:
+      count = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
+    except tf.errors.OpError as e:
+      raise ValueError(f'{path} is damaged ({e.message.splitlines()[0]}).') from e
+    if count != length:
+      raise ValueError(f'{path} holds {count} records, not {length}.')
+
+
+def _naming_damaged_files(
+  batches: Iterator[dict[str, np.ndarray]], builder: tfds.core.DatasetBuilder, split: str
+) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`; where the stream fails, the file of `split` that is not whole is named.
+
+  Raises:
+    ValueError: naming the damaged file (`check_records`) and what to do.
+    tf.errors.OpError: the stream's own error where every file is whole.
+  """
+  try:
+    yield from batches
+  except tf.errors.OpError as error:
+    if not _parts_interleave(builder):  # An image folder has no record files.
+      info = builder.info.splits[split]
+      try:
+        check_records([os.fspath(p) for p in info.filepaths], info.shard_lengths)
+      except ValueError as e:
+        raise ValueError(
+          f'Reading split {split!r} of {builder.data_dir} failed: {e} Delete that folder '
+          'and prepare it again.'
+        ) from error
+    raise
 
 
 def _ceil_div(a: int, b: int) -> int:

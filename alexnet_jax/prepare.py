@@ -395,12 +395,26 @@ def _shard_counts(work: str, split: str, shard: int) -> dict | None:
     return json.load(f)
 
 
+def _fsync(path: str):
+  """Flushes a file's data, or a folder's entries (a rename in it), to the disk: what a
+  counts file or marker vouches for must outlive a power cut, not only a kill."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 def _commit_shard(work: str, split: str, shard: int, counts: dict):
-  """Marks a shard finished: its records (if any) under their name, then its counts."""
+  """Marks a shard finished: its records (if any) on disk under their name, then its
+  counts."""
   temp = _shard_path(work, split, shard, 'tfrecord.tmp')
   if counts['examples']:
+    _fsync(temp)
     os.replace(temp, _shard_path(work, split, shard, 'tfrecord'))
+    _fsync(work)
   files.write_json(_shard_path(work, split, shard, 'json'), counts)
+  _fsync(work)
 
 
 def _remove_shards(work: str, split: str, shards: range):
@@ -655,30 +669,47 @@ def _finish(
     ),
     supervised_keys=('image', 'label'),
   )
-  _check_reads(incomplete, summary, config)
+  _fsync(incomplete)  # The shards' new names, and TFDS's metadata.
+  _check_reads(incomplete, summary, config, counts)
   marker = {'source': src.description, 'config': keys, 'splits': summary}
   files.write_json(os.path.join(incomplete, datasets.PREPARED_MARKER), marker)
+  _fsync(incomplete)
   return marker
 
 
-def _check_reads(directory: str, summary: dict, config: ml_collections.ConfigDict):
-  """Reads the first and last example of every split back through TFDS.
+def _check_reads(
+  directory: str, summary: dict, config: ml_collections.ConfigDict, counts: dict[str, list[dict]]
+):
+  """Reads the copy back: every record of every shard, counted against the examples
+  written there from the source (`counts`, per split and shard: written + skipped
+  were the source's examples), then the first and last example of every split
+  through TFDS.
 
   Raises:
-    ValueError: if a split's size or an image's shape is not what was written.
+    ValueError: naming a shard with a corrupt or truncated record or another number of
+      records, or if a split's size or an image's shape is not what was written.
   """
   builder = tfds.builder_from_directory(directory)
   shape = (config.resize_size, config.resize_size, 3)
-  for split, counts in summary.items():
-    size = builder.info.splits[split].num_examples
+  for split, split_counts in summary.items():
+    info = builder.info.splits[split]
+    try:
+      input_pipeline.check_records(
+        [os.fspath(p) for p in info.filepaths],
+        [c['examples'] for c in counts[split] if c['examples']],
+      )
+    except ValueError as e:
+      raise ValueError(f'{directory} reads back wrong: {e} Delete it to start again.') from e
     examples = [
       *builder.as_dataset(split=f'{split}[:1]'),
       *builder.as_dataset(split=f'{split}[-1:]'),
     ]
-    if size != counts['examples'] or any(tuple(e['image'].shape) != shape for e in examples):
+    if info.num_examples != split_counts['examples'] or any(
+      tuple(e['image'].shape) != shape for e in examples
+    ):
       raise ValueError(
-        f'{directory} reads back wrong: {split} has {size} examples (written: '
-        f'{counts["examples"]}), images {[tuple(e["image"].shape) for e in examples]}.'
+        f'{directory} reads back wrong: {split} has {info.num_examples} examples (written: '
+        f'{split_counts["examples"]}), images {[tuple(e["image"].shape) for e in examples]}.'
       )
 
 
@@ -718,8 +749,9 @@ def prepare(config: ml_collections.ConfigDict) -> str:
   The copy is written in `<prepared_dir>.incomplete` in shards of `SHARD_EXAMPLES`
   source examples; a rerun after a kill goes on from the first shard not finished.
   When every split is written, the shards get TFDS's names, TFDS's metadata is
-  written (`tfds.folder_dataset.write_metadata`), the copy is read back, the finished
-  marker (`datasets.PREPARED_MARKER`, its counts) is written and the folder renamed
+  written (`tfds.folder_dataset.write_metadata`), the copy is read back (every record of
+  every shard counted against the source; each shard was fsynced when finished), the
+  finished marker (`datasets.PREPARED_MARKER`, its counts) is written and the folder renamed
   to `datasets.prepared_dir(config)`, which `tfds.builder_from_directory` reads.
 
   One process only: a multi-process job is refused (the work does not split over
@@ -773,6 +805,7 @@ def prepare(config: ml_collections.ConfigDict) -> str:
       _finish(config, src, feature_dict, incomplete, counts)
     shutil.rmtree(os.path.join(incomplete, _WORK), ignore_errors=True)
     os.replace(incomplete, directory)
+    _fsync(os.path.dirname(directory))
   finally:
     lock.release()
   with open(os.path.join(directory, datasets.PREPARED_MARKER)) as f:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import struct
 import tarfile
 import zlib
 
@@ -358,3 +359,57 @@ def test_imagenet_in_its_real_order_is_read_in_batches_of_many_classes(tmp_path,
     data = input_pipeline.create_datasets(config, part, 2)
     labels = {int(x) for b in itertools.islice(data.train_batches(), 10) for x in b['label']}
     assert len(labels) >= 0.9 * classes, (part, len(labels))
+
+
+def truncate(path: str, how: str):
+  """Cuts a TFRecord file inside its last record ('mid-record'), or after its first
+  record ('whole records': a file that ends cleanly, short of its metadata's count)."""
+  size = os.path.getsize(path)
+  if how == 'mid-record':
+    keep = size - 10
+  else:
+    with open(path, 'rb') as f:
+      [length] = struct.unpack('<Q', f.read(8))
+    keep = 8 + 4 + length + 4  # Length, its CRC, the data, its CRC.
+    assert keep < size
+  with open(path, 'r+b') as f:
+    f.truncate(keep)
+
+
+@pytest.mark.parametrize('how', ['mid-record', 'whole records'])
+def test_a_truncated_shard_stops_training_with_an_error_naming_it(tmp_path, monkeypatch, how):
+  """Not a silently shorter epoch: the train stream fails, naming the shard."""
+  write_imagenet_tars(tmp_path / 'tars')
+  monkeypatch.setattr(prepare, 'SHARD_EXAMPLES', 2)  # 4 train shards: 2, 2, 2, 1.
+  config = imagenet_config(tmp_path)
+  directory = prepare.prepare(config)
+  shard = os.path.join(directory, 'imagenet2012-train.tfrecord-00001-of-00004')
+  truncate(shard, how)
+  config.update(prepared=True, batch_size=2, shuffle_buffer=7)
+  data = input_pipeline.create_datasets(config)
+  assert data.steps_per_epoch == 3
+  with pytest.raises(ValueError, match=f"Reading split 'train' of .*: {re.escape(shard)} "):
+    list(itertools.islice(data.train_batches(), 6))
+
+
+@pytest.mark.parametrize('how', ['mid-record', 'whole records'])
+def test_a_shard_truncated_while_prepared_leaves_no_finished_copy(tmp_path, monkeypatch, how):
+  """Every record of every shard is counted before the copy counts as finished: a
+  middle shard, which a read of the first and last example never touches."""
+  write_imagenet_tars(tmp_path / 'tars')
+  monkeypatch.setattr(prepare, 'SHARD_EXAMPLES', 2)
+  commit = prepare._commit_shard
+
+  def commit_then_truncate(work, split, shard, counts):
+    commit(work, split, shard, counts)
+    if (split, shard) == ('train', 1):
+      truncate(prepare._shard_path(work, split, shard, 'tfrecord'), how)
+
+  monkeypatch.setattr(prepare, '_commit_shard', commit_then_truncate)
+  config = imagenet_config(tmp_path)
+  directory = datasets.prepared_dir(config)
+  shard = os.path.join(directory + '.incomplete', 'imagenet2012-train.tfrecord-00001-of-00004')
+  with pytest.raises(ValueError, match=f'reads back wrong: {re.escape(shard)} '):
+    prepare.prepare(config)
+  assert not os.path.exists(directory)
+  assert not os.path.exists(os.path.join(directory + '.incomplete', datasets.PREPARED_MARKER))
