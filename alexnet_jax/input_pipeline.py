@@ -730,19 +730,24 @@ def _check_decodes(train: tf.data.Dataset, config: ml_collections.ConfigDict):
     )
 
 
+# Elements `_map_decodable` maps in one dataset of their own: its creation (~0.5 ms of
+# CPU) is shared by them.
+_DECODE_CHUNK = 64
+
+
 def _map_decodable(ds: tf.data.Dataset, fn: Callable, threads: int) -> tf.data.Dataset:
-  """`ds.map(fn)`, `threads` elements at once, without the elements where `fn` raises
-  (an undecodable image); an error of `ds` itself (a corrupt or truncated record, a
-  file shorter than its metadata says) still stops the stream.
+  """`ds.map(fn)` in order, `threads` calls at once, without the elements where `fn`
+  raises (an undecodable image); an error of `ds` itself (a corrupt or truncated record,
+  a file shorter than its metadata says) still stops the stream.
 
   `ignore_errors` after the map would swallow those too, and a truncated file would
-  silently shorten every epoch: each element is mapped in a one-element dataset of
-  its own, whose errors alone are ignored.
+  silently shorten every epoch: chunks of `_DECODE_CHUNK` elements are mapped in
+  datasets of their own, whose errors alone are ignored, `threads` chunks at once.
   """
-  return ds.interleave(
-    lambda *element: tf.data.Dataset.from_tensors(element).map(fn).ignore_errors(),
+  return ds.batch(_DECODE_CHUNK).interleave(
+    lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(fn).ignore_errors(),
     cycle_length=threads,
-    block_length=1,
+    block_length=_DECODE_CHUNK,
     num_parallel_calls=threads,
   )
 
