@@ -314,10 +314,31 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   return int(builder.as_dataset(split=split, decoders=_decoders(builder)).cardinality())
 
 
-def _parts_interleave(builder: tfds.core.DatasetBuilder) -> bool:
-  """Whether `_read_part`'s part p holds the split's examples p, p + parts, ... (else
-  one consecutive range of them)."""
-  return isinstance(builder, tfds.ImageFolder)  # It has no sub-splits.
+def data_options(deterministic: bool = True, threads: int | None = None) -> tf.data.Options:
+  """The tf.data options of every stream of the data path (train and test batches,
+  label counts, `alexnet_jax.prepare`): elements in order if `deterministic`, and a
+  private pool of `threads` threads when given.
+
+  Autotuning is off: its thread sleeps in periods that double up to 60 s, and an
+  iterator's destructor waits for it (the end of a 30-min run hung ~50 s on a slowly
+  read stream, benchmarks/README.md). AUTOTUNE then keeps TF's starting value, min(16,
+  cores) parallel calls: the decodes get `decode_threads()` calls instead.
+  """
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.autotune.enabled = False
+  if threads is not None:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def is_image_folder(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether `builder` reads image files one by one (`tfds.ImageFolder`), the data
+  path's one special case: it has no sub-splits (`split[a:b]`; `_read_part`'s part p
+  then holds the split's examples p, p + parts, ..., not a consecutive range), no
+  record files to check, and an unseeded file shuffle (its stored order is a seeded
+  shuffle already)."""
+  return isinstance(builder, tfds.ImageFolder)
 
 
 def _read_part(
@@ -335,7 +356,7 @@ def _read_part(
   """
   decoders = _decoders(builder)
   shuffle_files = read_config is not None and read_config.shuffle_seed is not None
-  if _parts_interleave(builder):
+  if is_image_folder(builder):
     ds = builder.as_dataset(split=split, decoders=decoders)
     return ds if num_parts == 1 else ds.shard(num_parts, part)
   if num_parts > 1:
@@ -382,8 +403,7 @@ def _part_labels(
 
   Images are read (an image folder's files, a TFRecord's bytes) but not decoded.
   """
-  options = tf.data.Options()
-  options.autotune.enabled = False  # No 60-s autotuner sleep at the iterator's end.
+  options = data_options()
   labels = []
   for part in range(num_parts):
     ds = _read_part(builder, split, part, num_parts, read_config).map(lambda ex: ex['label'])
@@ -402,7 +422,7 @@ def _kept_per_class(
 
   Kept: those of the classes with `new_ids[label] >= 0`, and with `per_class`, only
   the first `per_class` of each class in the split's stored order (which the parts
-  hold consecutively, or interleaved: `_parts_interleave`). As each part streams its
+  hold consecutively, or interleaved: `is_image_folder`). As each part streams its
   examples in stored order, a part's kept examples of a class are then its first
   ones of that class, however the split is cut into parts.
   """
@@ -536,7 +556,7 @@ def create_datasets(
   train = _read_part(builder, config.train_split, part, num_parts, train_read)
   test = _read_part(builder, config.test_split, part, num_parts)
   rows, eval_rows = config.batch_size // num_parts, config.eval_batch_size // num_parts
-  interleaved = _parts_interleave(builder)
+  interleaved = is_image_folder(builder)
   subset = bool(classes) or per_class is not None
   if subset:
     kept = _kept_per_class(
@@ -585,14 +605,7 @@ def create_datasets(
     num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
     test_total = int(test.cardinality())
   threads = decode_threads()
-  options = tf.data.Options()
-  options.deterministic = config.deterministic_input
-  # tf.data's autotuner thread sleeps in periods that double up to 60 s, and an
-  # iterator's destructor waits for it: the end of a 30-min run hung ~50 s (a slowly
-  # read stream, benchmarks/README.md). Without it AUTOTUNE would keep TF's starting
-  # value, min(16, cores) parallel calls: the decodes get `threads` instead.
-  options.autotune.enabled = False
-  options.threading.private_threadpool_size = threads
+  options = data_options(config.deterministic_input, threads)
 
   def train_batches(start_step: int = 0):
     """Endless batches from step `start_step` on; the same for a given config.seed.
@@ -781,7 +794,7 @@ def _naming_damaged_files(
   try:
     yield from batches
   except tf.errors.OpError as error:
-    if not _parts_interleave(builder):  # An image folder has no record files.
+    if not is_image_folder(builder):  # An image folder has no record files.
       info = builder.info.splits[split]
       try:
         check_records([os.fspath(p) for p in info.filepaths], info.shard_lengths)

@@ -299,7 +299,7 @@ def _tfds_examples(
   """`split` of `builder` in stored order (its files read one after the other) from
   example `skip` on: a sub-split, whose files before it are not read, except for an
   image folder, which has none (its images before it are read but not decoded)."""
-  folder = isinstance(builder, tfds.ImageFolder)
+  folder = input_pipeline.is_image_folder(builder)
   ds = builder.as_dataset(
     split=split if folder or not skip else f'{split}[{skip}:]',
     decoders={'image': tfds.decode.SkipDecoding()},
@@ -365,8 +365,8 @@ class _Feed:
 
   def dataset(self, config: ml_collections.ConfigDict) -> tf.data.Dataset:
     """(index, stored image, label), in the order `split.examples` gives them;
-    `len(os.sched_getaffinity(0))` images decoded and rescaled at once."""
-    cores = len(os.sched_getaffinity(0))
+    `input_pipeline.decode_threads()` images decoded and rescaled at once."""
+    cores = input_pipeline.decode_threads()
     ds = tf.data.Dataset.from_generator(
       self,
       output_signature=(
@@ -376,9 +376,7 @@ class _Feed:
       ),
     )
     ds = ds.map(_stored(config), num_parallel_calls=cores, deterministic=True)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.autotune.enabled = False  # Its thread delays the iterator's end (input_pipeline).
+    options = input_pipeline.data_options(threads=cores)
     return ds.ignore_errors().prefetch(2 * cores).with_options(options)
 
 
@@ -743,7 +741,7 @@ def prepare(config: ml_collections.ConfigDict) -> str:
   cuda-convnet2's make-data/pyext/include/pyext.h:26) or as raw pixels
   (`config.prepared_format`), with its label, in the order `source` gives: ImageNet's
   train images in a seeded random order (`TRAIN_ORDER_SEED`), every other split as
-  stored. Images are decoded `len(os.sched_getaffinity(0))` at a time by tf.data.
+  stored. Images are decoded `input_pipeline.decode_threads()` at a time by tf.data.
   Undecodable images are skipped, counted and named in the log.
 
   The copy is written in `<prepared_dir>.incomplete` in shards of `SHARD_EXAMPLES`
@@ -796,7 +794,7 @@ def prepare(config: ml_collections.ConfigDict) -> str:
         src.description,
         ', '.join(f'{s.name} {s.num_examples}' for s in src.splits),
         shard_examples,
-        len(os.sched_getaffinity(0)),
+        input_pipeline.decode_threads(),
       )
       counts = {
         split.name: _write_split(split, config, feature_dict, work, shard_examples)
