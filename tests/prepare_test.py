@@ -332,6 +332,7 @@ def distinct_per_batch(batches) -> list[int]:
   return [len(set(batch['label'].tolist())) for batch in batches]
 
 
+@pytest.mark.slow  # Prepares 3,000 images and reads them 3 times: ~10 s on 2 cores.
 def test_imagenet_in_its_real_order_is_read_in_batches_of_many_classes(tmp_path, monkeypatch):
   """100 synset tars of 30 images in ImageNet's order (synsets sorted), prepared, read
   with the default shuffle buffer's share of the split (16,384 / 1,281,167 = 1.3%):
