@@ -38,8 +38,11 @@ def model_input(batch: Mapping[str, jax.Array], normalization: Normalization | N
   if normalization is None:
     raise ValueError('uint8 images need normalization=(pixel_mean, pixel_std).')
   x = images.astype(jnp.float32)
+  # Per example, over its (crops,) H, W: N's draw broadcast along every axis between.
+  between = (1,) * (x.ndim - 2)
   if 'flip' in batch:
-    x = jnp.where(batch['flip'][:, None, None, None], jnp.flip(x, axis=2), x)
+    flip = jnp.reshape(batch['flip'], (-1, *between, 1))
+    x = jnp.where(flip, jnp.flip(x, axis=-2), x)  # Along W, the axis before RGB.
   if 'lighting' in batch:
-    x = x + batch['lighting'][:, None, None, :]
+    x = x + jnp.reshape(batch['lighting'], (-1, *between, 3))
   return normalize(x, normalization)

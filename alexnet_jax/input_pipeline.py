@@ -166,17 +166,13 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
     shape = tf.cond(
       is_jpeg,
       lambda: tf.io.extract_jpeg_shape(encoded),
-      lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False)),
+      lambda: tf.shape(_decode_uint8(encoded)),
     )
     top_left, crop_size = _inception_window(shape, seed)
     image = tf.cond(
       is_jpeg,
-      lambda: tf.image.decode_and_crop_jpeg(
-        encoded, tf.concat([top_left, crop_size], 0), channels=3
-      ),
-      lambda: _slice_window(
-        tf.io.decode_image(encoded, channels=3, expand_animations=False), top_left, crop_size
-      ),
+      lambda: _decode_jpeg_window(encoded, tf.concat([top_left, crop_size], 0)),
+      lambda: _slice_window(_decode_uint8(encoded), top_left, crop_size),
     )
   return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
 
@@ -186,10 +182,32 @@ def _slice_window(image: tf.Tensor, top_left: tf.Tensor, crop_size: tf.Tensor) -
   return tf.slice(image, tf.concat([top_left, [0]], 0), tf.concat([crop_size, [3]], 0))
 
 
+# libjpeg's accurate integer IDCT (its JDCT_ISLOW, what Pillow and OpenCV decode with),
+# not TF's default fast one, which costs ~0.8 dB PSNR on quality-95 copies.
+_DCT_METHOD = 'INTEGER_ACCURATE'
+
+
+def _decode_uint8(encoded: tf.Tensor) -> tf.Tensor:
+  """JPEG/PNG/GIF/BMP bytes → uint8 [H, W, 3] (JPEGs with `_DCT_METHOD`)."""
+  return tf.cond(
+    tf.io.is_jpeg(encoded),
+    lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method=_DCT_METHOD),
+    lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+  )
+
+
+def _decode_jpeg_window(encoded: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+  """The [top, left, height, width] `window` of a JPEG, uint8, only it decoded."""
+  return tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method=_DCT_METHOD)
+
+
 def decode(encoded: tf.Tensor) -> tf.Tensor:
-  """PNG/JPEG bytes → float32 [H, W, 3]; grayscale is replicated to RGB."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  return tf.cast(image, tf.float32)
+  """PNG/JPEG bytes → float32 [H, W, 3]; grayscale is replicated to RGB; JPEGs with
+  libjpeg's accurate IDCT (`_DCT_METHOD`).
+
+  Raises (inside tf.data): InvalidArgumentError for undecodable bytes.
+  """
+  return tf.cast(_decode_uint8(encoded), tf.float32)
 
 
 def _rescaled(encoded: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
@@ -199,7 +217,12 @@ def _rescaled(encoded: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tenso
     return stored_image(encoded, config)
   if config.prepared_format == 'raw':
     return encoded
-  return tf.io.decode_jpeg(encoded, channels=3)
+  return tf.io.decode_jpeg(encoded, channels=3, dct_method=_DCT_METHOD)
+
+
+def _prepared_jpeg(config: ml_collections.ConfigDict) -> bool:
+  """Whether the images read are a prepared copy's JPEGs of `resize_size`²."""
+  return config.prepared and config.prepared_format == 'jpeg'
 
 
 def paper_crop(encoded: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
@@ -210,10 +233,10 @@ def paper_crop(encoded: tf.Tensor, seed: tf.Tensor, config: ml_collections.Confi
   neighbour, which the window lacks): within a few levels there.
   """
   size = config.image_size
-  if config.prepared and config.prepared_format == 'jpeg':
+  if _prepared_jpeg(config):
     stored = (config.resize_size, config.resize_size, 3)
     top, left = tf.unstack(crop_window(stored, size, seed))
-    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, size, size]), channels=3)
+    return _decode_jpeg_window(encoded, tf.stack([top, left, size, size]))
   image = _rescaled(encoded, config)
   top, left = tf.unstack(crop_window(tf.shape(image), size, seed))
   return image[top : top + size, left : left + size]
@@ -252,19 +275,24 @@ def preprocess_eval(encoded, config: ml_collections.ConfigDict, crops: int = 1) 
   1 crop is the central patch of the `rescale`d image; 10 are its `ten_crops`, as
   the paper tests (Sec. 4.1); 2 are the central patch and its reflection, the same
   test where the rescaled image is the patch itself (resize_size = image_size, where
-  the 10 crops hold 5 copies of each).
+  the 10 crops hold 5 copies of each). Of a prepared JPEG, 1 or 2 crops decode only
+  the central window (its last column as `paper_crop` says).
 
   Raises:
     ValueError: if `crops` is not 1, 2 or 10.
   """
-  image = _rescaled(encoded, config)
-  if crops == 10:
-    return ten_crops(image, config.image_size)
-  if crops not in (1, 2):
+  if crops not in (1, 2, 10):
     raise ValueError(
       f'crops={crops}: use 1 (central patch), 2 (and its reflection) or 10 (Sec. 4.1).'
     )
-  image = central_crop(image, config.image_size)
+  size = config.image_size
+  if crops == 10:
+    return ten_crops(_rescaled(encoded, config), size)
+  if _prepared_jpeg(config):  # Only the central window decoded (see `paper_crop`).
+    offset = (config.resize_size - size) // 2
+    image = _decode_jpeg_window(encoded, tf.constant([offset, offset, size, size]))
+  else:
+    image = central_crop(_rescaled(encoded, config), size)
   if crops == 2:
     image = tf.stack([image, tf.reverse(image, axis=[1])])
   return image
@@ -286,10 +314,31 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   return int(builder.as_dataset(split=split, decoders=_decoders(builder)).cardinality())
 
 
-def _parts_interleave(builder: tfds.core.DatasetBuilder) -> bool:
-  """Whether `_read_part`'s part p holds the split's examples p, p + parts, ... (else
-  one consecutive range of them)."""
-  return isinstance(builder, tfds.ImageFolder)  # It has no sub-splits.
+def data_options(deterministic: bool = True, threads: int | None = None) -> tf.data.Options:
+  """The tf.data options of every stream of the data path (train and test batches,
+  label counts, `alexnet_jax.prepare`): elements in order if `deterministic`, and a
+  private pool of `threads` threads when given.
+
+  Autotuning is off: its thread sleeps in periods that double up to 60 s, and an
+  iterator's destructor waits for it (the end of a 30-min run hung ~50 s on a slowly
+  read stream, benchmarks/README.md). AUTOTUNE then keeps TF's starting value, min(16,
+  cores) parallel calls: the decodes get `decode_threads()` calls instead.
+  """
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.autotune.enabled = False
+  if threads is not None:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def is_image_folder(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether `builder` reads image files one by one (`tfds.ImageFolder`), the data
+  path's one special case: it has no sub-splits (`split[a:b]`; `_read_part`'s part p
+  then holds the split's examples p, p + parts, ..., not a consecutive range), no
+  record files to check, and an unseeded file shuffle (its stored order is a seeded
+  shuffle already)."""
+  return isinstance(builder, tfds.ImageFolder)
 
 
 def _read_part(
@@ -299,15 +348,48 @@ def _read_part(
   num_parts: int,
   read_config: tfds.ReadConfig | None = None,
 ) -> tf.data.Dataset:
-  """Part `part` of `num_parts` of `split` (all of it for one part), images encoded."""
+  """Part `part` of `num_parts` of `split` (all of it for one part), images encoded.
+
+  With `read_config.shuffle_seed` set, the part's files are read in the order that
+  seed gives (TFDS's `shuffle_files`; an image folder, whose own file shuffle is not
+  seeded, in its stored order).
+  """
   decoders = _decoders(builder)
-  if num_parts == 1:
-    return builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
-  if _parts_interleave(builder):
-    ds = builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
-    return ds.shard(num_parts, part)
+  shuffle_files = read_config is not None and read_config.shuffle_seed is not None
+  if is_image_folder(builder):
+    ds = builder.as_dataset(split=split, decoders=decoders)
+    return ds if num_parts == 1 else ds.shard(num_parts, part)
+  if num_parts > 1:
+    split = tfds.even_splits(split, num_parts)[part]
   return builder.as_dataset(
-    split=tfds.even_splits(split, num_parts)[part], decoders=decoders, read_config=read_config
+    split=split, decoders=decoders, read_config=read_config, shuffle_files=shuffle_files
+  )
+
+
+# Train files read at once: TFDS's default interleave_cycle_length.
+_FILES_AT_ONCE = 16
+
+
+def _train_read_config(per_class: int | None, seed: tf.Tensor | None = None) -> tfds.ReadConfig:
+  """How the train split's files are read.
+
+  With `train_examples_per_class` (`per_class`), one file after the other in stored
+  order ("the first N" must not depend on the reading). Otherwise interleaved one
+  example at a time (block length 1, from `_FILES_AT_ONCE` files), in the order of
+  `seed` when given (a tensor: a new order every epoch): a split stored in class
+  order (ImageNet's tars; a copy TFDS did not shuffle) then reaches the shuffle
+  buffer as a mix of 16 files, not runs of 16 examples of one.
+  """
+  if per_class is not None:
+    return tfds.ReadConfig(interleave_cycle_length=1)
+  return tfds.ReadConfig(
+    interleave_cycle_length=_FILES_AT_ONCE,
+    interleave_block_length=1,
+    shuffle_seed=seed,
+    shuffle_reshuffle_each_iteration=False,
+    # A dataset its builder stores in order (`disable_shuffling`) is mixed for training
+    # too: TFDS would refuse shuffle_files there, and read one file at a time.
+    enable_ordering_guard=False,
   )
 
 
@@ -321,8 +403,7 @@ def _part_labels(
 
   Images are read (an image folder's files, a TFRecord's bytes) but not decoded.
   """
-  options = tf.data.Options()
-  options.autotune.enabled = False  # No 60-s autotuner sleep at the iterator's end.
+  options = data_options()
   labels = []
   for part in range(num_parts):
     ds = _read_part(builder, split, part, num_parts, read_config).map(lambda ex: ex['label'])
@@ -341,7 +422,7 @@ def _kept_per_class(
 
   Kept: those of the classes with `new_ids[label] >= 0`, and with `per_class`, only
   the first `per_class` of each class in the split's stored order (which the parts
-  hold consecutively, or interleaved: `_parts_interleave`). As each part streams its
+  hold consecutively, or interleaved: `is_image_folder`). As each part streams its
   examples in stored order, a part's kept examples of a class are then its first
   ones of that class, however the split is cut into parts.
   """
@@ -471,13 +552,11 @@ def create_datasets(
   if classes:
     new_ids = np.full(num_classes, -1)
     new_ids[list(classes)] = np.arange(len(classes))
-  # "The first N in stored order" needs the files read in order, not interleaved; it
-  # then does not depend on how many parts the split is cut into.
-  train_read = tfds.ReadConfig(interleave_cycle_length=1) if per_class is not None else None
+  train_read = _train_read_config(per_class)
   train = _read_part(builder, config.train_split, part, num_parts, train_read)
   test = _read_part(builder, config.test_split, part, num_parts)
   rows, eval_rows = config.batch_size // num_parts, config.eval_batch_size // num_parts
-  interleaved = _parts_interleave(builder)
+  interleaved = is_image_folder(builder)
   subset = bool(classes) or per_class is not None
   if subset:
     kept = _kept_per_class(
@@ -526,14 +605,7 @@ def create_datasets(
     num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
     test_total = int(test.cardinality())
   threads = decode_threads()
-  options = tf.data.Options()
-  options.deterministic = config.deterministic_input
-  # tf.data's autotuner thread sleeps in periods that double up to 60 s, and an
-  # iterator's destructor waits for it: the end of a 30-min run hung ~50 s (a slowly
-  # read stream, benchmarks/README.md). Without it AUTOTUNE would keep TF's starting
-  # value, min(16, cores) parallel calls: the decodes get `threads` instead.
-  options.autotune.enabled = False
-  options.threading.private_threadpool_size = threads
+  options = data_options(config.deterministic_input, threads)
 
   def train_batches(start_step: int = 0):
     """Endless batches from step `start_step` on; the same for a given config.seed.
@@ -554,14 +626,24 @@ def create_datasets(
       )
     with sharding.failures_agreed():  # One process's part may be the bad one.
       _check_decodes(train, config)
-    source = train.map(lambda ex: (ex['image'], ex['label']))
+    pairs = lambda ds: ds.map(lambda ex: (ex['image'], ex['label']))
+    source = pairs(train)
     if config.cache:
       source = source.cache()
+    # Files in a new order every epoch, unless the stream is cached (read once, in
+    # stored order) or must keep its stored order (`per_class`).
+    shuffle_files = not config.cache and per_class is None
 
+    @tf.autograph.experimental.do_not_convert
     def epoch(index):
       # A distinct shuffle seed for every (config.seed < 1_000_003, epoch) pair.
       seed = tf.cast(index, tf.int64) * 1_000_003 + config.seed
-      return source.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * rows)
+      ds = source
+      if shuffle_files:
+        read = _train_read_config(per_class, seed)
+        ds = _read_part(builder, config.train_split, part, num_parts, read)
+        ds = pairs(_select(ds, new_ids) if classes else ds)
+      return ds.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * rows)
 
     first_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
@@ -576,29 +658,30 @@ def create_datasets(
         'index': index,
       }
 
-    ds = ds.map(preprocess, num_parallel_calls=threads).ignore_errors()
+    ds = _map_decodable(ds, preprocess, threads)
     ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _skip_counted(ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train')
+    batches = _skip_counted(
+      ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train'
+    )
+    return _naming_damaged_files(batches, builder, config.train_split)
 
   def test_batches(crops: int = 1):
     """Every decodable test example of the part once, in order, in `num_test_batches`
     batches, padded and masked."""
-    ds = (
-      test.enumerate()
-      .map(
-        lambda index, ex: {
-          'image': preprocess_eval(ex['image'], config, crops),
-          'label': tf.cast(ex['label'], tf.int32),
-          'index': index,
-        },
-        num_parallel_calls=threads,
-      )
-      .ignore_errors()
+    ds = _map_decodable(
+      test.enumerate(),
+      lambda index, ex: {
+        'image': preprocess_eval(ex['image'], config, crops),
+        'label': tf.cast(ex['label'], tf.int32),
+        'index': index,
+      },
+      threads,
     )
     ds = ds.batch(eval_rows).prefetch(tf.data.AUTOTUNE)
     batches = _skip_counted(
       ds.with_options(options).as_numpy_iterator(), 0, 'test', total=test_total
     )
+    batches = _naming_damaged_files(batches, builder, config.test_split)
     image_shape = (config.image_size, config.image_size, 3)
     if crops != 1:
       image_shape = (crops, *image_shape)
@@ -726,6 +809,69 @@ def _check_decodes(train: tf.data.Dataset, config: ml_collections.ConfigDict):
     )
 
 
+# Elements `_map_decodable` maps in one dataset of their own: its creation (~0.5 ms of
+# CPU) is shared by them.
+_DECODE_CHUNK = 64
+
+
+def _map_decodable(ds: tf.data.Dataset, fn: Callable, threads: int) -> tf.data.Dataset:
+  """`ds.map(fn)` in order, `threads` calls at once, without the elements where `fn`
+  raises (an undecodable image); an error of `ds` itself (a corrupt or truncated record,
+  a file shorter than its metadata says) still stops the stream.
+
+  `ignore_errors` after the map would swallow those too, and a truncated file would
+  silently shorten every epoch: chunks of `_DECODE_CHUNK` elements are mapped in
+  datasets of their own, whose errors alone are ignored, `threads` chunks at once.
+  """
+  return ds.batch(_DECODE_CHUNK).interleave(
+    lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(fn).ignore_errors(),
+    cycle_length=threads,
+    block_length=_DECODE_CHUNK,
+    num_parallel_calls=threads,
+  )
+
+
+def check_records(paths: list[str], lengths: list[int]):
+  """Reads every record of each TFRecord file of `paths`, checking its CRCs, and
+  counts them against `lengths` (int, one per file).
+
+  Raises:
+    ValueError: naming the first file with a corrupt or truncated record, or another
+      number of records.
+  """
+  for path, length in zip(paths, lengths, strict=True):
+    try:
+      count = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
+    except tf.errors.OpError as e:
+      raise ValueError(f'{path} is damaged ({e.message.splitlines()[0]}).') from e
+    if count != length:
+      raise ValueError(f'{path} holds {count} records, not {length}.')
+
+
+def _naming_damaged_files(
+  batches: Iterator[dict[str, np.ndarray]], builder: tfds.core.DatasetBuilder, split: str
+) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`; where the stream fails, the file of `split` that is not whole is named.
+
+  Raises:
+    ValueError: naming the damaged file (`check_records`) and what to do.
+    tf.errors.OpError: the stream's own error where every file is whole.
+  """
+  try:
+    yield from batches
+  except tf.errors.OpError as error:
+    if not is_image_folder(builder):  # An image folder has no record files.
+      info = builder.info.splits[split]
+      try:
+        check_records([os.fspath(p) for p in info.filepaths], info.shard_lengths)
+      except ValueError as e:
+        raise ValueError(
+          f'Reading split {split!r} of {builder.data_dir} failed: {e} Delete that folder '
+          'and prepare it again.'
+        ) from error
+    raise
+
+
 def _ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
@@ -758,10 +904,13 @@ def _skip_counted(
 
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-  """Pads every array to `size` rows with zeros and adds 'mask' (1 = real example)."""
+  """Pads every array to `size` rows with zeros and adds 'mask' float32 [size] (1 = real
+  example); a batch of `size` rows keeps its arrays, uncopied."""
   n = len(batch['label'])
+  mask = (np.arange(size) < n).astype(np.float32)
+  if n == size:
+    return {**batch, 'mask': mask}
   padded = {
     k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
   }
-  padded['mask'] = (np.arange(size) < n).astype(np.float32)
-  return padded
+  return {**padded, 'mask': mask}

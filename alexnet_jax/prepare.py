@@ -53,6 +53,14 @@ IMAGENET_FILES_HELP = (
 _VALIDATION_LABELS = 'datasets/imagenet2012/validation_labels.txt'
 _VAL_NAME = re.compile(r'ILSVRC2012_val_(\d{8})\.JPEG')
 
+# The train tar's images are written in a random order of this seed, as cuda-convnet2's
+# make-data/make-data.py shuffled its list of train JPEGs (`shuffle(train_jpeg_files)`)
+# before writing batches: the tar holds them synset by synset, and the reader's
+# shuffle buffer (config.shuffle_buffer, 16,384 = 1.3% of 1,281,167) cannot mix
+# classes that lie 1,300 images apart. A constant, not config.seed: one copy serves
+# runs of every seed (benchmarks/class_mixing.py).
+TRAIN_ORDER_SEED = 0
+
 # Inside `<prepared_dir>.incomplete` while it is written: a shard's records and counts.
 _WORK = 'work'
 _PROGRESS = 'progress.json'
@@ -60,13 +68,15 @@ _PROGRESS = 'progress.json'
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split of a source: its size, and its examples in source order."""
+  """One split of a source: its size, and its examples in the order the copy keeps."""
 
   name: str
   num_examples: int
   # examples(skip) -> (encoded image bytes, label, file name) of examples skip, skip + 1,
   # ...: the first `skip` are passed over without being decoded.
   examples: Callable[[int], Iterator[tuple[bytes, int, str]]]
+  # That order, for the logs and the finished marker.
+  order: str = 'as stored'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +99,9 @@ def source(config: ml_collections.ConfigDict) -> Source:
   from the original tars in manual_dir in one pass (`imagenet_tars`), with no full-size
   TFDS build first. Any other dataset is the builder `datasets.builder` gives with
   `config.prepared` False (Fashion-MNIST and CIFAR-10 from their files, an image folder,
-  a prepared TFDS ImageNet, any TFDS dataset), every split in its stored order.
+  a prepared TFDS ImageNet, any TFDS dataset), every split in its stored order, which
+  TFDS shuffled when it built the dataset (an image folder: its file list shuffled
+  with the split's name as seed, `tfds.ImageFolder`).
 
   Raises:
     FileNotFoundError: if the source's files are missing.
@@ -107,11 +119,14 @@ def imagenet_tars(manual_dir: str | None, label_names: list[str]) -> Source:
 
   Train: `TRAIN_TAR` holds one tar per synset (`n01440764.tar`, ...) of its JPEGs;
   the label is the synset's index in `label_names` (TFDS's imagenet2012 label names,
-  the sorted synsets). Validation: `VAL_TAR` holds `ILSVRC2012_val_<n>.JPEG`, whose
+  the sorted synsets). Its images are given in a random order, seeded by
+  `TRAIN_ORDER_SEED`, each read at its offset in the tar: the archive holds them
+  class by class, and a copy in that order would give batches of a few classes
+  (`TRAIN_ORDER_SEED`). Validation: `VAL_TAR` holds `ILSVRC2012_val_<n>.JPEG`, whose
   synset is line n of TFDS's validation labels file (`_VALIDATION_LABELS`; by number,
-  so that a tar holding only some of the 50,000 is labelled right too). Both in
-  archive order. The sizes come from a pass over the tars' headers (seeking past the
-  images), which also checks the layout before anything is written.
+  so that a tar holding only some of the 50,000 is labelled right too), in archive
+  order. The sizes and offsets come from a pass over the tars' headers (seeking past
+  the images), which also checks the layout before anything is written.
 
   Raises:
     FileNotFoundError: naming each missing tar and the folder.
@@ -127,6 +142,9 @@ def imagenet_tars(manual_dir: str | None, label_names: list[str]) -> Source:
   label_of = {synset: label for label, synset in enumerate(label_names)}
   logging.info('Counting the images in %s and %s (headers only).', *paths.values())
   train = _synset_tars(paths[TRAIN_TAR], label_of)
+  # Legacy RandomState: its stream is frozen across numpy versions, so a rerun after an
+  # upgrade still resumes the same order.
+  train_order = np.random.RandomState(TRAIN_ORDER_SEED).permutation(len(train.labels))
   with open(tfds.core.tfds_path(_VALIDATION_LABELS)) as f:
     val_synsets = f.read().split()
   val_labels = _val_labels(paths[VAL_TAR], val_synsets, label_of)
@@ -136,8 +154,9 @@ def imagenet_tars(manual_dir: str | None, label_names: list[str]) -> Source:
     splits=[
       Split(
         'train',
-        sum(n for _, _, n in train),
-        functools.partial(_train_examples, paths[TRAIN_TAR], train),
+        len(train.labels),
+        functools.partial(_train_examples, paths[TRAIN_TAR], train, train_order),
+        order=f'shuffled (seed {TRAIN_ORDER_SEED})',
       ),
       Split(
         'validation', len(val_labels), functools.partial(_val_examples, paths[VAL_TAR], val_labels)
@@ -150,9 +169,22 @@ def _tar_error(path: str, e: Exception) -> ValueError:
   return ValueError(f'{path} is not a readable tar ({e}). {IMAGENET_FILES_HELP}')
 
 
-def _synset_tars(path: str, label_of: dict[str, int]) -> list[tuple[str, int, int]]:
-  """(member name, label, number of images) of each synset tar of the train tar."""
-  synsets = []
+@dataclasses.dataclass(frozen=True)
+class _TarImages:
+  """Where each image of the train tar lies: its bytes at `offsets[i]` (from the start of
+  the outer tar file), `sizes[i]` long; its label and file name. In archive order."""
+
+  offsets: np.ndarray  # int64 [N]
+  sizes: np.ndarray  # int64 [N]
+  labels: np.ndarray  # int64 [N]
+  names: np.ndarray  # bytes [N]
+
+
+def _synset_tars(path: str, label_of: dict[str, int]) -> _TarImages:
+  """Every image of the train tar's synset tars, located (headers only: the inner tars
+  are stored uncompressed, so an image's bytes lie at its inner offset past its
+  synset tar's own)."""
+  offsets, sizes, labels, names = [], [], [], []
   try:
     with tarfile.open(path, 'r:') as outer:
       for member in outer:
@@ -165,10 +197,20 @@ def _synset_tars(path: str, label_of: dict[str, int]) -> list[tuple[str, int, in
             f'(n01440764.tar, ...). {IMAGENET_FILES_HELP}'
           )
         with tarfile.open(fileobj=outer.extractfile(member), mode='r:') as inner:
-          synsets.append((member.name, label_of[synset], sum(m.isfile() for m in inner)))
+          for image in inner:
+            if image.isfile():
+              offsets.append(member.offset_data + image.offset_data)
+              sizes.append(image.size)
+              labels.append(label_of[synset])
+              names.append(os.path.basename(image.name).encode())
   except (tarfile.TarError, OSError, EOFError) as e:
     raise _tar_error(path, e) from e
-  return synsets
+  return _TarImages(
+    np.array(offsets, np.int64),
+    np.array(sizes, np.int64),
+    np.array(labels, np.int64),
+    np.array(names, object),
+  )
 
 
 def _val_labels(path: str, val_synsets: list[str], label_of: dict[str, int]) -> list[int]:
@@ -192,26 +234,19 @@ def _val_labels(path: str, val_synsets: list[str], label_of: dict[str, int]) -> 
 
 
 def _train_examples(
-  path: str, synsets: list[tuple[str, int, int]], skip: int
+  path: str, images: _TarImages, order: np.ndarray, skip: int
 ) -> Iterator[tuple[bytes, int, str]]:
-  """The train tar's images from number `skip` on; whole synset tars before it are
-  seeked past, unopened."""
+  """The train tar's images `order[skip]`, `order[skip + 1]`, ..., each read at its
+  offset (as make-data.py read its shuffled list of tar members)."""
   try:
-    with tarfile.open(path, 'r:') as outer:
-      members = {member.name: member for member in outer.getmembers()}
-      for name, label, count in synsets:
-        if skip >= count:
-          skip -= count
-          continue
-        with tarfile.open(fileobj=outer.extractfile(members[name]), mode='r:') as inner:
-          for member in inner:
-            if not member.isfile():
-              continue
-            if skip:
-              skip -= 1
-              continue
-            yield inner.extractfile(member).read(), label, os.path.basename(member.name)
-  except (tarfile.TarError, OSError, EOFError) as e:
+    with open(path, 'rb') as f:
+      for i in order[skip:]:
+        f.seek(images.offsets[i])
+        data = f.read(images.sizes[i])
+        if len(data) != images.sizes[i]:
+          raise EOFError(f'{images.names[i].decode()} ends early')
+        yield data, int(images.labels[i]), images.names[i].decode()
+  except (OSError, EOFError) as e:
     raise _tar_error(path, e) from e
 
 
@@ -240,7 +275,12 @@ def _tfds_source(config: ml_collections.ConfigDict) -> Source:
       f'{", ".join(features)}): alexnet_jax.prepare stores (image, label) pairs.'
     )
   splits = [
-    Split(name, info.num_examples, functools.partial(_tfds_examples, builder, name))
+    Split(
+      name,
+      info.num_examples,
+      functools.partial(_tfds_examples, builder, name),
+      order='as stored (TFDS shuffles when it builds)',
+    )
     for name, info in builder.info.splits.items()
   ]
   if not splits:
@@ -259,7 +299,7 @@ def _tfds_examples(
   """`split` of `builder` in stored order (its files read one after the other) from
   example `skip` on: a sub-split, whose files before it are not read, except for an
   image folder, which has none (its images before it are read but not decoded)."""
-  folder = isinstance(builder, tfds.ImageFolder)
+  folder = input_pipeline.is_image_folder(builder)
   ds = builder.as_dataset(
     split=split if folder or not skip else f'{split}[{skip}:]',
     decoders={'image': tfds.decode.SkipDecoding()},
@@ -324,9 +364,9 @@ class _Feed:
       self.error = e  # Raised by `_write_split` once the stream ends.
 
   def dataset(self, config: ml_collections.ConfigDict) -> tf.data.Dataset:
-    """(index, stored image, label), in source order; `len(os.sched_getaffinity(0))`
-    images decoded and rescaled at once."""
-    cores = len(os.sched_getaffinity(0))
+    """(index, stored image, label), in the order `split.examples` gives them;
+    `input_pipeline.decode_threads()` images decoded and rescaled at once."""
+    cores = input_pipeline.decode_threads()
     ds = tf.data.Dataset.from_generator(
       self,
       output_signature=(
@@ -336,9 +376,7 @@ class _Feed:
       ),
     )
     ds = ds.map(_stored(config), num_parallel_calls=cores, deterministic=True)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.autotune.enabled = False  # Its thread delays the iterator's end (input_pipeline).
+    options = input_pipeline.data_options(threads=cores)
     return ds.ignore_errors().prefetch(2 * cores).with_options(options)
 
 
@@ -355,12 +393,26 @@ def _shard_counts(work: str, split: str, shard: int) -> dict | None:
     return json.load(f)
 
 
+def _fsync(path: str):
+  """Flushes a file's data, or a folder's entries (a rename in it), to the disk: what a
+  counts file or marker vouches for must outlive a power cut, not only a kill."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 def _commit_shard(work: str, split: str, shard: int, counts: dict):
-  """Marks a shard finished: its records (if any) under their name, then its counts."""
+  """Marks a shard finished: its records (if any) on disk under their name, then its
+  counts."""
   temp = _shard_path(work, split, shard, 'tfrecord.tmp')
   if counts['examples']:
+    _fsync(temp)
     os.replace(temp, _shard_path(work, split, shard, 'tfrecord'))
+    _fsync(work)
   files.write_json(_shard_path(work, split, shard, 'json'), counts)
+  _fsync(work)
 
 
 def _remove_shards(work: str, split: str, shards: range):
@@ -536,6 +588,7 @@ def _start_work(work: str, src: Source, shard_examples: int) -> int:
     'splits': {split.name: split.num_examples for split in src.splits},
     'num_classes': len(src.label_names),
     'shard_examples': shard_examples,
+    'orders': {split.name: split.order for split in src.splits},
   }
   if not os.path.exists(path):
     os.makedirs(work, exist_ok=True)
@@ -543,7 +596,7 @@ def _start_work(work: str, src: Source, shard_examples: int) -> int:
     return shard_examples
   with open(path) as f:
     started = json.load(f)
-  if started['splits'] != record['splits'] or started['num_classes'] != record['num_classes']:
+  if any(started.get(key) != record[key] for key in ('splits', 'num_classes', 'orders')):
     raise ValueError(
       f'{os.path.dirname(work)} holds a copy in progress of another source ({started}; '
       f'now {record}): delete that folder to start again.'
@@ -597,6 +650,7 @@ def _finish(
       'examples': sum(c['examples'] for c in shard_counts),
       'skipped': sum(c['skipped'] for c in counts[split.name]),
       'shards': len(kept),
+      'order': split.order,
     }
   keys = {k: config[k] for k in ('resize', 'resize_size', 'image_size', 'prepared_format')}
   if config.prepared_format == 'jpeg':
@@ -613,30 +667,47 @@ def _finish(
     ),
     supervised_keys=('image', 'label'),
   )
-  _check_reads(incomplete, summary, config)
+  _fsync(incomplete)  # The shards' new names, and TFDS's metadata.
+  _check_reads(incomplete, summary, config, counts)
   marker = {'source': src.description, 'config': keys, 'splits': summary}
   files.write_json(os.path.join(incomplete, datasets.PREPARED_MARKER), marker)
+  _fsync(incomplete)
   return marker
 
 
-def _check_reads(directory: str, summary: dict, config: ml_collections.ConfigDict):
-  """Reads the first and last example of every split back through TFDS.
+def _check_reads(
+  directory: str, summary: dict, config: ml_collections.ConfigDict, counts: dict[str, list[dict]]
+):
+  """Reads the copy back: every record of every shard, counted against the examples
+  written there from the source (`counts`, per split and shard: written + skipped
+  were the source's examples), then the first and last example of every split
+  through TFDS.
 
   Raises:
-    ValueError: if a split's size or an image's shape is not what was written.
+    ValueError: naming a shard with a corrupt or truncated record or another number of
+      records, or if a split's size or an image's shape is not what was written.
   """
   builder = tfds.builder_from_directory(directory)
   shape = (config.resize_size, config.resize_size, 3)
-  for split, counts in summary.items():
-    size = builder.info.splits[split].num_examples
+  for split, split_counts in summary.items():
+    info = builder.info.splits[split]
+    try:
+      input_pipeline.check_records(
+        [os.fspath(p) for p in info.filepaths],
+        [c['examples'] for c in counts[split] if c['examples']],
+      )
+    except ValueError as e:
+      raise ValueError(f'{directory} reads back wrong: {e} Delete it to start again.') from e
     examples = [
       *builder.as_dataset(split=f'{split}[:1]'),
       *builder.as_dataset(split=f'{split}[-1:]'),
     ]
-    if size != counts['examples'] or any(tuple(e['image'].shape) != shape for e in examples):
+    if info.num_examples != split_counts['examples'] or any(
+      tuple(e['image'].shape) != shape for e in examples
+    ):
       raise ValueError(
-        f'{directory} reads back wrong: {split} has {size} examples (written: '
-        f'{counts["examples"]}), images {[tuple(e["image"].shape) for e in examples]}.'
+        f'{directory} reads back wrong: {split} has {info.num_examples} examples (written: '
+        f'{split_counts["examples"]}), images {[tuple(e["image"].shape) for e in examples]}.'
       )
 
 
@@ -668,15 +739,17 @@ def prepare(config: ml_collections.ConfigDict) -> str:
   uint8 [S, S, 3], S = resize_size: the paper's shorter side to 256 and central patch,
   Sec. 2), stored as a JPEG of quality `config.prepared_jpeg_quality` (95:
   cuda-convnet2's make-data/pyext/include/pyext.h:26) or as raw pixels
-  (`config.prepared_format`), with its label, in source order (`source`). Images
-  are decoded `len(os.sched_getaffinity(0))` at a time by tf.data. Undecodable images
-  are skipped, counted and named in the log.
+  (`config.prepared_format`), with its label, in the order `source` gives: ImageNet's
+  train images in a seeded random order (`TRAIN_ORDER_SEED`), every other split as
+  stored. Images are decoded `input_pipeline.decode_threads()` at a time by tf.data.
+  Undecodable images are skipped, counted and named in the log.
 
   The copy is written in `<prepared_dir>.incomplete` in shards of `SHARD_EXAMPLES`
   source examples; a rerun after a kill goes on from the first shard not finished.
   When every split is written, the shards get TFDS's names, TFDS's metadata is
-  written (`tfds.folder_dataset.write_metadata`), the copy is read back, the finished
-  marker (`datasets.PREPARED_MARKER`, its counts) is written and the folder renamed
+  written (`tfds.folder_dataset.write_metadata`), the copy is read back (every record of
+  every shard counted against the source; each shard was fsynced when finished), the
+  finished marker (`datasets.PREPARED_MARKER`, its counts) is written and the folder renamed
   to `datasets.prepared_dir(config)`, which `tfds.builder_from_directory` reads.
 
   One process only: a multi-process job is refused (the work does not split over
@@ -721,7 +794,7 @@ def prepare(config: ml_collections.ConfigDict) -> str:
         src.description,
         ', '.join(f'{s.name} {s.num_examples}' for s in src.splits),
         shard_examples,
-        len(os.sched_getaffinity(0)),
+        input_pipeline.decode_threads(),
       )
       counts = {
         split.name: _write_split(split, config, feature_dict, work, shard_examples)
@@ -730,6 +803,7 @@ def prepare(config: ml_collections.ConfigDict) -> str:
       _finish(config, src, feature_dict, incomplete, counts)
     shutil.rmtree(os.path.join(incomplete, _WORK), ignore_errors=True)
     os.replace(incomplete, directory)
+    _fsync(os.path.dirname(directory))
   finally:
     lock.release()
   with open(os.path.join(directory, datasets.PREPARED_MARKER)) as f:

@@ -1,5 +1,6 @@
 """Tests of data preparation, augmentation and the order of batches."""
 
+import io
 import itertools
 import os
 
@@ -157,6 +158,86 @@ def test_pad_batch_masks_padding():
   assert padded['image'].shape == (5, 2, 2, 3)
   np.testing.assert_array_equal(padded['mask'], [1, 1, 1, 0, 0])
   np.testing.assert_array_equal(padded['label'], [0, 1, 2, 0, 0])
+  whole = input_pipeline.pad_batch(batch, 3)  # Nothing to pad: the arrays themselves.
+  assert whole['image'] is batch['image'] and whole['label'] is batch['label']
+  np.testing.assert_array_equal(whole['mask'], [1, 1, 1])
+  assert whole['mask'].dtype == np.float32 and 'mask' not in batch
+
+
+def test_model_input_flips_and_lights_each_example_of_crop_batches():
+  """[N, crops, H, W, 3] batches (10-crop evaluation with draws): example n's crops are
+  all reflected along W where flip[n], and all get lighting[n]; numpy reference."""
+  rng = np.random.RandomState(3)
+  images = rng.randint(0, 256, (4, 2, 3, 5, 3)).astype(np.uint8)
+  flip = np.array([True, False, True, False])
+  lighting = rng.randn(4, 3).astype(np.float32) * 10
+  mean, std = (10.0, 20.0, 30.0), (2.0, 4.0, 5.0)
+  expected = np.where(flip[:, None, None, None, None], images[:, :, :, ::-1], images)
+  expected = (expected + lighting[:, None, None, None, :] - np.array(mean)) / np.array(std)
+  for batch in (
+    {'image': images, 'flip': flip, 'lighting': lighting},
+    {'image': images[:, 0], 'flip': flip, 'lighting': lighting},  # [N, H, W, 3] as well.
+  ):
+    out = np.asarray(augment.model_input(batch, (mean, std)))
+    want = expected if batch['image'].ndim == 5 else expected[:, 0]
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
+
+
+def pil_decode(data: bytes) -> np.ndarray:
+  """RGB uint8 pixels of image bytes as Pillow (libjpeg's accurate integer IDCT) decodes."""
+  return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+
+
+def photo_like_jpeg(quality: int = 95) -> bytes:
+  """A JPEG of smooth colour waves and noise (where the IDCT's accuracy shows)."""
+  yy, xx = np.mgrid[0:48, 0:64]
+  waves = [128 + 100 * np.sin(xx / 7 + c) * np.cos(yy / 5) for c in range(3)]
+  noise = np.random.RandomState(0).rand(48, 64, 3) * 40
+  pixels = np.clip(np.stack(waves, -1) + noise, 0, 255).astype(np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, 'JPEG', quality=quality)
+  return out.getvalue()
+
+
+def test_jpegs_decode_with_the_accurate_idct():
+  """As libjpeg's accurate integer IDCT (Pillow) decodes them, not TF's fast default,
+  for originals and for a prepared copy's JPEGs (whole, or its window)."""
+  data = photo_like_jpeg()
+  want = pil_decode(data)
+  np.testing.assert_array_equal(input_pipeline.decode(tf.constant(data)).numpy(), want)
+  config = imagenet.get_config()
+  config.update(image_size=40, resize_size=48, prepared=True, prepared_format='jpeg')
+  crops = input_pipeline.preprocess_eval(tf.constant(data), config, crops=10).numpy()
+  np.testing.assert_array_equal(crops[0], want[:40, :40])  # Top-left: the whole decoded.
+  config.augment.crop = 'paper'
+  crop = input_pipeline.paper_crop(tf.constant(data), tf.constant([0, 1]), config).numpy()
+  top, left = input_pipeline.crop_window((48, 48, 3), 40, tf.constant([0, 1])).numpy()
+  np.testing.assert_array_equal(crop[:, :-1], want[top : top + 40, left : left + 39])
+
+
+def test_a_prepared_jpegs_central_crop_decodes_only_that_window():
+  """1 and 2 test crops of a prepared JPEG: one DecodeAndCropJpeg of the central window,
+  no whole decode; its pixels are the whole decode's, but for the last column (chroma
+  upsampled from a right neighbour the window lacks)."""
+  data = photo_like_jpeg()
+  config = imagenet.get_config()
+  config.update(image_size=40, resize_size=48, prepared=True, prepared_format='jpeg')
+  want = pil_decode(data)[4:44, 4:44]
+
+  def view_of(crops):
+    return tf.function(lambda encoded: input_pipeline.preprocess_eval(encoded, config, crops))
+
+  for crops in (1, 2):
+    view = view_of(crops)
+    graph = view.get_concrete_function(tf.TensorSpec([], tf.string)).graph
+    ops = [op.type for op in graph.get_operations()]
+    assert 'DecodeAndCropJpeg' in ops and 'DecodeJpeg' not in ops, ops
+    out = view(tf.constant(data)).numpy()
+    central = out if crops == 1 else out[0]
+    np.testing.assert_array_equal(central[:, :-1], want[:, :-1])
+    assert np.abs(central[:, -1].astype(int) - want[:, -1]).mean() < 8
+    if crops == 2:
+      np.testing.assert_array_equal(out[1], central[:, ::-1])
 
 
 def test_missing_imagenet_tars_name_the_files(tmp_path):
@@ -629,7 +710,7 @@ def test_prepared_crops_are_crops_of_the_stored_image(prepared_format):
   assert stored.shape == (24, 24, 3) and stored.dtype == tf.uint8
   if prepared_format == 'jpeg':
     encoded = tf.io.encode_jpeg(stored, quality=95)
-    pixels = tf.io.decode_jpeg(encoded, channels=3).numpy()
+    pixels = pil_decode(encoded.numpy())
   else:
     encoded, pixels = stored, stored.numpy()
   prepared = config.copy_and_resolve_references()
@@ -650,7 +731,8 @@ def test_prepared_crops_are_crops_of_the_stored_image(prepared_format):
     for key in ('flip', 'lighting'):
       np.testing.assert_array_equal(from_copy[key].numpy(), from_original[key].numpy())
   central = input_pipeline.preprocess_eval(encoded, prepared).numpy()
-  np.testing.assert_array_equal(central, pixels[2:22, 2:22])
+  np.testing.assert_array_equal(central[:, :-1], pixels[2:22, 2:21])
+  assert np.abs(central[:, -1].astype(int) - pixels[2:22, 21]).mean() < 8
 
 
 def test_a_train_split_where_no_image_decodes_stops_with_a_clear_error(tmp_path):
@@ -674,3 +756,57 @@ def test_decode_threads_are_the_cores_this_process_may_use(monkeypatch):
   assert input_pipeline.decode_threads() == 3
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)))
   assert input_pipeline.decode_threads() == 64
+
+
+class SortedDigits(tfds.core.GeneratorBasedBuilder):
+  """`sorted_digits`: train 80 examples, 8 per class of 10, stored class by class (TFDS
+  not shuffling them: as ImageNet's tars hold them), 8×8 grey images."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(8, 8, 1)),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(80), 'test': self._generate_examples(10)}
+
+  def _generate_examples(self, count):
+    image = np.zeros((8, 8, 1), np.uint8)
+    for i in range(count):
+      yield i, {'image': image, 'label': i * 10 // count}
+
+
+def test_train_files_are_read_in_a_new_order_every_epoch_one_example_at_a_time(tmp_path):
+  """A split stored class by class in 10 files, read without a shuffle buffer: each
+  epoch takes one example from every file in turn (TFDS's 16 files at once, block
+  length 1; its default took 16 from one file), the files in a new order every epoch,
+  and a resumed stream is the rest of the uninterrupted one."""
+  builder = tfds.builder('sorted_digits', data_dir=str(tmp_path))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=10))
+  files = [
+    {int(e['label']) for e in tfds.as_numpy(builder.as_dataset(split=f'train[{i}:{i + 8}]'))}
+    for i in range(0, 80, 8)
+  ]
+  assert builder.info.splits['train'].num_shards == 10 and files == [{c} for c in range(10)]
+  config = unaugmented_config()
+  config.update(dataset='sorted_digits', data_dir=str(tmp_path), manual_dir=None, cache=False)
+  config.update(batch_size=10, shuffle_buffer=1)
+  data = input_pipeline.create_datasets(config)
+  assert data.steps_per_epoch == 8
+  stream = [b['label'].tolist() for b in itertools.islice(data.train_batches(), 24)]
+  firsts = [stream[8 * epoch] for epoch in range(3)]
+  assert all(sorted(first) == list(range(10)) for first in firsts), firsts
+  assert firsts[0] != firsts[1] != firsts[2] != firsts[0]
+  for start in (3, 8, 13):
+    resumed = [b['label'].tolist() for b in itertools.islice(data.train_batches(start), 24 - start)]
+    assert resumed == stream[start:], start

@@ -2,10 +2,12 @@
 an image folder) rescaled once into a TFDS copy, resumed after a kill, read back."""
 
 import io
+import itertools
 import json
 import logging
 import os
 import re
+import struct
 import tarfile
 import zlib
 
@@ -32,7 +34,7 @@ with open(os.path.join(_TFDS_IMAGENET, 'labels.txt')) as _f:
 with open(os.path.join(_TFDS_IMAGENET, 'validation_labels.txt')) as _f:
   VAL_SYNSETS = _f.read().split()
 
-# (synset, images) in archive order, not sorted: the archive's order is kept.
+# (synset, images) in archive order, not sorted: labels follow the synsets' names.
 TRAIN_TARS = (('n15075141', 3), ('n01440764', 2), ('n02105855', 2))
 VAL_NUMBERS = (1, 2, 3, 7)  # Not 1-n: labelled by number, not by position.
 
@@ -53,31 +55,52 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes):
   tar.addfile(info, io.BytesIO(data))
 
 
+def write_tars(folder, train: list[tuple[str, list[bytes]]], val: list[tuple[int, bytes]]):
+  """ILSVRC2012_img_train.tar, of one synset tar (name, images) per `train` entry in
+  that order, and ILSVRC2012_img_val.tar of `ILSVRC2012_val_<n>.JPEG` for (n, image)."""
+  os.makedirs(folder, exist_ok=True)
+  with tarfile.open(os.path.join(folder, 'ILSVRC2012_img_train.tar'), 'w') as outer:
+    for synset, images in train:
+      inner_bytes = io.BytesIO()
+      with tarfile.open(fileobj=inner_bytes, mode='w') as inner:
+        for i, data in enumerate(images):
+          _add(inner, f'{synset}_{i}.JPEG', data)
+      _add(outer, f'{synset}.tar', inner_bytes.getvalue())
+  with tarfile.open(os.path.join(folder, 'ILSVRC2012_img_val.tar'), 'w') as tar:
+    for n, data in val:
+      _add(tar, f'ILSVRC2012_val_{n:08d}.JPEG', data)
+
+
 def write_imagenet_tars(folder, bad_train: int | None = None, bad_val: bool = False) -> dict:
   """ILSVRC2012_img_train.tar (synset tars of JPEGs) and ILSVRC2012_img_val.tar in
   `folder`, as ImageNet ships them. Train image number `bad_train` (and with
   `bad_val` every validation image) is text named .JPEG. Returns, per split, the
   (bytes, label) of each image in archive order, labels from TFDS's files."""
   rng = np.random.RandomState(0)
-  os.makedirs(folder, exist_ok=True)
   expected = {'train': [], 'validation': []}
-  with tarfile.open(os.path.join(folder, 'ILSVRC2012_img_train.tar'), 'w') as outer:
-    for synset, count in TRAIN_TARS:
-      inner_bytes = io.BytesIO()
-      with tarfile.open(fileobj=inner_bytes, mode='w') as inner:
-        for i in range(count):
-          data = jpeg(rng)
-          if len(expected['train']) == bad_train:
-            data = b'not an image, only text\n'
-          _add(inner, f'{synset}_{i}.JPEG', data)
-          expected['train'].append((data, SYNSETS.index(synset)))
-      _add(outer, f'{synset}.tar', inner_bytes.getvalue())
-  with tarfile.open(os.path.join(folder, 'ILSVRC2012_img_val.tar'), 'w') as tar:
-    for n in VAL_NUMBERS:
-      data = b'text\n' if bad_val else jpeg(rng, 36, 31)
-      _add(tar, f'ILSVRC2012_val_{n:08d}.JPEG', data)
-      expected['validation'].append((data, SYNSETS.index(VAL_SYNSETS[n - 1])))
+  train = []
+  for synset, count in TRAIN_TARS:
+    images = []
+    for _ in range(count):
+      data = jpeg(rng)
+      if len(expected['train']) == bad_train:
+        data = b'not an image, only text\n'
+      images.append(data)
+      expected['train'].append((data, SYNSETS.index(synset)))
+    train.append((synset, images))
+  val = [(n, b'text\n' if bad_val else jpeg(rng, 36, 31)) for n in VAL_NUMBERS]
+  expected['validation'] = [(data, SYNSETS.index(VAL_SYNSETS[n - 1])) for n, data in val]
+  write_tars(folder, train, val)
   return expected
+
+
+def copy_order(expected: dict) -> dict:
+  """`write_imagenet_tars`'s examples in the order of the copy: train in numpy's legacy
+  RandomState(0) permutation (prepare's documented order, `TRAIN_ORDER_SEED`),
+  validation as archived."""
+  order = np.random.RandomState(0).permutation(len(expected['train']))
+  assert list(order) != sorted(order)
+  return {**expected, 'train': [expected['train'][i] for i in order]}
 
 
 def imagenet_config(tmp_path, **overrides):
@@ -110,7 +133,7 @@ def stored(data: bytes, config) -> np.ndarray:
 
 @pytest.mark.parametrize('fmt', ['raw', 'jpeg'])
 def test_imagenet_tars_become_a_tfds_copy_of_the_stored_images(tmp_path, fmt):
-  expected = write_imagenet_tars(tmp_path / 'tars')
+  expected = copy_order(write_imagenet_tars(tmp_path / 'tars'))
   config = imagenet_config(tmp_path, prepared_format=fmt)
   directory = prepare.prepare(config)
   name = f'shorter_side_{SIZE}_raw' if fmt == 'raw' else f'shorter_side_{SIZE}_jpeg95'
@@ -201,7 +224,9 @@ def test_a_killed_prepare_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 
 def test_undecodable_images_are_skipped_and_counted(tmp_path, caplog, monkeypatch):
-  expected = write_imagenet_tars(tmp_path / 'tars', bad_train=3)
+  archived = write_imagenet_tars(tmp_path / 'tars', bad_train=3)
+  expected = copy_order(archived)
+  bad = [data for data, _ in expected['train']].index(archived['train'][3][0])
   config = imagenet_config(tmp_path)
   monkeypatch.setattr(prepare, 'PROGRESS_SECONDS', 0)  # A progress line per image.
   with caplog.at_level(logging.INFO):
@@ -212,11 +237,11 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path, caplog, monkeypatc
     'train': (6, 1),
     'validation': (4, 0),
   }
-  assert 'train example 3 (n01440764_0.JPEG) does not decode: skipped' in caplog.text
+  assert f'train example {bad} (n01440764_0.JPEG) does not decode: skipped' in caplog.text
   progress = r'train: {}/7 \(\d+\.\d%\), \d+ img/s, ETA \d\d:\d\d:\d\d, {} undecodable skipped'
   assert re.search(progress.format(2, 0), caplog.text)
   assert re.search(progress.format(7, 1), caplog.text)  # The split's last line.
-  kept = expected['train'][:3] + expected['train'][4:]
+  kept = expected['train'][:bad] + expected['train'][bad + 1 :]
   copy = read_back(config, 'train')
   assert [label for _, label in copy] == [label for _, label in kept]
   for (image, _), (data, _) in zip(copy, kept, strict=True):
@@ -301,3 +326,91 @@ def test_reading_a_copy_never_prepared_names_the_command(tmp_path):
   assert f'{directory} does not exist' in message
   assert 'python -m alexnet_jax.prepare --config=' in message
   assert '--config.resize_size=67 --config.prepared_format=jpeg' in message
+
+
+def distinct_per_batch(batches) -> list[int]:
+  return [len(set(batch['label'].tolist())) for batch in batches]
+
+
+@pytest.mark.slow  # Prepares 3,000 images and reads them 3 times: ~10 s on 2 cores.
+def test_imagenet_in_its_real_order_is_read_in_batches_of_many_classes(tmp_path, monkeypatch):
+  """100 synset tars of 30 images in ImageNet's order (synsets sorted), prepared, read
+  with the default shuffle buffer's share of the split (16,384 / 1,281,167 = 1.3%):
+  every batch of 64 holds >= 80% of the distinct classes an i.i.d. draw of 64 would
+  (C (1 - (1 - 1/C)^B) = 47.4), and each of 2 processes' parts (even splits) meets >= 90
+  of the 100 classes in its first 10 batches. Written in the tars' order, the copy
+  gave 8.2 classes a batch and 12-13 per part (issue 27)."""
+  classes, per_class, batch = 100, 30, 64
+  image = jpeg(np.random.RandomState(0), 8, 8)
+  write_tars(
+    tmp_path / 'tars',
+    [(synset, [image] * per_class) for synset in SYNSETS[:classes]],
+    [(1, image), (2, image)],
+  )
+  monkeypatch.setattr(prepare, 'SHARD_EXAMPLES', 64)  # 47 files.
+  # Images of 8² (the copy holds 8² too): the labels are what is looked at.
+  config = imagenet_config(tmp_path, batch_size=batch, resize_size=8, image_size=8)
+  prepare.prepare(config)
+  config.update(prepared=True, shuffle_buffer=round(classes * per_class * 16_384 / 1_281_167))
+  iid = classes * (1 - (1 - 1 / classes) ** batch)
+  whole = input_pipeline.create_datasets(config)
+  counts = distinct_per_batch(itertools.islice(whole.train_batches(), 10))
+  assert min(counts) >= 0.8 * iid, (counts, iid)
+  for part in (0, 1):
+    data = input_pipeline.create_datasets(config, part, 2)
+    labels = {int(x) for b in itertools.islice(data.train_batches(), 10) for x in b['label']}
+    assert len(labels) >= 0.9 * classes, (part, len(labels))
+
+
+def truncate(path: str, how: str):
+  """Cuts a TFRecord file inside its last record ('mid-record'), or after its first
+  record ('whole records': a file that ends cleanly, short of its metadata's count)."""
+  size = os.path.getsize(path)
+  if how == 'mid-record':
+    keep = size - 10
+  else:
+    with open(path, 'rb') as f:
+      [length] = struct.unpack('<Q', f.read(8))
+    keep = 8 + 4 + length + 4  # Length, its CRC, the data, its CRC.
+    assert keep < size
+  with open(path, 'r+b') as f:
+    f.truncate(keep)
+
+
+@pytest.mark.parametrize('how', ['mid-record', 'whole records'])
+def test_a_truncated_shard_stops_training_with_an_error_naming_it(tmp_path, monkeypatch, how):
+  """Not a silently shorter epoch: the train stream fails, naming the shard."""
+  write_imagenet_tars(tmp_path / 'tars')
+  monkeypatch.setattr(prepare, 'SHARD_EXAMPLES', 2)  # 4 train shards: 2, 2, 2, 1.
+  config = imagenet_config(tmp_path)
+  directory = prepare.prepare(config)
+  shard = os.path.join(directory, 'imagenet2012-train.tfrecord-00001-of-00004')
+  truncate(shard, how)
+  config.update(prepared=True, batch_size=2, shuffle_buffer=7)
+  data = input_pipeline.create_datasets(config)
+  assert data.steps_per_epoch == 3
+  with pytest.raises(ValueError, match=f"Reading split 'train' of .*: {re.escape(shard)} "):
+    list(itertools.islice(data.train_batches(), 6))
+
+
+@pytest.mark.parametrize('how', ['mid-record', 'whole records'])
+def test_a_shard_truncated_while_prepared_leaves_no_finished_copy(tmp_path, monkeypatch, how):
+  """Every record of every shard is counted before the copy counts as finished: a
+  middle shard, which a read of the first and last example never touches."""
+  write_imagenet_tars(tmp_path / 'tars')
+  monkeypatch.setattr(prepare, 'SHARD_EXAMPLES', 2)
+  commit = prepare._commit_shard
+
+  def commit_then_truncate(work, split, shard, counts):
+    commit(work, split, shard, counts)
+    if (split, shard) == ('train', 1):
+      truncate(prepare._shard_path(work, split, shard, 'tfrecord'), how)
+
+  monkeypatch.setattr(prepare, '_commit_shard', commit_then_truncate)
+  config = imagenet_config(tmp_path)
+  directory = datasets.prepared_dir(config)
+  shard = os.path.join(directory + '.incomplete', 'imagenet2012-train.tfrecord-00001-of-00004')
+  with pytest.raises(ValueError, match=f'reads back wrong: {re.escape(shard)} '):
+    prepare.prepare(config)
+  assert not os.path.exists(directory)
+  assert not os.path.exists(os.path.join(directory + '.incomplete', datasets.PREPARED_MARKER))
