@@ -15,37 +15,86 @@ from alexnet_jax import config_lib
 from alexnet_jax import models
 
 
+def base_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """`config.learning_rate`, scaled to the batch when `config.lr_reference_batch` is set.
+
+  None: the rate as given. N: rate × batch_size / N, Goyal et al. 2017's linear
+  scaling rule ("Accurate, Large Minibatch SGD", Sec. 2.1: multiply the rate by k
+  when the batch grows k-fold), so one config keeps its meaning from 2 to N GPUs.
+  """
+  if config.lr_reference_batch is None:
+    return config.learning_rate
+  return config.learning_rate * config.batch_size / config.lr_reference_batch
+
+
+def decay_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+  """The steps at which 'step' divides the rate (`lr_decay_steps` / `lr_decay_epochs`).
+
+  Raises:
+    ConfigError: if two decays fall on the same step (they would count once), or one
+      falls within the warm-up.
+  """
+  points = config_lib.steps(config, 'lr_decay', steps_per_epoch)
+  key = 'lr_decay_steps' if config.lr_decay_steps is not None else 'lr_decay_epochs'
+  same = sorted({p for p in points if points.count(p) > 1})
+  if same:
+    raise config_lib.ConfigError(
+      f'config.{key}={tuple(config[key])!r}: decays fall on the same step(s) {same} '
+      f'({steps_per_epoch} steps per epoch), where they would count once; give '
+      'distinct points, or a smaller lr_decay_factor for a larger drop.'
+    )
+  warmup = config_lib.steps(config, 'warmup', steps_per_epoch)
+  early = [p for p in points if p <= warmup]
+  if warmup and early:
+    raise config_lib.ConfigError(
+      f'config.{key}={tuple(config[key])!r}: decay(s) at step(s) {early} fall within '
+      f'the {warmup}-step warm-up; decay after it, or shorten the warm-up.'
+    )
+  return points
+
+
 def create_learning_rate_schedule(
   config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
 ) -> optax.Schedule:
-  """Learning rate per step, from `config.lr_schedule`.
+  """Learning rate per step (float32 scalar of the int step), from `config.lr_schedule`.
 
-  'step' is the paper's (Sec. 5): the rate divided by 10 (`lr_decay_factor`) at
-  fixed steps or epochs (`lr_decay_steps` / `lr_decay_epochs`), standing in for
-  "when the validation error rate stopped improving". 'cosine' warms up linearly
-  over `warmup_steps` / `warmup_epochs`, then decays to 0 at `num_steps`. 'constant'
-  is the base rate throughout.
+  The peak rate is `base_learning_rate(config)`. Every schedule first warms up
+  linearly from 0 over `warmup_steps` / `warmup_epochs` (Goyal et al. 2017, Sec. 2.2:
+  5 epochs), then: 'step' is the paper's (Sec. 5): the rate divided by 10
+  (`lr_decay_factor`) at fixed steps or epochs (`lr_decay_steps` / `lr_decay_epochs`,
+  counted from step 0), standing in for "when the validation error rate stopped
+  improving". 'cosine' decays as (1 + cos(pi t / T)) / 2 and 'polynomial' as
+  (1 - t / T)^`lr_poly_power` (You et al. 2017, "Large Batch Training of Convolutional
+  Networks": power 2), both to 0 at `num_steps`, t counted from the warm-up's end.
+  'constant' is the peak rate throughout. Without warm-up, 'step' and 'constant' are
+  the Optax schedules they always were.
 
   Raises:
+    ConfigError: for decays that coincide or fall within the warm-up (`decay_steps`).
     ValueError: for an unknown schedule name.
   """
-  base = config.learning_rate
-  if config.lr_schedule == 'constant':
-    return optax.constant_schedule(base)
-  if config.lr_schedule == 'step':
-    return optax.piecewise_constant_schedule(
-      base,
-      {
-        step: config.lr_decay_factor
-        for step in config_lib.steps(config, 'lr_decay', steps_per_epoch)
-      },
-    )
+  base = base_learning_rate(config)
+  warmup = config_lib.steps(config, 'warmup', steps_per_epoch)
   if config.lr_schedule == 'cosine':
-    warmup = config_lib.steps(config, 'warmup', steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(0.0, base, warmup, max(num_steps, warmup + 1))
-  raise ValueError(
-    f"Unknown lr_schedule {config.lr_schedule!r}: use 'step', 'cosine' or 'constant'."
-  )
+  if config.lr_schedule == 'constant':
+    after = optax.constant_schedule(base)
+  elif config.lr_schedule == 'step':
+    # After the warm-up `join_schedules` counts from its end: shift the decays back.
+    after = optax.piecewise_constant_schedule(
+      base,
+      {step - warmup: config.lr_decay_factor for step in decay_steps(config, steps_per_epoch)},
+    )
+  elif config.lr_schedule == 'polynomial':
+    after = optax.polynomial_schedule(base, 0.0, config.lr_poly_power, max(num_steps - warmup, 1))
+  else:
+    raise ValueError(
+      f"Unknown lr_schedule {config.lr_schedule!r}: use 'step', 'cosine', 'polynomial' or "
+      "'constant'."
+    )
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), after], [warmup])
 
 
 class PaperMomentumState(NamedTuple):

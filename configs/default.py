@@ -83,11 +83,16 @@ def get_config() -> ml_collections.ConfigDict:
   # when resize_size = image_size). Evaluations along the way take the central patch.
   config.eval_crops = 1
   config.learning_rate = 0.01
-  config.lr_schedule = 'step'  # 'step', 'cosine' or 'constant'.
+  # None: learning_rate as given; N: learning_rate × batch_size / N (Goyal et al. 2017's
+  # linear scaling; README, "Large batches").
+  config.lr_reference_batch = ml_collections.config_dict.placeholder(int)
+  config.lr_schedule = 'step'  # 'step', 'cosine', 'polynomial' or 'constant'.
   config.lr_decay_epochs = (30, 60, 80)  # For 'step'; or lr_decay_steps.
   config.lr_decay_steps = ml_collections.config_dict.placeholder(tuple)
   config.lr_decay_factor = 0.1
-  config.warmup_epochs = 0.0  # For 'cosine'; or warmup_steps.
+  config.lr_poly_power = 2.0  # For 'polynomial': You et al. 2017 (LARS), power 2.
+  # A linear warm-up from 0 before any schedule; or warmup_steps.
+  config.warmup_epochs = 0.0
   config.warmup_steps = ml_collections.config_dict.placeholder(int)
   # Sec. 5's update, v <- momentum * v - lr * (grad + weight_decay * w); w <- w + v,
   # or 'optax' (optax.sgd: v <- momentum * v + grad; w <- w - lr * v), which rescales

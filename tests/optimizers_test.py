@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from alexnet_jax import config_lib
 from alexnet_jax import optimizers
 from configs import imagenet
 from helpers import small_config
@@ -70,14 +71,87 @@ def test_optax_momentum_form_rescales_the_whole_momentum():
   assert moved['paper'] == pytest.approx(0.1 + 0.19 + 0.181, rel=1e-5)
 
 
-def test_step_schedule_divides_by_ten_at_the_given_epochs():
+def test_step_schedule_divides_by_ten_at_the_given_epochs_bit_for_bit():
+  """The paper's schedule, exactly: 0.01 multiplied by 0.1 in float32 at each decay."""
   config = imagenet.get_config()
   schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
-  np.testing.assert_allclose(
-    [schedule(s) for s in (0, 299, 300, 599, 600, 800)],
-    [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5],
-    rtol=1e-5,
+  f = np.float32
+  expected = [f(0.01), f(0.01), f(0.01) * f(0.1), f(0.01) * f(0.1)]
+  expected += [expected[-1] * f(0.1)] * 2 + [expected[-1] * f(0.1) * f(0.1)] * 2
+  got = [np.float32(schedule(s)) for s in (0, 299, 300, 599, 600, 799, 800, 899)]
+  np.testing.assert_array_equal(got, expected)
+
+
+def schedule_values(steps, **overrides):
+  config = small_config(**overrides)
+  schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=200)
+  return [float(schedule(s)) for s in steps]
+
+
+@pytest.mark.parametrize('name', ['step', 'constant', 'polynomial'])
+def test_every_schedule_warms_up_linearly_from_zero(name):
+  """20 warm-up steps (2 epochs of 10): 0.1 * t / 20, then the schedule's own value."""
+  got = schedule_values(
+    [0, 5, 19, 20],
+    learning_rate=0.1,
+    lr_schedule=name,
+    warmup_steps=None,
+    warmup_epochs=2.0,
+    lr_decay_epochs=(10,),
   )
+  np.testing.assert_allclose(got, [0.0, 0.025, 0.095, 0.1], rtol=1e-6, atol=1e-9)
+
+
+def test_step_schedule_after_a_warm_up_decays_at_the_absolute_steps():
+  got = schedule_values(
+    [20, 49, 50, 99, 100],
+    learning_rate=0.1,
+    lr_schedule='step',
+    warmup_steps=20,
+    lr_decay_steps=(50, 100),
+  )
+  np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+
+
+def test_polynomial_schedule_decays_to_zero_with_power_two():
+  """You et al. 2017: base * (1 - t / T)^2, t and T counted after the 40-step warm-up."""
+  steps = [40, 80, 120, 199, 200, 250]
+  got = schedule_values(steps, learning_rate=2.0, lr_schedule='polynomial', warmup_steps=40)
+  expected = [2.0 * max(1 - (s - 40) / 160, 0) ** 2 for s in steps]
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+  assert expected[-2:] == [0.0, 0.0]
+  cubic = schedule_values(
+    [120], learning_rate=2.0, lr_schedule='polynomial', lr_poly_power=3.0, warmup_steps=0
+  )
+  assert cubic[0] == pytest.approx(2.0 * (1 - 120 / 200) ** 3, rel=1e-5)
+
+
+@pytest.mark.parametrize('name', ['step', 'cosine', 'polynomial', 'constant'])
+def test_reference_batch_scales_the_rate_linearly(name):
+  """Goyal et al. 2017: batch 8 with reference batch 2 gives 4× the rate at every step,
+  warm-up included."""
+  steps = [3, 7, 30, 150]
+  keys = dict(learning_rate=0.01, lr_schedule=name, lr_decay_steps=(25,), warmup_steps=5)
+  plain = schedule_values(steps, **keys)
+  scaled = schedule_values(steps, lr_reference_batch=2, **keys)
+  np.testing.assert_allclose(scaled, 4 * np.array(plain), rtol=1e-6)
+  assert plain[0] == pytest.approx(0.01 * 3 / 5)
+
+
+def test_decays_that_fall_on_the_same_step_are_refused_naming_them():
+  """Epochs 1.01 and 1.04 both round to step 10 at 10 steps per epoch."""
+  config = small_config(lr_schedule='step', lr_decay_epochs=(1.01, 1.04, 3))
+  with pytest.raises(config_lib.ConfigError, match=r'lr_decay_epochs.*same step.*\[10\]'):
+    optimizers.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=100)
+  config = small_config(lr_schedule='step', lr_decay_steps=(5, 5))
+  with pytest.raises(config_lib.ConfigError, match=r'lr_decay_steps.*\[5\]'):
+    optimizers.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=100)
+
+
+def test_a_decay_within_the_warm_up_is_refused():
+  config = small_config(lr_schedule='step', warmup_steps=30, lr_decay_steps=(20, 60))
+  with pytest.raises(config_lib.ConfigError, match=r'lr_decay_steps.*\[20\].*warm-up'):
+    optimizers.create_learning_rate_schedule(config, steps_per_epoch=10, num_steps=100)
 
 
 def test_warmup_cosine_schedule_of_the_default_run():
