@@ -175,6 +175,8 @@ RULES: dict[str, _Rule] = {
   'lr_poly_power': _number(0, low_open=True),
   'warmup_steps': _optional(_int(0)),
   'warmup_epochs': _optional(_number(0)),
+  'optimizer': _choice('sgd', 'lars', 'lamb'),
+  'lars_trust_coefficient': _number(0, low_open=True),
   'momentum': _number(0, 1, high_open=True),
   'momentum_form': _choice('paper', 'optax'),
   'weight_decay': _number(0),
@@ -254,6 +256,14 @@ def validate(
     raise ConfigError(
       "config.lr_schedule='step' needs config.lr_decay_epochs or config.lr_decay_steps."
     )
+  if config.optimizer != 'sgd':
+    for key, sgd_value in (('bias_weight_decay', 0.0), ('momentum_form', 'paper')):
+      if config[key] != sgd_value:
+        raise ConfigError(
+          f'config.{key}={config[key]!r} is for config.optimizer=sgd only: '
+          f'{config.optimizer} never decays biases and has its own momentum; '
+          f'leave config.{key}={sgd_value!r}.'
+        )
   if num_devices is not None:
     _validate_layout(config, num_devices, num_processes)
 

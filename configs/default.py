@@ -94,6 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
   # A linear warm-up from 0 before any schedule; or warmup_steps.
   config.warmup_epochs = 0.0
   config.warmup_steps = ml_collections.config_dict.placeholder(int)
+  # 'sgd': the paper's update below; 'lars' (You et al. 2017) or 'lamb' (You et al.
+  # 2019), layer-wise adaptive rates for large batches (alexnet_jax/optimizers.py);
+  # momentum_form and bias_weight_decay are SGD's (LARS and LAMB never decay biases).
+  config.optimizer = 'sgd'
+  config.lars_trust_coefficient = 0.001  # LARS's eta (You et al. 2017, Sec. 3).
   # Sec. 5's update, v <- momentum * v - lr * (grad + weight_decay * w); w <- w + v,
   # or 'optax' (optax.sgd: v <- momentum * v + grad; w <- w - lr * v), which rescales
   # the whole momentum when the rate changes.

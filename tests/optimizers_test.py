@@ -224,3 +224,122 @@ def test_a_frozen_layer_keeps_no_momentum_and_never_moves_while_the_others_do():
         np.testing.assert_array_equal(params[layer][kind], start[layer][kind])
       else:
         assert np.all(np.asarray(params[layer][kind]) != np.asarray(start[layer][kind]))
+
+
+def lars_reference(params, grads, velocity, lr, *, wd, eta, momentum, bias_factor):
+  """You et al. 2017, Algorithm 1, in numpy: kernels u = g + wd w scaled by eta ||w|| /
+  ||u||; biases (not adapted, not decayed) u = bias_factor g; v <- m v - lr u; w += v."""
+  new_params, new_velocity = {}, {}
+  for layer, leaves in params.items():
+    new_params[layer], new_velocity[layer] = {}, {}
+    for kind, w in leaves.items():
+      w, g = np.asarray(w, np.float64), np.asarray(grads[layer][kind], np.float64)
+      if kind == 'kernel':
+        u = g + wd * w
+        u = u * eta * np.linalg.norm(w) / np.linalg.norm(u)
+      else:
+        u = bias_factor * g
+      v = momentum * velocity[layer][kind] - lr * u
+      new_params[layer][kind], new_velocity[layer][kind] = w + v, v
+  return new_params, new_velocity
+
+
+def test_lars_updates_follow_the_layer_wise_trust_ratio():
+  """Two LARS steps on a small pytree equal the numpy formula, the second with momentum;
+  the kernels' steps are sized by eta ||w|| / ||g + wd w||, whatever the gradient's size."""
+  config = small_config(
+    optimizer='lars', lars_trust_coefficient=0.02, weight_decay=0.01, momentum=0.9
+  )
+  tx = optimizers.create_optimizer(config, optax.constant_schedule(0.5))
+  params = {
+    'conv1': {'kernel': jnp.array([[1.0, -2.0], [0.5, 3.0]]), 'bias': jnp.array([0.5, 0.0])},
+    'fc8': {'kernel': jnp.array([[3.0, 4.0]]), 'bias': jnp.array([-1.0])},
+  }
+  opt_state = tx.init(params)
+  ref = jax.tree.map(np.asarray, params)
+  velocity = jax.tree.map(np.zeros_like, ref)
+  for scale in (1.0, 100.0):
+    grads = jax.tree.map(lambda w, s=scale: s * (2 * w + 1), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ref, velocity = lars_reference(
+      ref,
+      jax.tree.map(np.asarray, grads),
+      velocity,
+      0.5,
+      wd=0.01,
+      eta=0.02,
+      momentum=0.9,
+      bias_factor=2.0,
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), params, ref)
+
+
+def test_lamb_first_step_is_the_trust_ratio_times_adams_sign_plus_decay():
+  """LAMB (You et al. 2019, Algorithm 2), first step: Adam's direction m̂ / (sqrt(v̂) + eps)
+  = g / (|g| + eps); kernels add wd w; every leaf is scaled by ||w|| / ||u||; biases get
+  no decay and their ×2."""
+  config = small_config(optimizer='lamb', weight_decay=0.1)
+  tx = optimizers.create_optimizer(config, optax.constant_schedule(0.01))
+  params = {'fc8': {'kernel': jnp.array([[3.0, -4.0]]), 'bias': jnp.array([1.0, -2.0])}}
+  grads = {'fc8': {'kernel': jnp.array([[0.2, 0.5]]), 'bias': jnp.array([-3.0, 0.1])}}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for kind, decay, factor in (('kernel', 0.1, 1.0), ('bias', 0.0, 2.0)):
+    w, g = np.asarray(params['fc8'][kind]), np.asarray(grads['fc8'][kind])
+    u = g / (np.abs(g) + 1e-6) + decay * w
+    expected = -0.01 * factor * np.linalg.norm(w) / np.linalg.norm(u) * u
+    np.testing.assert_allclose(updates['fc8'][kind], expected, rtol=1e-5)
+
+
+def test_batch_norm_parameters_are_neither_decayed_nor_adapted():
+  """A later model's BN leaves (e.g. 'bn1/scale') are `NOT_ADAPTED`, matched by path."""
+  params = {
+    'conv1': {'kernel': jnp.ones(2), 'bias': jnp.ones(2)},
+    'bn1': {'scale': jnp.ones(2), 'bias': jnp.ones(2), 'mean': jnp.ones(2)},
+    'conv1_norm': {'scale': jnp.ones(2)},
+  }
+  adapted = optimizers._is_adapted(params)  # pylint: disable=protected-access
+  assert jax.tree.leaves(adapted) == [False] * 4 + [True, False]  # Keys sorted: bn1 first.
+
+
+@pytest.mark.parametrize('name', ['lars', 'lamb'])
+def test_adaptive_optimizers_compose_with_multipliers_and_freezing(name):
+  """Factor 10 on fc8 moves it 10× as far as factor 1 (after the trust ratio, which
+  would cancel it before); factor 0 on the convs freezes them and keeps no state."""
+  params = all_layers_params()
+  grads = toy_grads(params)
+  moves = {}
+  for factor in (1.0, 10.0):
+    config = small_config(optimizer=name, lr_multipliers=(('fc8', factor), ('conv[1-5]', 0.0)))
+    tx = optimizers.create_optimizer(config, optax.constant_schedule(0.01))
+    opt_state = tx.init(params)
+    moves[factor], opt_state = tx.update(grads, opt_state, params)
+  for kind in ('kernel', 'bias'):
+    np.testing.assert_allclose(
+      moves[10.0]['fc8'][kind], 10 * np.asarray(moves[1.0]['fc8'][kind]), rtol=1e-5
+    )
+    np.testing.assert_allclose(moves[10.0]['fc7'][kind], moves[1.0]['fc7'][kind], rtol=1e-6)
+  state_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)]
+  assert not [p for p in state_paths if "'conv" in p]
+  start, p = params, params
+  for _ in range(3):
+    updates, opt_state = tx.update(toy_grads(p), opt_state, p)
+    p = optax.apply_updates(p, updates)
+  for layer in p:
+    for kind in ('kernel', 'bias'):
+      moved = np.any(np.asarray(p[layer][kind]) != np.asarray(start[layer][kind]))
+      assert moved != layer.startswith('conv'), (layer, kind)
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_key():
+  with pytest.raises(config_lib.ConfigError, match=r"config.optimizer='adam'.*'sgd', 'lars'"):
+    optimizers.create_optimizer(small_config(optimizer='adam'), optax.constant_schedule(0.1))
+  with pytest.raises(config_lib.ConfigError, match=r"config.optimizer='adam': must be one of"):
+    config_lib.validate(small_config(optimizer='adam'))
+
+
+def test_sgd_keys_are_refused_under_lars():
+  with pytest.raises(config_lib.ConfigError, match=r'config.bias_weight_decay=0.1 is for'):
+    config_lib.validate(small_config(optimizer='lars', bias_weight_decay=0.1))
+  with pytest.raises(config_lib.ConfigError, match=r"config.momentum_form='optax' is for"):
+    config_lib.validate(small_config(optimizer='lamb', momentum_form='optax'))
