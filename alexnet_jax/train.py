@@ -318,7 +318,9 @@ def train_and_evaluate(
     _record_config(config, workdir, changes, initial_step)
 
     normalization = (config.pixel_mean, config.pixel_std)
-    train_step = steps_lib.jit_train_step(mesh, train_graphdef, state, tx, normalization)
+    train_step = steps_lib.jit_train_step(
+      mesh, train_graphdef, state, tx, normalization, config.grad_accum_steps
+    )
     eval_step = steps_lib.jit_eval_step(mesh, eval_graphdef, state.params, normalization)
     test_batches = lambda crops: (
       sharding.global_batch(mesh, b) for b in data.test_batches(crops=crops)

@@ -77,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
   # divided by 10 three times over ~90 epochs.
   config.batch_size = 128
   config.eval_batch_size = 250
+  # Each step's batch_size examples in k micro-batches whose mean gradient makes one
+  # update (Caffe's iter_size): the update of batch_size in the memory of
+  # batch_size / k (README, "Large batches").
+  config.grad_accum_steps = 1
   # The last evaluation of a run and --mode=eval: 1 = the central patch; 10 = the
   # paper's test (Sec. 4.1), softmax averaged over the four corner and central patches
   # and their reflections; 2 = the central patch and its reflection (the 10-crop test
