@@ -356,6 +356,7 @@ def test_slurm_with_one_task_per_node_gives_each_process_its_nodes_gpus(
   assert calls == [{'local_device_ids': expected}]
 
 
+@pytest.mark.slow  # Two steps compiled, one on the 2×2 mesh: ~30 s on 2 idle cores.
 def test_accumulated_step_on_a_mesh_equals_the_whole_batch_on_one_device():
   """grad_accum_steps=2 on the 2×2 mesh (2 micro-batches of 2 rows per device) makes
   the update of the whole batch of 8 on one device (dropout off: micro-batches draw
