@@ -44,6 +44,9 @@ RERUN_MAY_CHANGE = (
   'mesh.model',
   'eval_batch_size',
   'eval_crops',
+  # The same batch's mean gradient, only in other micro-batches (memory); dropout's
+  # masks are drawn per micro-batch, the one difference.
+  'grad_accum_steps',
   'keep_checkpoints',
   *DURATIONS['log_every'],
   *DURATIONS['eval_every'],
@@ -165,14 +168,19 @@ RULES: dict[str, _Rule] = {
   ),
   'batch_size': _POSITIVE_INT,
   'eval_batch_size': _POSITIVE_INT,
+  'grad_accum_steps': _POSITIVE_INT,
   'eval_crops': _choice(1, 2, 10),
   'learning_rate': _number(0, low_open=True),
-  'lr_schedule': _choice('step', 'cosine', 'constant'),
+  'lr_reference_batch': _optional(_POSITIVE_INT),
+  'lr_schedule': _choice('step', 'cosine', 'polynomial', 'constant'),
   'lr_decay_steps': _optional(_sequence(_int(1))),
   'lr_decay_epochs': _optional(_sequence(_number(0, low_open=True))),
   'lr_decay_factor': _number(0, 1, low_open=True),
+  'lr_poly_power': _number(0, low_open=True),
   'warmup_steps': _optional(_int(0)),
   'warmup_epochs': _optional(_number(0)),
+  'optimizer': _choice('sgd', 'lars', 'lamb'),
+  'lars_trust_coefficient': _number(0, low_open=True),
   'momentum': _number(0, 1, high_open=True),
   'momentum_form': _choice('paper', 'optax'),
   'weight_decay': _number(0),
@@ -252,6 +260,19 @@ def validate(
     raise ConfigError(
       "config.lr_schedule='step' needs config.lr_decay_epochs or config.lr_decay_steps."
     )
+  if config.batch_size % config.grad_accum_steps:
+    raise ConfigError(
+      f'config.batch_size={config.batch_size} must be divisible by '
+      f'config.grad_accum_steps={config.grad_accum_steps} (the micro-batches are equal).'
+    )
+  if config.optimizer != 'sgd':
+    for key, sgd_value in (('bias_weight_decay', 0.0), ('momentum_form', 'paper')):
+      if config[key] != sgd_value:
+        raise ConfigError(
+          f'config.{key}={config[key]!r} is for config.optimizer=sgd only: '
+          f'{config.optimizer} never decays biases and has its own momentum; '
+          f'leave config.{key}={sgd_value!r}.'
+        )
   if num_devices is not None:
     _validate_layout(config, num_devices, num_processes)
 
@@ -334,6 +355,12 @@ def _validate_layout(config, num_devices: int, num_processes: int):
         f'config.{key}={config[key]} must be divisible by the {data} devices of the '
         f"mesh's data axis (mesh {data} × {model} over {num_processes} process(es))."
       )
+  if config.batch_size % (data * config.grad_accum_steps):
+    raise ConfigError(
+      f'config.batch_size={config.batch_size} must be divisible by the {data} devices of '
+      f"the mesh's data axis × config.grad_accum_steps={config.grad_accum_steps}: each "
+      'device splits its rows into that many micro-batches.'
+    )
 
 
 # --------------------------------------------------------------------------------------

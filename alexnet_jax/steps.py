@@ -101,6 +101,40 @@ def correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def micro_batches(batch: Batch, k: int) -> Batch:
+  """Each `[N, ...]` array as `[k, N / k, ...]`: micro-batch i holds rows i, i + k,
+  i + 2k, ... With the rows split over 'data' in blocks of N / D (D devices, N / D
+  divisible by k), each device's rows of micro-batch i are among its own rows, so the
+  split moves no data between devices, and micro-batch i is the same global array on
+  every mesh (dropout then draws the same mask for it, see `models.Dropout`).
+
+  Raises:
+    ValueError: if N is not divisible by k.
+  """
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  if rows % k:
+    raise ValueError(f'A batch of {rows} rows does not split into {k} micro-batches.')
+  return jax.tree.map(lambda x: x.reshape(rows // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _accumulated(grad_fn, params, batch: Batch, dropout_key: jax.Array, k: int):
+  """`grad_fn(params, batch, key)`'s ((loss, aux), grads) averaged over k micro-batches
+  of `batch`, one at a time (`lax.scan`: only N / k rows' activations live at once).
+  Micro-batch i draws its dropout from `fold_in(dropout_key, i)`."""
+  micro = micro_batches(batch, k)
+
+  def add_micro_batch(sums, micro_batch_and_index):
+    micro_batch, i = micro_batch_and_index
+    values = grad_fn(params, micro_batch, jax.random.fold_in(dropout_key, i))
+    return jax.tree.map(jnp.add, sums, values), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(grad_fn, params, first, dropout_key)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  sums, _ = jax.lax.scan(add_micro_batch, zeros, (micro, jnp.arange(k)))
+  return jax.tree.map(lambda total: total / k, sums)
+
+
 def train_step(
   state: TrainState,
   batch: Batch,
@@ -109,33 +143,46 @@ def train_step(
   apply_fn,
   tx: optax.GradientTransformation,
   normalization: augment.Normalization | None = None,
+  grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on `batch` = {'image', 'label': [N] int32}: an input-pipeline batch
+  """One update on `batch` = {'image', 'label': [N] int32}: an input-pipeline batch
   (uint8 images, their 'flip' and 'lighting'; `augment.model_input` with
   `normalization`) or float32 model input `[N, H, W, 3]`.
 
   `apply_fn(params, images, dropout_key) -> logits` is the model in train mode,
-  e.g. `sharding.sharded_apply(train_graphdef, ...)`. Returns the new state and
-  the batch's mean loss, top-1 and top-5 accuracy, and `finite`: 1.0 when the loss
-  and every gradient are finite (the loop's NaN check; the gradients' sum carries
-  any NaN or Inf among them at the cost of one reduction, where a global norm
-  costs ~10% of a CPU step: its squares are materialised next to the update).
+  e.g. `sharding.sharded_apply(train_graphdef, ...)`. With `grad_accum_steps` k > 1
+  the gradient is the mean of those of k micro-batches of N / k rows
+  (`micro_batches`), computed one after another: Caffe's iter_size, one update of N
+  examples in the memory of N / k (the rows on each device must divide by k).
+  Returns the new state and the batch's mean loss, top-1 and top-5 accuracy (over
+  all N rows), and `finite`: 1.0 when the loss and every gradient are finite (the
+  loop's NaN check; the gradients' sum carries any NaN or Inf among them at the cost
+  of one reduction, where a global norm costs ~10% of a CPU step: its squares are
+  materialised next to the update).
   """
   dropout_key = jax.random.fold_in(dropout_rng, state.step)
-  images = augment.model_input(batch, normalization)
 
-  def loss_fn(params):
-    logits = apply_fn(params, images, dropout_key)
-    return cross_entropy_loss(logits, batch['label']).mean(), logits
+  def loss_fn(params, batch, dropout_key):
+    logits = apply_fn(params, augment.model_input(batch, normalization), dropout_key)
+    labels = batch['label']
+    top1 = correct_topk(logits, labels, 1).mean()
+    top5 = correct_topk(logits, labels, 5).mean()
+    return cross_entropy_loss(logits, labels).mean(), (top1, top5)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (loss, (top1, top5)), grads = grad_fn(state.params, batch, dropout_key)
+  else:
+    (loss, (top1, top5)), grads = _accumulated(
+      grad_fn, state.params, batch, dropout_key, grad_accum_steps
+    )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_sum = sum(jnp.sum(g) for g in jax.tree.leaves(grads))
   metrics = {
     'loss': loss,
-    'top1': correct_topk(logits, batch['label'], 1).mean(),
-    'top5': correct_topk(logits, batch['label'], 5).mean(),
+    'top1': top1,
+    'top5': top5,
     'finite': (jnp.isfinite(loss) & jnp.isfinite(grad_sum)).astype(jnp.float32),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -249,14 +296,22 @@ def jit_train_step(
   state: TrainState,
   tx: optax.GradientTransformation,
   normalization: augment.Normalization | None = None,
+  grad_accum_steps: int = 1,
 ):
   """`train_step(state, batch, dropout_rng)` jitted for `mesh`: the state keeps its
   `sharding.PARTITION_RULES` placement (and is donated), batches are split over
   'data', metrics come back replicated. `normalization`: (config.pixel_mean,
-  config.pixel_std) for the input pipeline's uint8 batches."""
+  config.pixel_std) for the input pipeline's uint8 batches; `grad_accum_steps`:
+  config.grad_accum_steps."""
   train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
   return jax.jit(
-    functools.partial(train_step, apply_fn=train_apply, tx=tx, normalization=normalization),
+    functools.partial(
+      train_step,
+      apply_fn=train_apply,
+      tx=tx,
+      normalization=normalization,
+      grad_accum_steps=grad_accum_steps,
+    ),
     out_shardings=(sharding.named_shardings(mesh, state), sharding.replicated(mesh)),
     donate_argnums=0,
     compiler_options=compiler_options(),

@@ -387,7 +387,7 @@ class _Loop:
     normalization = (config.pixel_mean, config.pixel_std)
     mesh = setup.mesh
     self.train_step = steps_lib.jit_train_step(
-      mesh, setup.train_graphdef, state, setup.tx, normalization
+      mesh, setup.train_graphdef, state, setup.tx, normalization, config.grad_accum_steps
     )
     self.eval_step = steps_lib.jit_eval_step(mesh, setup.eval_graphdef, state.params, normalization)
     self.metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), self.initial_step)

@@ -1,6 +1,7 @@
 """Times the jitted AlexNet train step on synthetic batches: img/s, GFLOP/s, peak memory.
 
   python -m benchmarks.train_throughput --batch_size=64 --image_size=227
+  python -m benchmarks.train_throughput ... --config.optimizer=lars  # vs the default 'sgd'
 
 Needs no TensorFlow. FLOPs per step come from XLA's cost analysis of the compiled
 step; the machine's peak is measured in the same run with a large matmul. The last
@@ -104,7 +105,9 @@ def main(argv):
   mesh = sharding.create_mesh(config.mesh)
   tx = optimizers.create_optimizer(config, optax.constant_schedule(config.learning_rate))
   state = steps.create_train_state(config, tx, jax.random.key(0), mesh)
-  train_step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
+  train_step = steps.jit_train_step(
+    mesh, steps.graphdefs(config)[0], state, tx, grad_accum_steps=config.grad_accum_steps
+  )
   rng = np.random.RandomState(0)
   batch = sharding.global_batch(
     mesh,
@@ -138,7 +141,7 @@ def main(argv):
   print(
     f'devices: {jax.device_count()} × {jax.devices()[0].device_kind}, mesh '
     f'{dict(mesh.shape)}, batch {config.batch_size}, {config.image_size} px, '
-    f'{config.dtype}'
+    f'{config.dtype}, optimizer {config.optimizer}, {config.grad_accum_steps} micro-batch(es)'
   )
   print(
     f'step: {step_time * 1e3:.1f} ms median of {_WINDOWS.value}×{_STEPS.value} '

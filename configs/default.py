@@ -77,18 +77,32 @@ def get_config() -> ml_collections.ConfigDict:
   # divided by 10 three times over ~90 epochs.
   config.batch_size = 128
   config.eval_batch_size = 250
+  # Each step's batch_size examples in k micro-batches whose mean gradient makes one
+  # update (Caffe's iter_size): the update of batch_size in the memory of
+  # batch_size / k (README, "Large batches").
+  config.grad_accum_steps = 1
   # The last evaluation of a run and --mode=eval: 1 = the central patch; 10 = the
   # paper's test (Sec. 4.1), softmax averaged over the four corner and central patches
   # and their reflections; 2 = the central patch and its reflection (the 10-crop test
   # when resize_size = image_size). Evaluations along the way take the central patch.
   config.eval_crops = 1
   config.learning_rate = 0.01
-  config.lr_schedule = 'step'  # 'step', 'cosine' or 'constant'.
+  # None: learning_rate as given; N: learning_rate × batch_size / N (Goyal et al. 2017's
+  # linear scaling; README, "Large batches").
+  config.lr_reference_batch = ml_collections.config_dict.placeholder(int)
+  config.lr_schedule = 'step'  # 'step', 'cosine', 'polynomial' or 'constant'.
   config.lr_decay_epochs = (30, 60, 80)  # For 'step'; or lr_decay_steps.
   config.lr_decay_steps = ml_collections.config_dict.placeholder(tuple)
   config.lr_decay_factor = 0.1
-  config.warmup_epochs = 0.0  # For 'cosine'; or warmup_steps.
+  config.lr_poly_power = 2.0  # For 'polynomial': You et al. 2017 (LARS), power 2.
+  # A linear warm-up from 0 before any schedule; or warmup_steps.
+  config.warmup_epochs = 0.0
   config.warmup_steps = ml_collections.config_dict.placeholder(int)
+  # 'sgd': the paper's update below; 'lars' (You et al. 2017) or 'lamb' (You et al.
+  # 2019), layer-wise adaptive rates for large batches (alexnet_jax/optimizers.py);
+  # momentum_form and bias_weight_decay are SGD's (LARS and LAMB never decay biases).
+  config.optimizer = 'sgd'
+  config.lars_trust_coefficient = 0.001  # LARS's eta (You et al. 2017, Sec. 3).
   # Sec. 5's update, v <- momentum * v - lr * (grad + weight_decay * w); w <- w + v,
   # or 'optax' (optax.sgd: v <- momentum * v + grad; w <- w - lr * v), which rescales
   # the whole momentum when the rate changes.

@@ -41,7 +41,7 @@ def test_every_shipped_config_is_valid(get_config):
     ('weight_decay', -5e-4, r'a number in \[0, inf\)'),
     ('image_size', 63, 'an integer >= 67'),
     ('init', 'xavier', "one of 'paper', 'he'"),
-    ('lr_schedule', 'linear', "one of 'step', 'cosine', 'constant'"),
+    ('lr_schedule', 'linear', "one of 'step', 'cosine', 'polynomial', 'constant'"),
     ('eval_crops', 5, 'one of 1, 2, 10'),
     ('lrn', 'pytorch', "one of 'cuda-convnet', 'paper-text', 'caffe'"),
     ('num_train_steps', 0, 'None or an integer >= 1'),

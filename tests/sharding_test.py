@@ -354,3 +354,30 @@ def test_slurm_with_one_task_per_node_gives_each_process_its_nodes_gpus(
   )
   sharding.initialize_distributed()
   assert calls == [{'local_device_ids': expected}]
+
+
+@pytest.mark.slow  # Two steps compiled, one on the 2×2 mesh: ~30 s on 2 idle cores.
+def test_accumulated_step_on_a_mesh_equals_the_whole_batch_on_one_device():
+  """grad_accum_steps=2 on the 2×2 mesh (2 micro-batches of 2 rows per device) makes
+  the update of the whole batch of 8 on one device (dropout off: micro-batches draw
+  their own masks), with the whole batch's metrics."""
+  config = fashion_mnist.get_config()
+  config.dropout_rate = 0.0
+  normalization = (config.pixel_mean, config.pixel_std)
+  results = {}
+  for data, model, accum in ((1, 1, 1), (2, 2, 2)):
+    mesh = mesh_of(data, model)
+    state, tx = train_state(config, mesh)
+    train_fn = steps.jit_train_step(
+      mesh, steps.graphdefs(config)[0], state, tx, normalization, grad_accum_steps=accum
+    )
+    state, metrics = train_fn(state, sharding.global_batch(mesh, fixed_batch()), jax.random.key(1))
+    results[accum] = jax.device_get((state, metrics))
+  (state, metrics), (ref_state, ref_metrics) = results[2], results[1]
+  for key in ('loss', 'top1', 'top5'):
+    assert float(metrics[key]) == pytest.approx(float(ref_metrics[key]), rel=1e-5), key
+  momentum = lambda s: s.opt_state[-1].velocity  # -lr (grads + decay) after step 1.
+  leaves = (jax.tree.leaves(momentum(state)), jax.tree.leaves(momentum(ref_state)))
+  for got, want in zip(*leaves, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert not np.allclose(momentum(state)['fc6']['kernel'], 0)

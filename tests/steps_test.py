@@ -6,7 +6,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from alexnet_jax import sharding
 from alexnet_jax import steps
@@ -105,3 +107,79 @@ def test_steps_and_benchmarks_import_without_tensorflow(benchmark):
     [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
   )
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def random_batch(n, size=67, seed=0):
+  rng = np.random.RandomState(seed)
+  return {
+    'image': rng.randn(n, size, size, 3).astype(np.float32),
+    'label': rng.randint(0, 10, n).astype(np.int32),
+  }
+
+
+def whole_batch_step(config, state, tx, batch, dropout_rng):
+  """The reference: one update from the mean loss over the whole batch in one go
+  (the step as it was before accumulation), on one device."""
+  model = steps.graphdefs(config)[0]
+  dropout_key = jax.random.fold_in(dropout_rng, state.step)
+
+  def loss_fn(params):
+    logits = nnx.merge(model, params)(batch['image'], rngs=nnx.Rngs(dropout=dropout_key))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    return loss, logits
+
+  (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  ranks = np.argsort(-np.asarray(logits), axis=-1)
+  labels = np.asarray(batch['label'])[:, None]
+  metrics = {'loss': loss, 'top1': np.mean(ranks[:, :1] == labels) * 1.0}
+  metrics['top5'] = np.mean(np.any(ranks[:, :5] == labels, axis=-1))
+  return updates, metrics
+
+
+def assert_close_updates(got, want):
+  """Equal up to float32 summation order: relative to each leaf's largest entry."""
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    b = np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_accumulated_micro_batches_make_the_whole_batch_update():
+  """4 micro-batches' mean gradient is the whole batch's (dropout off, paper model,
+  paper SGD): the same first update (the momentum, -lr (g + wd w)); the metrics are
+  the whole batch's, not the last micro-batch's. sharding_test does 2 on a 2×2 mesh."""
+  config = small_config(dropout_rate=0.0)
+  mesh = mesh_of(1, 1)
+  state, tx = train_state(config, mesh)
+  batch = random_batch(8)
+  want_update, want = whole_batch_step(config, state, tx, batch, jax.random.key(1))
+  step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx, grad_accum_steps=4)
+  state, got = step(state, sharding.global_batch(mesh, batch), jax.random.key(1))
+  assert int(state.step) == 1  # One update, however many micro-batches.
+  for key in ('loss', 'top1', 'top5'):
+    assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5), key
+  assert_close_updates(state.opt_state[-1].velocity, want_update)
+
+
+def test_one_micro_batch_draws_the_whole_batch_dropout():
+  """grad_accum_steps=1 (the default) is the whole-batch step with its dropout keys
+  (fold_in(rng, step)): the same update with dropout on."""
+  config = small_config()
+  assert config.grad_accum_steps == 1 and config.dropout_rate > 0
+  mesh = mesh_of(1, 1)
+  state, tx = train_state(config, mesh)
+  batch = random_batch(8, seed=1)
+  want_update, want = whole_batch_step(config, state, tx, batch, jax.random.key(3))
+  step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx)
+  state, got = step(state, sharding.global_batch(mesh, batch), jax.random.key(3))
+  assert float(got['loss']) == pytest.approx(float(want['loss']), rel=1e-6)
+  assert_close_updates(state.opt_state[-1].velocity, want_update)
+
+
+def test_micro_batches_interleave_rows_so_each_device_keeps_its_own():
+  """8 rows on 2 devices (rows 0-3, 4-7), k = 2: micro-batch 0 is rows 0, 2 | 4, 6."""
+  rows = np.arange(8)
+  split = np.asarray(steps.micro_batches({'x': rows}, 2)['x'])
+  np.testing.assert_array_equal(split, [[0, 2, 4, 6], [1, 3, 5, 7]])
+  with pytest.raises(ValueError, match='8 rows does not split into 3'):
+    steps.micro_batches({'x': rows}, 3)
