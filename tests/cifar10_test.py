@@ -185,6 +185,7 @@ print('READ', json.dumps(read))
 """
 
 
+@pytest.mark.slow
 def test_separate_jobs_on_a_fresh_data_dir_prepare_it_once_and_read_the_same(archive, tmp_path):
   """Sweep points run in parallel (or SLURM array tasks) start their first runs on one
   data_dir together: the first job prepares, the other waits for its lock and reuses
@@ -244,6 +245,7 @@ datasets.prepare_cifar10(sys.argv[3], sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_data_whose_check_was_killed_are_checked_by_the_next_run(archive, tmp_path, monkeypatch):
   manual_dir, expected = archive
   data_dir = tmp_path / 'tfds'

@@ -121,6 +121,7 @@ def test_every_test_example_counts_once(tmp_path, crops):
     assert json.load(f) == results
 
 
+@pytest.mark.slow
 def test_eval_predict_and_plots_on_one_device_of_a_run_trained_with_split_towers(
   tmp_path, monkeypatch
 ):

@@ -135,6 +135,7 @@ def test_train_features_are_of_the_examples_trained_on(run):
   np.testing.assert_array_equal(results['labels'], first)
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_is_the_restore_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
     features.extract(fashion_mnist.get_config(), str(tmp_path), 'fc7')
@@ -146,6 +147,7 @@ def run_features(*args):
   return run_module('alexnet_jax.features', *args, OMP_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1')
 
 
+@pytest.mark.slow
 def test_an_unknown_layer_is_one_line_before_anything_is_read(tmp_path):
   result = run_features(f'--workdir={tmp_path / "none"}', '--layer=conv5', '--output=x.npz')
   assert result.returncode == 1
@@ -155,6 +157,7 @@ def test_an_unknown_layer_is_one_line_before_anything_is_read(tmp_path):
   assert 'Traceback' not in result.stderr and 'Pass --help' not in result.stderr
 
 
+@pytest.mark.slow
 def test_probe_is_a_logistic_regression_fit_on_the_written_train_features(
   toy_image_folder, tmp_path
 ):

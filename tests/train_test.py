@@ -317,6 +317,7 @@ train._MetricsLog(sys.argv[1], resume_step=4)
 """
 
 
+@pytest.mark.slow
 def test_a_resume_that_dies_while_rewriting_the_metrics_keeps_every_line(tmp_path):
   """A resume drops the lines after its checkpoint by rewriting metrics.jsonl; dying
   half-way through that write (here: at 150 bytes) must not cost the run's history."""
