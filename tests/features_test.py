@@ -92,6 +92,7 @@ def run(tmp_path, fashion_mnist_as_is):
 
 
 @pytest.mark.parametrize('devices', [1, 2])  # Both towers on one device; one per device.
+@pytest.mark.slow
 def test_split_and_file_features_are_the_numpy_forward_pass(run, tmp_path, monkeypatch, devices):
   config, workdir, params = run
   on_devices(monkeypatch, devices)  # Mesh from the devices present: (1, 1) or (1, 2).
@@ -120,6 +121,7 @@ def test_split_and_file_features_are_the_numpy_forward_pass(run, tmp_path, monke
   assert_close(results['features'], numpy_alexnet(loaded, params)['fc6'])
 
 
+@pytest.mark.slow
 def test_train_features_are_of_the_examples_trained_on(run):
   """With `train_examples_per_class`, the train split's features are of that subset:
   the first example of each class, in stored order."""
