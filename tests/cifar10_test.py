@@ -100,6 +100,7 @@ def assert_holds(builder, expected):
     assert seen == set(range(len(images)))
 
 
+@pytest.mark.slow
 def test_prepared_examples_are_the_archive_records(archive, prepared):
   _, builder = prepared
   assert_holds(builder, archive[1])
@@ -107,6 +108,7 @@ def test_prepared_examples_are_the_archive_records(archive, prepared):
   assert builder.info.splits['test'].num_examples == 6
 
 
+@pytest.mark.slow
 def test_class_names_come_from_batches_meta(prepared):
   data_dir, builder = prepared
   assert tuple(builder.info.features['label'].names) == CLASS_NAMES
@@ -115,6 +117,7 @@ def test_class_names_come_from_batches_meta(prepared):
   assert tuple(datasets.class_names(config)) == CLASS_NAMES
 
 
+@pytest.mark.slow
 def test_prepared_data_is_reused_without_the_archive(prepared):
   data_dir, builder = prepared
   assert datasets.prepare_cifar10(data_dir, '/nonexistent').data_dir == builder.data_dir
@@ -136,6 +139,7 @@ def test_partial_record_is_rejected_before_building(tmp_path):
   assert not tfds.builder('cifar10', data_dir=str(tmp_path / 'tfds')).is_prepared()
 
 
+@pytest.mark.slow
 def test_config_builds_from_manual_dir_and_gives_67_px_batches(archive, tmp_path):
   config = cifar10.get_config()
   config.data_dir = str(tmp_path / 'tfds')  # Unprepared: the build goes through builder().
@@ -185,6 +189,7 @@ print('READ', json.dumps(read))
 """
 
 
+@pytest.mark.slow
 def test_separate_jobs_on_a_fresh_data_dir_prepare_it_once_and_read_the_same(archive, tmp_path):
   """Sweep points run in parallel (or SLURM array tasks) start their first runs on one
   data_dir together: the first job prepares, the other waits for its lock and reuses
@@ -206,6 +211,7 @@ def extractions(data_dir) -> list[str]:
   return os.listdir(folder) if os.path.isdir(folder) else []
 
 
+@pytest.mark.slow
 def test_data_that_failed_the_check_are_deleted_and_rebuilt_from_the_new_archive(
   tmp_path, monkeypatch
 ):
@@ -244,6 +250,7 @@ datasets.prepare_cifar10(sys.argv[3], sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_data_whose_check_was_killed_are_checked_by_the_next_run(archive, tmp_path, monkeypatch):
   manual_dir, expected = archive
   data_dir = tmp_path / 'tfds'

@@ -23,6 +23,7 @@ from helpers import small_config
 # One worker runs both, so the loop's run finds the 2 × 2 step the first test compiled
 # (the same program: the persistent compilation cache) instead of compiling it again.
 pytestmark = [
+  pytest.mark.slow,
   pytest.mark.xdist_group('compiled'),
   pytest.mark.usefixtures('fashion_mnist_as_is', 'optimised'),
 ]

@@ -33,14 +33,9 @@ import pytest  # noqa: E402
 def fashion_mnist_as_is(monkeypatch):
   """Under `tfds.testing.mock_data`, use the fashion_mnist builder as it is: building it
   from the real files is tested in input_pipeline_test."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
+  from helpers import use_fashion_mnist_as_is  # pylint: disable=g-import-not-at-top
 
-  monkeypatch.setattr(
-    datasets,
-    'prepare_fashion_mnist',
-    lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir),
-  )
+  use_fashion_mnist_as_is(monkeypatch)
 
 
 @pytest.fixture

@@ -51,6 +51,7 @@ print('READ', json.dumps(sorted(int(e['x']) for e in tfds.as_numpy(builder.as_da
 """
 
 
+@pytest.mark.slow
 def test_separate_jobs_prepare_a_tfds_dataset_once(tmp_path):
   """Without the lock both build tiny_counts, and the second one's rename of TFDS's
   temporary folder fails (FileExistsError)."""

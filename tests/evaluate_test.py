@@ -54,6 +54,7 @@ def test_ten_crops_are_the_corners_centre_and_their_reflections():
   np.testing.assert_array_equal(crops, expected)
 
 
+@pytest.mark.slow
 def test_ten_crop_eval_averages_the_softmax_of_each_crop():
   """Sums from the sharded 10-crop eval step = per-crop model calls, averaged by hand."""
   config = small_config(resize_size=75)  # Corner patches differ from the centre.
@@ -93,6 +94,7 @@ def test_ten_crop_eval_averages_the_softmax_of_each_crop():
 
 
 @pytest.mark.parametrize('crops', [2, 10])
+@pytest.mark.slow
 def test_every_test_example_counts_once(tmp_path, crops):
   """37 mock test examples in batches of 8 (the last padded) on the (2, 2) mesh."""
   config = small_config(eval_crops=crops)
@@ -121,6 +123,7 @@ def test_every_test_example_counts_once(tmp_path, crops):
     assert json.load(f) == results
 
 
+@pytest.mark.slow
 def test_eval_predict_and_plots_on_one_device_of_a_run_trained_with_split_towers(
   tmp_path, monkeypatch
 ):
@@ -154,6 +157,7 @@ def test_eval_predict_and_plots_on_one_device_of_a_run_trained_with_split_towers
   assert results['loss'] == pytest.approx(trained['test_loss'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_says_what_to_do(tmp_path):
   config = small_config()
   with pytest.raises(FileNotFoundError, match='train first'):

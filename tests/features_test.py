@@ -92,6 +92,7 @@ def run(tmp_path, fashion_mnist_as_is):
 
 
 @pytest.mark.parametrize('devices', [1, 2])  # Both towers on one device; one per device.
+@pytest.mark.slow
 def test_split_and_file_features_are_the_numpy_forward_pass(run, tmp_path, monkeypatch, devices):
   config, workdir, params = run
   on_devices(monkeypatch, devices)  # Mesh from the devices present: (1, 1) or (1, 2).
@@ -120,6 +121,7 @@ def test_split_and_file_features_are_the_numpy_forward_pass(run, tmp_path, monke
   assert_close(results['features'], numpy_alexnet(loaded, params)['fc6'])
 
 
+@pytest.mark.slow
 def test_train_features_are_of_the_examples_trained_on(run):
   """With `train_examples_per_class`, the train split's features are of that subset:
   the first example of each class, in stored order."""
@@ -135,6 +137,7 @@ def test_train_features_are_of_the_examples_trained_on(run):
   np.testing.assert_array_equal(results['labels'], first)
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_is_the_restore_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
     features.extract(fashion_mnist.get_config(), str(tmp_path), 'fc7')
@@ -146,6 +149,7 @@ def run_features(*args):
   return run_module('alexnet_jax.features', *args, OMP_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1')
 
 
+@pytest.mark.slow
 def test_an_unknown_layer_is_one_line_before_anything_is_read(tmp_path):
   result = run_features(f'--workdir={tmp_path / "none"}', '--layer=conv5', '--output=x.npz')
   assert result.returncode == 1
@@ -155,6 +159,7 @@ def test_an_unknown_layer_is_one_line_before_anything_is_read(tmp_path):
   assert 'Traceback' not in result.stderr and 'Pass --help' not in result.stderr
 
 
+@pytest.mark.slow
 def test_probe_is_a_logistic_regression_fit_on_the_written_train_features(
   toy_image_folder, tmp_path
 ):

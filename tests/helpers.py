@@ -63,6 +63,19 @@ def on_devices(monkeypatch, n: int):
   )
 
 
+def use_fashion_mnist_as_is(monkeypatch):
+  """Under `tfds.testing.mock_data`, the fashion_mnist builder as it is (conftest's
+  `fashion_mnist_as_is`; for fixtures wider than one test)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import datasets  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(
+    datasets,
+    'prepare_fashion_mnist',
+    lambda data_dir, manual_dir: tfds.builder('fashion_mnist', data_dir=data_dir),
+  )
+
+
 def train_state(config, mesh, seed: int = 0, learning_rate: float = 0.01):
   """(initial TrainState on `mesh`, its optimizer with a constant rate)."""
   tx = optimizers.create_optimizer(config, optax.constant_schedule(learning_rate))

@@ -209,6 +209,7 @@ def bvlc(tmp_path_factory):
   )
 
 
+@pytest.mark.slow
 def test_read_keeps_the_stored_legacy_shapes(bvlc):
   blobs, weights = bvlc['blobs'], bvlc['weights']
   assert list(blobs) == list(weights)
@@ -220,6 +221,7 @@ def test_read_keeps_the_stored_legacy_shapes(bvlc):
     assert np.array_equal(blobs[name][1].ravel(), b), name
 
 
+@pytest.mark.slow
 def test_lrn_inputs_make_the_normalization_matter(bvlc):
   """alpha/n * window sum of a² is of order 1 at both LRNs, so k, alpha's scaling and
   the window's extent all change the output."""
@@ -229,6 +231,7 @@ def test_lrn_inputs_make_the_normalization_matter(bvlc):
     assert 0.5 < np.median(term) < 5, (name, np.median(term))
 
 
+@pytest.mark.slow
 def test_converted_params_reproduce_caffe_logits(bvlc):
   logits = alexnet_with(bvlc['params'], 'caffe')(bvlc['images'])
   assert logits.shape == (2, 1000)
@@ -236,6 +239,7 @@ def test_converted_params_reproduce_caffe_logits(bvlc):
   assert relative_error(logits, bvlc['logits']) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_other_lrn_conventions_give_other_logits(bvlc):
   """The comparison sees the LRN convention: cuda-convnet's (k = 2, within towers) and
   Caffe's constants with the window kept within each tower both miss by far."""
@@ -251,6 +255,7 @@ def test_other_lrn_conventions_give_other_logits(bvlc):
   assert relative_error(within_towers, split_reference) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_params_have_the_model_shapes_and_load(bvlc):
   params = bvlc['params']
   abstract = nnx.eval_shape(lambda: models.AlexNet(1000, lrn='caffe', rngs=nnx.Rngs(0)))
@@ -425,6 +430,7 @@ def test_conversion_errors():
     import_caffe.caffe_to_params(dict(blobs, fc7=blobs['fc7'][:1]), image_size=67)
 
 
+@pytest.mark.slow
 def test_imported_workdir_on_the_tower_mesh_and_predict(bvlc, tmp_path):
   """`import_caffemodel` writes a workdir whose checkpoint, restored onto the 2 × 2 mesh
   (Caffe's LRN then crosses between devices), gives Caffe's logits; predict names

@@ -20,6 +20,7 @@ from configs import imagenet
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
 
+@pytest.mark.slow
 def test_fashion_mnist_builds_from_debian_files(tmp_path):
   builder = datasets.prepare_fashion_mnist(str(tmp_path), DEBIAN_FASHION_MNIST)
   assert builder.info.splits['train'].num_examples == 60_000

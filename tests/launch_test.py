@@ -130,6 +130,7 @@ def launch_cli(*args):
   )
 
 
+@pytest.mark.slow
 def test_relaunch_skips_finished_runs(tmp_path):
   finished = tmp_path / 'learning_rate=0.04'
   finished.mkdir()
@@ -151,6 +152,7 @@ def test_relaunch_skips_finished_runs(tmp_path):
   assert not (tmp_path / 'learning_rate=0.02').exists()  # A dry run writes nothing.
 
 
+@pytest.mark.slow
 def test_command_line_axes_replace_the_config_sweep(tmp_path):
   result = launch_cli(
     f'--config={FASHION_MNIST}',
@@ -169,6 +171,7 @@ def test_command_line_axes_replace_the_config_sweep(tmp_path):
   ]
 
 
+@pytest.mark.slow
 def test_misspelt_axis_fails_before_launching(tmp_path):
   result = launch_cli(
     f'--config={FASHION_MNIST}', f'--workdir={tmp_path}', '--sweep=config.learning_rat=[0.1]'
@@ -235,6 +238,7 @@ def test_multi_node_slurm_script_starts_one_trainer_per_node(tmp_path):
   subprocess.run(['bash', '-n'], input=script, text=True, check=True)
 
 
+@pytest.mark.slow
 def test_slurm_backend_writes_the_script_for_the_unfinished_runs(tmp_path):
   (tmp_path / 'learning_rate=0.02').mkdir()
   (tmp_path / 'learning_rate=0.02' / 'results.json').write_text('{}')

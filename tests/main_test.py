@@ -32,6 +32,7 @@ def last_line(text: str) -> str:
   return text.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_misspelt_config_key_names_the_valid_ones():
   result = run_main('--config=configs/fashion_mnist.py', '--config.batch_sise=64')
   assert result.returncode == 1
@@ -54,6 +55,7 @@ def test_a_bad_flag_is_named_in_one_line(flag, message, capsys):
   assert capsys.readouterr().err == f'FATAL Flags parsing error: {message}\n'
 
 
+@pytest.mark.slow
 def test_bad_values_stop_before_any_data_with_the_key_as_last_line(tmp_path):
   result = run_main(f'--workdir={tmp_path / "run"}', '--config.dropout_rate=1.0')
   assert result.returncode == 1
@@ -70,6 +72,7 @@ def test_bad_values_stop_before_any_data_with_the_key_as_last_line(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
   result = run_main(
     '--config=configs/fashion_mnist.py', f'--workdir={tmp_path / "none"}', '--mode=eval'
@@ -88,6 +91,7 @@ def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_75_then_the_rerun_finishes(
   toy_image_folder, tmp_path, monkeypatch, caplog
 ):

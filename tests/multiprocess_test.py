@@ -30,6 +30,8 @@ from helpers import run
 from helpers import train_losses
 from helpers import wait_all
 
+pytestmark = pytest.mark.slow  # Every test starts several trainers.
+
 
 def read_json(path):
   with open(path) as f:

@@ -256,6 +256,7 @@ def test_a_split_where_no_image_decodes_fails(tmp_path):
   assert not os.path.exists(datasets.prepared_dir(config))
 
 
+@pytest.mark.slow
 def test_missing_tar_is_named_in_one_line(tmp_path):
   write_imagenet_tars(tmp_path / 'tars')
   os.remove(tmp_path / 'tars' / 'ILSVRC2012_img_train.tar')

@@ -58,6 +58,7 @@ def single_device_step():
 
 
 @pytest.mark.parametrize('data, model', [(1, 2), (2, 2), (2, 1)])
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(single_device_step, data, model):
   """Same loss, gradients (the first momentum) and parameters, dropout included."""
   state, metrics, evals = one_step(data, model)
@@ -127,6 +128,7 @@ def tower_local_hlo(mesh, fn, params, x):
   return jax.jit(mapped).lower(params, x).compile().as_text()
 
 
+@pytest.mark.slow
 def test_collectives_only_where_the_towers_communicate():
   mesh = mesh_of(2, 2)
   state, train_fn, _, _ = setup(mesh)

@@ -94,6 +94,7 @@ def test_correct_topk_counts_the_label_among_the_k_highest():
 
 
 @pytest.mark.parametrize('benchmark', ['train_throughput', 'conv_layers'])
+@pytest.mark.slow
 def test_steps_and_benchmarks_import_without_tensorflow(benchmark):
   """The GPU machines have JAX but no TensorFlow: the model, the steps, checkpoints and
   the train-step and convolution benchmarks (each defines its own absl flags, so one

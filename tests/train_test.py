@@ -23,8 +23,10 @@ from helpers import REPO
 from helpers import TIMEOUT
 from helpers import logged_train_rows
 from helpers import mesh_of
+from helpers import on_devices
 from helpers import tensorboard_steps
 from helpers import small_config as base_config
+from helpers import use_fashion_mnist_as_is
 
 
 pytestmark = pytest.mark.usefixtures('fashion_mnist_as_is', 'one_device')
@@ -48,14 +50,35 @@ def saved_steps(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+# The run that the tests marked `uses_trained` read (never change) instead of training
+# their own: 12 steps, evaluated at step 6 (1 crop) and 12 (eval_crops=2).
+TRAINED_CONFIG = {'num_train_steps': 12, 'eval_every_steps': 6, 'eval_crops': 2}
+uses_trained = pytest.mark.xdist_group('train_test_trained')  # Trained once per module.
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """(workdir, results) of one run of small_config(**TRAINED_CONFIG); checkpoints at
+  steps 1, 3, 6, 9 and 12."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    use_fashion_mnist_as_is(monkeypatch)
+    on_devices(monkeypatch, 1)
+    with tfds.testing.mock_data(num_examples=64):
+      results = train.train_and_evaluate(small_config(**TRAINED_CONFIG), workdir)
+  return workdir, results
+
+
+@pytest.mark.slow
+@uses_trained
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, trained):
   """Killed after step 9 (epoch 1 of 8 steps, plus one): the resumed run builds epoch 1
   directly, skips its first step's examples, and continues bit for bit; its metrics
   log drops what the killed run had logged after the checkpoint."""
-  config = small_config(num_train_steps=12, eval_every_steps=6)
-  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  config = small_config(**TRAINED_CONFIG)
+  full, results = trained
+  resumed = str(tmp_path / 'resumed')
   with tfds.testing.mock_data(num_examples=64):
-    results = train.train_and_evaluate(config, full)
     shutil.copytree(
       os.path.join(full, 'checkpoints', '9'), os.path.join(resumed, 'checkpoints', '9')
     )
@@ -80,37 +103,44 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
 
   # Run once more, a finished run trains nothing and reports the same test metrics.
   with tfds.testing.mock_data(num_examples=64):
-    again = train.train_and_evaluate(config, full)
+    again = train.train_and_evaluate(config, resumed)
   assert again['step'] == 12
   # What only training measured stays.
-  assert again['train_images_per_sec'] == results['train_images_per_sec'] > 0
-  assert again['wall_seconds'] == results['wall_seconds']
-  assert again['n_test_examples'] == results['n_test_examples']
-  assert again['test_loss'] == pytest.approx(results['test_loss'], rel=1e-6)
-  assert again['test_top1'] == results['test_top1']
-  assert [r['step'] for r in logged_train_rows(full)] == list(range(1, 13))
+  assert again['train_images_per_sec'] == resumed_results['train_images_per_sec'] > 0
+  assert again['wall_seconds'] == resumed_results['wall_seconds']
+  assert again['n_test_examples'] == resumed_results['n_test_examples']
+  assert again['test_loss'] == pytest.approx(resumed_results['test_loss'], rel=1e-6)
+  assert again['test_top1'] == resumed_results['test_top1']
+  assert [r['step'] for r in logged_train_rows(resumed)] == list(range(1, 13))
 
 
-def test_evaluations_along_the_way_take_the_central_patch_and_the_last_eval_crops(tmp_path):
+@pytest.mark.slow
+@uses_trained
+def test_evaluations_along_the_way_take_the_central_patch_and_the_last_eval_crops(
+  tmp_path, trained
+):
   """Each checkpoint evaluated on its own (`evaluate_checkpoint`, the --mode=eval path)
-  gives what the loop logged: step 3 with 1 crop, the last step with eval_crops=2."""
-  config = small_config(eval_crops=2)
-  workdir = str(tmp_path)
+  gives what the loop logged: step 6 with 1 crop, the last step with eval_crops=2."""
+  workdir, results = trained
+  # Its eval_N.json files go to a workdir of their own: `trained` stays as trained.
+  os.symlink(os.path.join(workdir, 'checkpoints'), tmp_path / 'checkpoints')
   with tfds.testing.mock_data(num_examples=64):
-    results = train.train_and_evaluate(config, workdir)
-    central, mirrored_3, mirrored = (
-      evaluate.evaluate_checkpoint(small_config(eval_crops=crops), workdir, step=step)
-      for crops, step in ((1, 3), (2, 3), (2, 6))
+    central, mirrored_6, mirrored = (
+      evaluate.evaluate_checkpoint(
+        small_config(**{**TRAINED_CONFIG, 'eval_crops': crops}), str(tmp_path), step=step
+      )
+      for crops, step in ((1, 6), (2, 6), (2, 12))
     )
   test_rows = [r for r in read_metrics(workdir) if 'test_loss' in r]
-  assert [(r['step'], r['test_crops']) for r in test_rows] == [(3, 1), (6, 2)]
+  assert [(r['step'], r['test_crops']) for r in test_rows] == [(6, 1), (12, 2)]
   assert test_rows[0]['test_loss'] == pytest.approx(central['loss'], rel=1e-6)
   assert test_rows[1]['test_loss'] == pytest.approx(mirrored['loss'], rel=1e-6)
   assert results['test_loss'] == test_rows[1]['test_loss']
   # The two tests differ, so the first row's match is not a coincidence.
-  assert central['loss'] != pytest.approx(mirrored_3['loss'], rel=1e-6)
+  assert central['loss'] != pytest.approx(mirrored_6['loss'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_results_survive_a_plotting_error(tmp_path, monkeypatch, caplog):
   def broken(*unused_args):
     raise RuntimeError('no display')
@@ -128,9 +158,13 @@ def test_results_survive_a_plotting_error(tmp_path, monkeypatch, caplog):
   assert 'Could not write the plots' in caplog.text
 
 
-def test_non_finite_gradients_stop_the_run_before_anything_is_saved(tmp_path):
+@pytest.mark.slow
+def test_non_finite_gradients_stop_the_run_before_anything_is_saved(tmp_path, monkeypatch):
   """Dropout 1 keeps the loss finite (every fc7 output is 0) while the gradients are
-  NaN (0 · x / 0): the gradients' check is what catches it."""
+  NaN (0 · x / 0): the gradients' check is what catches it. No checkpoint thread is
+  left running, and the metric writer is closed."""
+  closed = []
+  _recording_closes(monkeypatch, closed)
   with tfds.testing.mock_data(num_examples=64):
     with pytest.raises(
       FloatingPointError,
@@ -138,10 +172,12 @@ def test_non_finite_gradients_stop_the_run_before_anything_is_saved(tmp_path):
       r'.*dropout_rate=1.0',
     ):
       train.train_and_evaluate(small_config(dropout_rate=1.0), str(tmp_path))
+  assert closed == ['metrics', 'checkpoints']
   assert saved_steps(tmp_path) == []
   assert not (tmp_path / 'results.json').exists()
 
 
+@pytest.mark.slow
 def test_finite_steps_that_leave_inf_parameters_are_never_saved(tmp_path):
   """Step 1's loss and gradients are finite; its update is not (biases step at 2 ×
   3e38, more than float32 holds): the check of the parameters before saving stops it."""
@@ -157,6 +193,7 @@ def test_finite_steps_that_leave_inf_parameters_are_never_saved(tmp_path):
   assert not (tmp_path / 'results.json').exists()
 
 
+@pytest.mark.slow
 def test_divergence_keeps_the_last_good_checkpoint_and_a_rerun_resumes_from_it(tmp_path):
   config = small_config()
   workdir = str(tmp_path)
@@ -231,15 +268,13 @@ def _recording_closes(monkeypatch, closed: list[str]):
   )
 
 
+@pytest.mark.slow
 def test_a_nan_or_a_preemption_closes_the_checkpoints_and_the_metric_writer(tmp_path, monkeypatch):
-  """No checkpoint thread is left running, and TensorBoard has every logged step."""
+  """No checkpoint thread is left running, and TensorBoard has every logged step. (The
+  NaN: test_non_finite_gradients_stop_the_run_before_anything_is_saved.)"""
   closed = []
   _recording_closes(monkeypatch, closed)
   with tfds.testing.mock_data(num_examples=64):
-    with pytest.raises(FloatingPointError):
-      train.train_and_evaluate(small_config(dropout_rate=1.0), str(tmp_path / 'nan'))
-    assert closed == ['metrics', 'checkpoints']
-    closed.clear()
     jit_train_step = train.steps_lib.jit_train_step
 
     def stop_after_the_first_step(*args):  # As a SIGTERM during step 1 would.
@@ -271,6 +306,7 @@ train._MetricsLog(sys.argv[1], resume_step=4)
 """
 
 
+@pytest.mark.slow
 def test_a_resume_that_dies_while_rewriting_the_metrics_keeps_every_line(tmp_path):
   """A resume drops the lines after its checkpoint by rewriting metrics.jsonl; dying
   half-way through that write (here: at 150 bytes) must not cost the run's history."""
@@ -298,14 +334,15 @@ def layer_arrays(params, layer):
   return [np.asarray(params[layer][kind]) for kind in ('kernel', 'bias')]
 
 
-def test_a_run_starts_from_another_by_layer_name_and_a_frozen_layer_never_moves(tmp_path):
+@pytest.mark.slow
+@uses_trained
+def test_a_run_starts_from_another_by_layer_name_and_a_frozen_layer_never_moves(tmp_path, trained):
   """init_from copies every layer bit for bit but those to reinitialise (`reinit`, or
   fc8 for another class count); factor 0 keeps conv1-5 exactly the source's while
   fc6-8 train; a resume reads its own checkpoint, not the source's."""
-  source, target = str(tmp_path / 'source'), str(tmp_path / 'target')
+  source, target = trained[0], str(tmp_path / 'target')
+  source_params = restore_params(source, 12)  # Trained: every layer moved from its init.
   with tfds.testing.mock_data(num_examples=64):
-    train.train_and_evaluate(small_config(num_train_steps=3, seed=1), source)
-    source_params = restore_params(source, 3)
     config = small_config(
       num_train_steps=3,
       init_from=source,
@@ -317,7 +354,7 @@ def test_a_run_starts_from_another_by_layer_name_and_a_frozen_layer_never_moves(
     train.train_and_evaluate(config, target)
     # The source's latest step is kept (the source may train on); a rerun that leaves
     # init_from_step at None (its latest) is the same run, not a changed config.
-    assert source_step == 3 and config_lib.load(target).init_from_step == 3
+    assert source_step == 12 and config_lib.load(target).init_from_step == 12
     assert config.init_from_step is None
     assert train.train_and_evaluate(config, target)['step'] == 3
   for layer in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7'):
@@ -336,15 +373,18 @@ def test_a_run_starts_from_another_by_layer_name_and_a_frozen_layer_never_moves(
     assert not np.array_equal(layer_arrays(trained, layer)[0], layer_arrays(started, layer)[0])
 
 
-def test_init_from_refuses_what_it_cannot_use_naming_the_key(tmp_path):
-  source = str(tmp_path / 'source')
-  with tfds.testing.mock_data(num_examples=64):
-    train.train_and_evaluate(small_config(num_train_steps=1), source)
+@pytest.mark.slow
+@uses_trained
+def test_init_from_refuses_what_it_cannot_use_naming_the_key(tmp_path, trained):
+  source = trained[0]
   mesh = mesh_of(1, 1)
   params = steps.init_params(small_config(), jax.random.key(0))
   cases = [
     ({'init_from': str(tmp_path / 'none')}, r"config.init_from='.*none': no training run"),
-    ({'init_from': source, 'init_from_step': 7}, r'config.init_from_step=7: .* steps \[1\]'),
+    (
+      {'init_from': source, 'init_from_step': 7},
+      r'config.init_from_step=7: .* steps \[1, 3, 6, 9, 12\]',
+    ),
     ({'init_from': source, 'lrn': 'caffe'}, r"lrn \('cuda-convnet' there, 'caffe' here\)"),
   ]
   for overrides, message in cases:
