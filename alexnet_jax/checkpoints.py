@@ -92,6 +92,10 @@ def workdir_lock(workdir: str):
   In a multi-process job process 0 holds it for the job and all processes learn the
   outcome (a collective: every process enters it).
 
+  A second trainer is refused at once, not made to wait, as a second
+  `alexnet_jax.prepare` of one copy is (`datasets._preparing`, by contrast, waits: a
+  job there reuses what the holder prepares).
+
   Raises:
     WorkdirInUse: at once, if another trainer holds it, naming the workdir and the
       holder (on every process of the job).

@@ -87,6 +87,11 @@ def _preparing(builder: tfds.core.DatasetBuilder):
   The wait has no time limit, as a preparation legitimately takes hours (ImageNet's);
   it ends when the holder finishes or dies, and a log line every `_LOCK_LOG_SECONDS`
   names the lock waited for.
+
+  This lock waits; the data path's other two refuse at once (`prepare.prepare`'s on a
+  copy being written, `checkpoints.workdir_lock`'s on a workdir): a job here needs what
+  the holder makes and then reuses it, while a second writer of one copy or one
+  workdir has nothing to wait for (it would write the same files again).
   """
   root = os.fspath(builder.data_dir_root)
   if '://' in root:  # A bucket (gs://...) has no file locks: TFDS alone, as before.
@@ -118,7 +123,9 @@ def _preparing(builder: tfds.core.DatasetBuilder):
     lock.release()
 
 
-# Written into the prepared dataset's folder once its data passed the check.
+# Written into the prepared dataset's folder once its data passed the check: the
+# finished mark of data TFDS built in its own folders (`PREPARED_MARKER` is that of
+# `alexnet_jax.prepare`'s copies, and holds their counts).
 _CHECKED = 'alexnet_jax_checked'
 # For `build`'s download_and_prepare: reuse the download cache (where the user's files
 # were placed) but regenerate data that is already there, which never passed the check.
@@ -321,7 +328,7 @@ def _check_cifar10(builder: tfds.core.DatasetBuilder, expected: dict[str, int], 
 # The folder under the TFDS data dir holding `python -m alexnet_jax.prepare`'s copies.
 PREPARED_FOLDER = 'alexnet_jax_prepared'
 # Written last into a finished copy (its per-split counts, JSON): a copy without it is
-# not read.
+# not read. (`_CHECKED` marks the other kind of finished data, TFDS's own builds.)
 PREPARED_MARKER = 'alexnet_jax_prepared.json'
 
 

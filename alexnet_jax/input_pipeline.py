@@ -10,6 +10,7 @@ uninterrupted one would.
 """
 
 import dataclasses
+import functools
 import itertools
 import os
 import socket
@@ -533,170 +534,275 @@ def create_datasets(
     config_lib.ConfigError: if an id of `config.classes` is not one of the dataset's.
   """
   builder = datasets.builder(config)
-  num_classes = builder.info.features['label'].num_classes
-  classes = tuple(config.classes)
-  per_class = config.train_examples_per_class
-  if classes:
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-      raise config_lib.ConfigError(
-        f'config.classes={classes} holds id {bad[0]}, but {config.dataset} has '
-        f'{num_classes} classes (ids 0-{num_classes - 1}).'
-      )
-  elif num_classes != config.num_classes:
-    raise ValueError(
-      f'{config.dataset} has {num_classes} classes but config.num_classes='
-      f'{config.num_classes}; set --config.num_classes={num_classes}.'
-    )
-  new_ids = np.arange(num_classes)  # Dataset label id -> ours (-1: dropped).
-  if classes:
-    new_ids = np.full(num_classes, -1)
-    new_ids[list(classes)] = np.arange(len(classes))
-  train_read = _train_read_config(per_class)
-  train = _read_part(builder, config.train_split, part, num_parts, train_read)
-  test = _read_part(builder, config.test_split, part, num_parts)
-  rows, eval_rows = config.batch_size // num_parts, config.eval_batch_size // num_parts
-  interleaved = is_image_folder(builder)
-  subset = bool(classes) or per_class is not None
-  if subset:
-    kept = _kept_per_class(
-      _part_labels(builder, config.train_split, num_parts, train_read),
-      new_ids,
-      per_class,
-      interleaved,
-    )
-    train = _select(train, new_ids, None if per_class is None else kept[part])
-    part_train = kept.sum(axis=1)
-    num_train = int(part_train.sum())
-    # Parts may keep different numbers of examples: every part (every process) runs
-    # the same steps per epoch, those its smallest one fills, so that none waits for
-    # another in a collective; a larger part leaves a few examples out of each epoch
-    # (other ones each epoch, as its shuffle differs).
-    steps_per_epoch = int(min(part_train // rows))
-    logging.info(
-      '%s %s subset: %d examples (per part: %s), %d steps per epoch.',
-      config.dataset,
-      config.train_split,
-      num_train,
-      part_train.tolist(),
-      steps_per_epoch,
-    )
-  else:
-    num_train = _num_examples(builder, config.train_split)
-    steps_per_epoch = num_train // config.batch_size
-  # Every part runs as many eval batches as the largest part needs (no process may
-  # wait for another in a collective); the others end with all-padding batches.
-  if per_class is not None and config.test_split == config.train_split:
-    # The examples trained on (features of the train split, its top-1), not the split.
-    test = train
-    num_test = num_train
-    num_test_batches = _ceil_div(int(part_train.max()), eval_rows)
-    test_total = int(part_train[part])
-  elif classes:
-    test = _select(test, new_ids)
-    part_test = _kept_per_class(
-      _part_labels(builder, config.test_split, num_parts, None), new_ids, None, interleaved
-    ).sum(axis=1)
-    num_test = int(part_test.sum())
-    num_test_batches = _ceil_div(int(part_test.max()), eval_rows)
-    test_total = int(part_test[part])
-  else:
-    num_test = _num_examples(builder, config.test_split)
-    num_test_batches = _ceil_div(_ceil_div(num_test, num_parts), eval_rows)
-    test_total = int(test.cardinality())
+  reader = _Reader(builder, config, _new_ids(builder, config), part, num_parts)
+  train = _train_split(reader)
+  test = _test_split(reader, train)
+  steps_per_epoch = _steps_per_epoch(reader, train)
   threads = decode_threads()
   options = data_options(config.deterministic_input, threads)
-
-  def train_batches(start_step: int = 0):
-    """Endless batches from step `start_step` on; the same for a given config.seed.
-
-    Raises:
-      ValueError: if the split holds fewer examples than one batch.
-    """
-    if steps_per_epoch == 0 and subset:
-      raise ValueError(
-        f'{config.dataset} {config.train_split}: a part of the subset (per part: '
-        f'{part_train.tolist()} examples) holds fewer than its {rows} rows of '
-        f'config.batch_size={config.batch_size}.'
-      )
-    if steps_per_epoch == 0:
-      raise ValueError(
-        f'{config.dataset} {config.train_split} has {num_train} examples, '
-        f'fewer than config.batch_size={config.batch_size}.'
-      )
-    with sharding.failures_agreed():  # One process's part may be the bad one.
-      _check_decodes(train, config)
-    pairs = lambda ds: ds.map(lambda ex: (ex['image'], ex['label']))
-    source = pairs(train)
-    if config.cache:
-      source = source.cache()
-    # Files in a new order every epoch, unless the stream is cached (read once, in
-    # stored order) or must keep its stored order (`per_class`).
-    shuffle_files = not config.cache and per_class is None
-
-    @tf.autograph.experimental.do_not_convert
-    def epoch(index):
-      # A distinct shuffle seed for every (config.seed < 1_000_003, epoch) pair.
-      seed = tf.cast(index, tf.int64) * 1_000_003 + config.seed
-      ds = source
-      if shuffle_files:
-        read = _train_read_config(per_class, seed)
-        ds = _read_part(builder, config.train_split, part, num_parts, read)
-        ds = pairs(_select(ds, new_ids) if classes else ds)
-      return ds.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * rows)
-
-    first_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-    ds = ds.skip(step_in_epoch * rows).enumerate(start=start_step * rows)
-
-    def preprocess(index, example):
-      encoded, label = example
-      seed = tf.stack([tf.constant(config.seed, tf.int64), index * num_parts + part])
-      return {
-        **preprocess_train(encoded, seed, config),
-        'label': tf.cast(label, tf.int32),
-        'index': index,
-      }
-
-    ds = _map_decodable(ds, preprocess, threads)
-    ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    batches = _skip_counted(
-      ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train'
-    )
-    return _naming_damaged_files(batches, builder, config.train_split)
-
-  def test_batches(crops: int = 1):
-    """Every decodable test example of the part once, in order, in `num_test_batches`
-    batches, padded and masked."""
-    ds = _map_decodable(
-      test.enumerate(),
-      lambda index, ex: {
-        'image': preprocess_eval(ex['image'], config, crops),
-        'label': tf.cast(ex['label'], tf.int32),
-        'index': index,
-      },
-      threads,
-    )
-    ds = ds.batch(eval_rows).prefetch(tf.data.AUTOTUNE)
-    batches = _skip_counted(
-      ds.with_options(options).as_numpy_iterator(), 0, 'test', total=test_total
-    )
-    batches = _naming_damaged_files(batches, builder, config.test_split)
-    image_shape = (config.image_size, config.image_size, 3)
-    if crops != 1:
-      image_shape = (crops, *image_shape)
-    empty = {'image': np.zeros((0, *image_shape), np.uint8), 'label': np.zeros((0,), np.int32)}
-    for _, batch in itertools.zip_longest(range(num_test_batches), batches, fillvalue=empty):
-      yield pad_batch(batch, eval_rows)
-
   return Datasets(
-    num_train_examples=num_train,
-    num_test_examples=num_test,
+    num_train_examples=train.total,
+    num_test_examples=test.total,
     steps_per_epoch=steps_per_epoch,
-    num_test_batches=num_test_batches,
-    train_batches=train_batches,
-    test_batches=test_batches,
+    num_test_batches=test.batches_of_largest_part(reader.eval_rows, num_parts),
+    train_batches=functools.partial(
+      _train_batches, reader, train, steps_per_epoch, threads, options
+    ),
+    test_batches=functools.partial(_test_batches, reader, test, threads, options),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reader:
+  """What reads this part of a dataset: its builder, the config, the relabelling
+  `new_ids` (int [dataset classes]: dataset label id -> ours, -1: dropped) and this
+  part's place among the parts."""
+
+  builder: tfds.core.DatasetBuilder
+  config: ml_collections.ConfigDict
+  new_ids: np.ndarray
+  part: int
+  num_parts: int
+
+  @property
+  def rows(self) -> int:
+    """This part's rows of a global train batch."""
+    return self.config.batch_size // self.num_parts
+
+  @property
+  def eval_rows(self) -> int:
+    """This part's rows of a global test batch."""
+    return self.config.eval_batch_size // self.num_parts
+
+  def read(self, split: str, read_config: tfds.ReadConfig | None = None) -> tf.data.Dataset:
+    """This part of `split`, images encoded (`_read_part`)."""
+    return _read_part(self.builder, split, self.part, self.num_parts, read_config)
+
+  def kept_per_part(
+    self, split: str, read_config: tfds.ReadConfig | None, per_class: int | None
+  ) -> np.ndarray:
+    """`_kept_per_class` of `split`, read with `read_config`: int [parts, classes]."""
+    return _kept_per_class(
+      _part_labels(self.builder, split, self.num_parts, read_config),
+      self.new_ids,
+      per_class,
+      is_image_folder(self.builder),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """One split as this part reads it: `examples`, encoded and selected; `total`, the
+  examples of all parts; `part_sizes` (int [parts]), each part's, where a subset was
+  counted (None: the whole split, in even parts)."""
+
+  examples: tf.data.Dataset
+  total: int
+  part_sizes: np.ndarray | None = None
+
+  def size(self, part: int) -> int:
+    """The examples of part `part` (this part's, as `examples` holds it)."""
+    if self.part_sizes is None:
+      return int(self.examples.cardinality())
+    return int(self.part_sizes[part])
+
+  def batches_of_largest_part(self, rows: int, num_parts: int) -> int:
+    """Batches of `rows` that the largest part fills, its last one padded: every part
+    runs that many (no process may wait for another in a collective), the smaller ones
+    ending with all-padding batches."""
+    if self.part_sizes is None:
+      return _ceil_div(_ceil_div(self.total, num_parts), rows)
+    return _ceil_div(int(self.part_sizes.max()), rows)
+
+
+def _new_ids(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> np.ndarray:
+  """Dataset label id -> ours, int [dataset classes] (-1: dropped by `config.classes`).
+
+  Raises:
+    ValueError: if the dataset's class count differs from `config.num_classes`.
+    config_lib.ConfigError: if an id of `config.classes` is not one of the dataset's.
+  """
+  num_classes = builder.info.features['label'].num_classes
+  classes = tuple(config.classes)
+  if not classes:
+    if num_classes != config.num_classes:
+      raise ValueError(
+        f'{config.dataset} has {num_classes} classes but config.num_classes='
+        f'{config.num_classes}; set --config.num_classes={num_classes}.'
+      )
+    return np.arange(num_classes)
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad:
+    raise config_lib.ConfigError(
+      f'config.classes={classes} holds id {bad[0]}, but {config.dataset} has '
+      f'{num_classes} classes (ids 0-{num_classes - 1}).'
+    )
+  new_ids = np.full(num_classes, -1)
+  new_ids[list(classes)] = np.arange(len(classes))
+  return new_ids
+
+
+def _train_split(reader: _Reader) -> _Split:
+  """This part's train examples in stored order, after `config.classes` and
+  `config.train_examples_per_class` (counted in every part: `_kept_per_class`)."""
+  config = reader.config
+  per_class = config.train_examples_per_class
+  read_config = _train_read_config(per_class)
+  train = reader.read(config.train_split, read_config)
+  if not config.classes and per_class is None:
+    return _Split(train, _num_examples(reader.builder, config.train_split))
+  kept = reader.kept_per_part(config.train_split, read_config, per_class)
+  quota = None if per_class is None else kept[reader.part]
+  part_sizes = kept.sum(axis=1)
+  return _Split(_select(train, reader.new_ids, quota), int(part_sizes.sum()), part_sizes)
+
+
+def _test_split(reader: _Reader, train: _Split) -> _Split:
+  """This part's test examples, after `config.classes`; with
+  `config.train_examples_per_class` and the train split as test split, the examples
+  trained on (features of the train split, its top-1), not the split."""
+  config = reader.config
+  if config.train_examples_per_class is not None and config.test_split == config.train_split:
+    return train
+  test = reader.read(config.test_split)
+  if not config.classes:
+    return _Split(test, _num_examples(reader.builder, config.test_split))
+  part_sizes = reader.kept_per_part(config.test_split, None, None).sum(axis=1)
+  return _Split(_select(test, reader.new_ids), int(part_sizes.sum()), part_sizes)
+
+
+def _steps_per_epoch(reader: _Reader, train: _Split) -> int:
+  """Global train batches per epoch.
+
+  Parts may keep different numbers of examples: every part (every process) runs the
+  same steps per epoch, those its smallest one fills, so that none waits for another
+  in a collective; a larger part leaves a few examples out of each epoch (other ones
+  each epoch, as its shuffle differs).
+  """
+  config = reader.config
+  if train.part_sizes is None:
+    return train.total // config.batch_size
+  steps_per_epoch = int(min(train.part_sizes // reader.rows))
+  logging.info(
+    '%s %s subset: %d examples (per part: %s), %d steps per epoch.',
+    config.dataset,
+    config.train_split,
+    train.total,
+    train.part_sizes.tolist(),
+    steps_per_epoch,
+  )
+  return steps_per_epoch
+
+
+def _check_train_batch(reader: _Reader, train: _Split, steps_per_epoch: int):
+  """Raises ValueError if a part holds fewer examples than its rows of one batch."""
+  config = reader.config
+  if steps_per_epoch == 0 and train.part_sizes is not None:
+    raise ValueError(
+      f'{config.dataset} {config.train_split}: a part of the subset (per part: '
+      f'{train.part_sizes.tolist()} examples) holds fewer than its {reader.rows} rows of '
+      f'config.batch_size={config.batch_size}.'
+    )
+  if steps_per_epoch == 0:
+    raise ValueError(
+      f'{config.dataset} {config.train_split} has {train.total} examples, '
+      f'fewer than config.batch_size={config.batch_size}.'
+    )
+
+
+def _train_epochs(
+  reader: _Reader, train: _Split, steps_per_epoch: int, start_step: int
+) -> tf.data.Dataset:
+  """Endless (index in the stream, (encoded image, label)) pairs from step `start_step`
+  on: each epoch's examples shuffled by (config.seed, epoch), steps_per_epoch batches
+  of them."""
+  config = reader.config
+  pairs = lambda ds: ds.map(lambda ex: (ex['image'], ex['label']))
+  source = pairs(train.examples)
+  if config.cache:
+    source = source.cache()
+  # Files in a new order every epoch, unless the stream is cached (read once, in
+  # stored order) or must keep its stored order (`per_class`).
+  per_class = config.train_examples_per_class
+  shuffle_files = not config.cache and per_class is None
+
+  @tf.autograph.experimental.do_not_convert
+  def epoch(index):
+    # A distinct shuffle seed for every (config.seed < 1_000_003, epoch) pair.
+    seed = tf.cast(index, tf.int64) * 1_000_003 + config.seed
+    ds = source
+    if shuffle_files:
+      ds = reader.read(config.train_split, _train_read_config(per_class, seed))
+      ds = pairs(_select(ds, reader.new_ids) if config.classes else ds)
+    return ds.shuffle(config.shuffle_buffer, seed=seed).take(steps_per_epoch * reader.rows)
+
+  first_epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  return ds.skip(step_in_epoch * reader.rows).enumerate(start=start_step * reader.rows)
+
+
+def _train_batches(
+  reader: _Reader,
+  train: _Split,
+  steps_per_epoch: int,
+  threads: int,
+  options: tf.data.Options,
+  start_step: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Endless batches from step `start_step` on; the same for a given config.seed.
+
+  Raises:
+    ValueError: if the split holds fewer examples than one batch.
+  """
+  config, rows = reader.config, reader.rows
+  _check_train_batch(reader, train, steps_per_epoch)
+  with sharding.failures_agreed():  # One process's part may be the bad one.
+    _check_decodes(train.examples, config)
+
+  def preprocess(index, example):
+    encoded, label = example
+    seed = tf.stack([tf.constant(config.seed, tf.int64), index * reader.num_parts + reader.part])
+    return {
+      **preprocess_train(encoded, seed, config),
+      'label': tf.cast(label, tf.int32),
+      'index': index,
+    }
+
+  ds = _map_decodable(
+    _train_epochs(reader, train, steps_per_epoch, start_step), preprocess, threads
+  )
+  ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  batches = _skip_counted(ds.with_options(options).as_numpy_iterator(), start_step * rows, 'train')
+  return _naming_damaged_files(batches, reader.builder, config.train_split)
+
+
+def _test_batches(
+  reader: _Reader, test: _Split, threads: int, options: tf.data.Options, crops: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+  """Every decodable test example of the part once, in order, in `num_test_batches`
+  batches, padded and masked."""
+  config, eval_rows = reader.config, reader.eval_rows
+  ds = _map_decodable(
+    test.examples.enumerate(),
+    lambda index, ex: {
+      'image': preprocess_eval(ex['image'], config, crops),
+      'label': tf.cast(ex['label'], tf.int32),
+      'index': index,
+    },
+    threads,
+  )
+  ds = ds.batch(eval_rows).prefetch(tf.data.AUTOTUNE)
+  batches = _skip_counted(
+    ds.with_options(options).as_numpy_iterator(), 0, 'test', total=test.size(reader.part)
+  )
+  batches = _naming_damaged_files(batches, reader.builder, config.test_split)
+  image_shape = (config.image_size, config.image_size, 3)
+  if crops != 1:
+    image_shape = (crops, *image_shape)
+  empty = {'image': np.zeros((0, *image_shape), np.uint8), 'label': np.zeros((0,), np.int32)}
+  num_batches = test.batches_of_largest_part(eval_rows, reader.num_parts)
+  for _, batch in itertools.zip_longest(range(num_batches), batches, fillvalue=empty):
+    yield pad_batch(batch, eval_rows)
 
 
 # The fixed sizes of what `decode_threads` gathers from every process (an all-gather

@@ -720,6 +720,8 @@ def _size_on_disk(directory: str) -> int:
 
 
 def _refuse_finished(directory: str):
+  """Raises FileExistsError if `directory` exists, saying whether it is a finished copy
+  (it holds `datasets.PREPARED_MARKER`)."""
   if os.path.exists(directory):
     state = (
       'a finished copy'
@@ -775,6 +777,8 @@ def prepare(config: ml_collections.ConfigDict) -> str:
   src = source(config)
   incomplete = directory + '.incomplete'
   os.makedirs(os.path.dirname(directory), exist_ok=True)
+  # Refused, not waited for (as `checkpoints.workdir_lock`; `datasets._preparing` waits):
+  # a second writer of this copy would write the same shards again.
   lock = filelock.FileLock(directory + '.lock')
   try:
     lock.acquire(blocking=False)
