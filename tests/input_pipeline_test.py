@@ -46,6 +46,7 @@ def encode_png(image: np.ndarray) -> tf.Tensor:
   return tf.io.encode_png(image)
 
 
+@pytest.mark.slow
 def test_train_preprocessing_is_deterministic_and_flips_half_the_time():
   """Fashion-MNIST's crop is the whole image (image_size = resize_size): every draw
   gives the test view, and a flip with probability 1/2."""
@@ -419,6 +420,7 @@ def rows(batches):
   return [row.tobytes() for batch in batches for row in batch['image']]
 
 
+@pytest.mark.slow
 def test_train_order_is_a_function_of_seed_and_step(fashion_mnist_as_is):
   """A resumed stream (mid-epoch, at an epoch start, in a later epoch) equals the rest of
   the uninterrupted one; each epoch uses every example once, in a new order."""
@@ -539,6 +541,7 @@ def test_classes_filter_and_relabel_both_splits(fashion_mnist_as_is):
   assert datasets.class_names(config) == ['Sneaker', 'Pullover', 'Sandal']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('classes', [(0, 3, 2), ()])
 def test_train_examples_per_class_keeps_the_first_n_of_each(fashion_mnist_as_is, classes):
   """One epoch (batches of 1) is exactly the first 2 train examples of each class;
@@ -596,6 +599,7 @@ class SubsetDigits(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': rng.randint(0, 256, (28, 28, 1), np.uint8), 'label': label}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('source', ['image_folder', 'tfds'])
 def test_parts_keep_the_first_n_of_each_class_of_the_whole_split(
   source, toy_image_folder, tmp_path
@@ -676,6 +680,7 @@ def test_unknown_class_id_is_refused_before_images_are_read(fashion_mnist_as_is,
       input_pipeline.create_datasets(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('classes, per_class', [((0, 3, 2, 8), 4), ((1, 5, 6), None)])
 def test_subset_train_order_is_a_function_of_seed_and_step(fashion_mnist_as_is, classes, per_class):
   """With a subset, a resumed stream (mid-epoch, at an epoch start, in a later epoch)
@@ -787,6 +792,7 @@ class SortedDigits(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': image, 'label': i * 10 // count}
 
 
+@pytest.mark.slow
 def test_train_files_are_read_in_a_new_order_every_epoch_one_example_at_a_time(tmp_path):
   """A split stored class by class in 10 files, read without a shuffle buffer: each
   epoch takes one example from every file in turn (TFDS's 16 files at once, block

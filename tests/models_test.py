@@ -140,6 +140,7 @@ def test_tower_local_conv_ignores_the_other_tower():
   assert not np.allclose(out1, new1)
 
 
+@pytest.mark.slow
 def test_cross_tower_conv_reads_both_towers():
   model = models.AlexNet(10, image_size=67, rngs=nnx.Rngs(0))
   rng = np.random.RandomState(2)

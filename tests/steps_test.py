@@ -44,6 +44,7 @@ def test_cpu_compiler_options_leave_convolutions_to_xla_and_reductions_to_ynnpac
     assert '%ynn_fusion' in compiled(bias_gradient, **options)
 
 
+@pytest.mark.slow
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
   config = small_config(learning_rate=0.001, lr_schedule='constant', dropout_rate=0.0)
   mesh = mesh_of(1, 1)
@@ -145,6 +146,7 @@ def assert_close_updates(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_make_the_whole_batch_update():
   """4 micro-batches' mean gradient is the whole batch's (dropout off, paper model,
   paper SGD): the same first update (the momentum, -lr (g + wd w)); the metrics are
