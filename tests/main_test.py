@@ -133,11 +133,12 @@ def stored_order(root) -> list[str]:
 
 @pytest.mark.slow
 def test_a_stop_while_waiting_for_data_exits_at_once_keeping_every_record(tmp_path):
-  """A train file that stalls (a FIFO named .png, 3/4 into the split: reading it blocks
-  inside tf.data's C++ iterator, as a hung file system would) once some steps have
-  trained: SIGTERM while the loop waits for the next batch exits 75 within 10 s (SLURM
-  sends SIGKILL 30 s after SIGTERM), with the steps trained checkpointed and every
-  one of them in metrics.jsonl and in the TensorBoard events."""
+  """A train file that stalls (a FIFO named .png: reading it blocks inside tf.data's C++
+  iterator, as a hung file system would): SIGTERM while the loop waits for the next
+  batch exits 75 within 10 s (SLURM sends SIGKILL 30 s after SIGTERM), with the steps
+  trained, if any, checkpointed and every one of them in metrics.jsonl and in the
+  TensorBoard events. (Where in the split the stall stops the stream depends on how far
+  the decode chunks read ahead, `input_pipeline._map_decodable`.)"""
   root, workdir = tmp_path / 'data', tmp_path / 'run'
   write_image_folder(str(root))
   stalled = stored_order(root)[60]
@@ -155,9 +156,9 @@ def test_a_stop_while_waiting_for_data_exits_at_once_keeping_every_record(tmp_pa
   os.makedirs(log.parent)
   metrics = workdir / 'metrics.jsonl'
   with processes(1, 1, args, log.parent) as [trainer]:
-    # Trained until the stall, then waiting: no new step for 5 s.
+    # Waiting for data: the loop has started and no new step came for 10 s.
     deadline, last, since = time.time() + TIMEOUT, None, time.time()
-    while last is None or time.time() - since < 5:
+    while 'Batch: global' not in log.read_text() or time.time() - since < 10:
       assert time.time() < deadline and trainer.poll() is None, log.read_text()[-3000:]
       size = metrics.stat().st_size if metrics.exists() else None
       if size != last:
@@ -167,12 +168,14 @@ def test_a_stop_while_waiting_for_data_exits_at_once_keeping_every_record(tmp_pa
     signalled = time.monotonic()
     assert wait_all([trainer], timeout=60) == [os.EX_TEMPFAIL], log.read_text()[-3000:]
     assert time.monotonic() - signalled < 10, log.read_text()[-3000:]
-  trained = [row['step'] for row in logged_train_rows(workdir)]
-  stopped = trained[-1]
-  assert 0 < stopped < 40 and trained == list(range(1, stopped + 1))
+  trained = [row['step'] for row in logged_train_rows(workdir)] if metrics.exists() else []
+  stopped = trained[-1] if trained else 0
+  assert stopped < 40 and trained == list(range(1, stopped + 1))
+  done = f'steps up to {stopped} are checkpointed' if stopped else 'no step was trained'
   assert (
-    f'Stopped on request (SIGTERM) while waiting for the batch of step {stopped + 1}; steps up '
-    f'to {stopped} are checkpointed' in log.read_text()
+    f'Stopped on request (SIGTERM) while waiting for the batch of step {stopped + 1}; {done}'
+    in log.read_text()
   )
-  assert str(stopped) in os.listdir(workdir / 'checkpoints')
+  if stopped:
+    assert str(stopped) in os.listdir(workdir / 'checkpoints')
   assert tensorboard_steps(workdir, 'train_loss') == trained
