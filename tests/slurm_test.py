@@ -59,6 +59,9 @@ def _slurm_conf(root: str, host: str) -> str:
   return f"""\
 ClusterName=alexnet_jax_test
 SlurmctldHost={host}
+# Job ids of their own: JAX's SLURM detection derives the coordinator's port from the job
+# id, so two test clusters at once (two pytest runs or workers) must not share ids.
+FirstJobId={1000 + os.getpid() % 100_000}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -447,7 +450,10 @@ def test_srun_starts_a_two_process_job_that_trains_as_one_process(outcomes, refe
   """`srun --ntasks=2`: alexnet_jax.main joins the processes from SLURM's variables;
   each holds one tower (1 CPU device each), as the 1-process reference does on 2."""
   completed, workdir = result(outcomes, 'srun')
-  assert completed.returncode == 0, completed.stderr[-3000:]
+  # On a crash, the Python stacks before faulthandler's long list of modules.
+  crash = completed.stderr.find('Fatal Python error')
+  shown = completed.stderr[crash : crash + 6000] if crash >= 0 else completed.stderr[-6000:]
+  assert completed.returncode == 0, shown
   log = completed.stdout + completed.stderr
   assert "mesh {'data': 1, 'model': 2} over 2 process(es)" in log
   assert losses(workdir) == pytest.approx(losses(reference), rel=1e-5)
