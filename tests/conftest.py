@@ -58,7 +58,6 @@ def toy_image_folder(tmp_path_factory):
   return str(root)
 
 
-
 @pytest.fixture(scope='session', autouse=True)
 def xdist_groups_kept(request):
   """Fails every test where `--dist loadgroup` would not keep an `xdist_group` on one worker.

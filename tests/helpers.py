@@ -225,6 +225,27 @@ def as_host(name: str, hosts_file, binds=()) -> list[str]:
   return ['unshare', '--uts', '--mount', 'sh', '-c', f'{setup} && exec "$@"', 'sh']
 
 
+# Host names whose crc32 is ≥ 2^31, which a 32-bit host id once wrapped (hosts_test).
+HOSTS = ('gpu-node-017', 'node-b')
+
+
+def hosts_file(tmp_path) -> str:
+  """An /etc/hosts that maps `HOSTS` to 127.0.0.1 (gloo resolves its own host's name)."""
+  path = tmp_path / 'hosts'
+  path.write_text('127.0.0.1 localhost\n' + ''.join(f'127.0.0.1 {h}\n' for h in HOSTS))
+  return str(path)
+
+
+def wait_for(path, running, log_dir):
+  """Until `path` exists; fails with the logs if a process ends or TIMEOUT passes first."""
+  deadline = time.time() + TIMEOUT
+  while not os.path.exists(path):
+    assert time.time() < deadline and all(p.poll() is None for p in running), '\n'.join(
+      log.read_text()[-3000:] for log in sorted(log_dir.iterdir())
+    )
+    time.sleep(0.2)
+
+
 def wait_all(running, timeout=TIMEOUT) -> list[int]:
   deadline = time.time() + timeout
   codes = []
