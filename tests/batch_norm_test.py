@@ -1,0 +1,266 @@
+"""Tests of AlexNet-BN (`config.model='alexnet_bn'`): BN against a numpy formula, the
+global batch's statistics on the mesh, running averages in eval mode and checkpoints."""
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from alexnet_jax import checkpoints
+from alexnet_jax import config_lib
+from alexnet_jax import models
+from alexnet_jax import optimizers
+from alexnet_jax import sharding
+from alexnet_jax import steps
+from helpers import mesh_of
+from helpers import small_config
+from helpers import train_state
+
+MOMENTUM, EPS = 0.9, 1e-4  # NVIDIA/caffe models/alexnet_bn/train_val2.prototxt.
+
+
+def bn_numpy(x, mean=None, var=None):
+  """(x - mean) / sqrt(var + eps) per channel (last axis), float64; the batch's own
+  mean and biased variance over every other axis when not given."""
+  x = np.asarray(x, np.float64)
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes) if mean is None else np.asarray(mean, np.float64)
+  var = ((x - x.mean(axes)) ** 2).mean(axes) if var is None else np.asarray(var, np.float64)
+  return (x - mean) / np.sqrt(var + EPS)
+
+
+def batch(n=8, size=67, seed=0):
+  rng = np.random.RandomState(seed)
+  return {
+    'image': rng.randn(n, size, size, 3).astype(np.float32),
+    'label': rng.randint(0, 10, n).astype(np.int32),
+  }
+
+
+def test_tower_batch_norm_equals_the_formula_in_train_and_eval_mode():
+  rng = np.random.RandomState(0)
+  towers = [rng.randn(4, 3, 3, 8).astype(np.float32) * 3 + 2, rng.randn(4, 3, 3, 8) * 0.5]
+  bn = models.TowerBatchNorm(16)
+  old_mean, old_var = rng.randn(16).astype(np.float32), rng.rand(16).astype(np.float32) + 0.5
+  bn.mean[...], bn.var[...] = jnp.asarray(old_mean), jnp.asarray(old_var)
+  whole = np.concatenate(towers, -1)
+  ours = np.concatenate(bn([jnp.asarray(x, jnp.float32) for x in towers]), -1)
+  np.testing.assert_allclose(ours, bn_numpy(whole), rtol=1e-5, atol=1e-5)
+  batch_var = whole.reshape(-1, 16).var(0)
+  np.testing.assert_allclose(
+    bn.mean[...], MOMENTUM * old_mean + (1 - MOMENTUM) * whole.reshape(-1, 16).mean(0), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    bn.var[...], MOMENTUM * old_var + (1 - MOMENTUM) * batch_var, rtol=1e-5
+  )
+  bn.use_running_average = True
+  mean, var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+  evaluated = np.concatenate(bn([jnp.asarray(x, jnp.float32) for x in towers]), -1)
+  np.testing.assert_allclose(evaluated, bn_numpy(whole, mean, var), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(evaluated, ours, atol=1e-2)  # Not the batch's statistics.
+  np.testing.assert_array_equal(bn.mean[...], mean)  # Eval mode moves nothing.
+
+
+def features_reference(model, images, stats=None):
+  """pool5 of AlexNet-BN built from its own convolutions, with numpy BN where
+  train_val2.prototxt has it: on the inputs of conv2 (pool1), conv3 (pool2), conv4 and
+  conv5 (after conv3's and conv4's ReLU). `stats`: {name: (mean, var)} for eval mode."""
+
+  def bn(name, x):
+    mean, var = (None, None) if stats is None else stats[name]
+    return jnp.asarray(bn_numpy(x, mean, var), jnp.float32)
+
+  def split(x):
+    return jnp.split(x, 2, axis=-1)
+
+  def conv(layer, x):
+    return jnp.concatenate(layer(x), -1)
+
+  x = models.max_pool(jax.nn.relu(conv(model.conv1, images)))
+  x = models.max_pool(jax.nn.relu(conv(model.conv2, split(bn('bn2', x)))))
+  x = jax.nn.relu(conv(model.conv3, bn('bn3', x)))
+  x = jax.nn.relu(conv(model.conv4, split(bn('bn4', x))))
+  return models.max_pool(jax.nn.relu(conv(model.conv5, split(bn('bn5', x)))))
+
+
+@pytest.mark.slow
+def test_alexnet_bn_normalises_the_inputs_of_conv2_to_conv5_and_has_no_lrn():
+  model = models.AlexNetBN(10, image_size=67, init='he', rngs=nnx.Rngs(params=0))
+  images = jnp.asarray(batch()['image'])
+  np.testing.assert_allclose(
+    model.features(images), features_reference(model, images), rtol=1e-4, atol=1e-4
+  )
+  rng = np.random.RandomState(1)
+  stats = {}
+  for name in ('bn2', 'bn3', 'bn4', 'bn5'):
+    bn = getattr(model, name)
+    channels = bn.mean.shape[0]
+    stats[name] = (rng.randn(channels) * 0.1, rng.rand(channels) + 0.5)
+    bn.mean[...], bn.var[...] = (jnp.asarray(s, jnp.float32) for s in stats[name])
+  model.eval()
+  np.testing.assert_allclose(
+    model.features(images), features_reference(model, images, stats), rtol=1e-4, atol=1e-4
+  )
+
+
+def test_parameter_count_at_227_px_and_1000_classes_is_alexnets():
+  """BN in train_val2.prototxt learns nothing (scale_bias: false): AlexNet's parameters
+  and 2 × (96 + 256 + 384 + 384) running averages."""
+  config = small_config(model='alexnet_bn', image_size=227, resize_size=256, num_classes=1000)
+  params, stats = jax.eval_shape(lambda: steps.init_variables(config, jax.random.key(0)))
+  conv = [(11, 3, 96), (5, 48, 256), (3, 256, 384), (3, 192, 384), (3, 192, 256)]
+  dense = [(6 * 6 * 256, 4096), (4096, 4096), (4096, 1000)]
+  by_hand = sum(k * k * i * o + o for k, i, o in conv) + sum(i * o + o for i, o in dense)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  assert count(params) == by_hand == 60_965_224
+  assert count(stats) == 2 * (96 + 256 + 384 + 384)
+  assert sorted(params) == list(models.LAYERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('grad_accum_steps', [1, 2])
+def test_a_step_on_a_2x2_mesh_equals_one_device_params_and_running_averages(grad_accum_steps):
+  """The BN statistics are the global batch's (of each micro-batch's with
+  accumulation), not each device's share: the running averages match one device's."""
+  config = small_config(model='alexnet_bn', dropout_rate=0.0, init='he')
+  results = []
+  for shape in ((1, 1), (2, 2)):
+    mesh = mesh_of(*shape)
+    state, tx = train_state(config, mesh)
+    step = steps.jit_train_step(
+      mesh, steps.graphdefs(config)[0], state, tx, grad_accum_steps=grad_accum_steps
+    )
+    state, metrics = step(state, sharding.global_batch(mesh, batch()), jax.random.key(1))
+    assert float(metrics['finite']) == 1.0
+    results.append(jax.device_get((state.params, state.batch_stats, metrics['loss'])))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), results[0], results[1]
+  )
+  initial, _ = steps.init_variables(config, jax.random.key(0))
+  stats = results[0][1]
+  # The running averages moved from (0, 1) by 1 - momentum of some batch statistic.
+  assert not np.allclose(stats['bn2']['mean'], 0.0)
+  assert np.all(stats['bn2']['var'] > 0)
+  assert 'bn2' not in initial  # Running averages are not parameters.
+
+
+@pytest.mark.slow
+def test_running_averages_move_once_per_micro_batch():
+  """With accumulation, bn2 (pool1's statistics, which no update changes within a step)
+  moves as Caffe's iter_size: once per micro-batch, by that micro-batch's statistics."""
+  config = small_config(model='alexnet_bn', dropout_rate=0.0, init='he')
+  mesh = mesh_of(1, 1)
+  state, tx = train_state(config, mesh)
+  images = batch()['image']
+  model = steps.create_model(config, nnx.Rngs(params=jax.random.key(0)))
+  pool1 = np.asarray(
+    models.max_pool(jax.nn.relu(jnp.concatenate(model.conv1(jnp.asarray(images)), -1)))
+  )
+  step = steps.jit_train_step(mesh, steps.graphdefs(config)[0], state, tx, grad_accum_steps=2)
+  state, _ = step(state, sharding.global_batch(mesh, batch()), jax.random.key(1))
+  mean, var = 0.0, 1.0
+  for rows in (pool1[0::2], pool1[1::2]):  # `steps.micro_batches`: rows i, i + k, ...
+    flat = rows.reshape(-1, 96).astype(np.float64)
+    mean = MOMENTUM * mean + (1 - MOMENTUM) * flat.mean(0)
+    var = MOMENTUM * var + (1 - MOMENTUM) * flat.var(0)
+  np.testing.assert_allclose(state.batch_stats['bn2']['mean'], mean, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(state.batch_stats['bn2']['var'], var, rtol=1e-4, atol=1e-6)
+
+
+def test_lars_has_no_bn_parameter_to_adapt_and_leaves_the_running_averages_alone():
+  """AlexNet-BN's BN learns no scale or shift, so LARS's exclusions (biases, BN) have
+  only biases to skip; the running averages are outside the optimizer altogether."""
+  config = small_config(model='alexnet_bn', optimizer='lars')
+  tx = optimizers.create_optimizer(config, optax.constant_schedule(0.1))
+  state = jax.eval_shape(
+    lambda: steps.create_train_state(config, tx, jax.random.key(0), mesh_of(1, 1))
+  )
+  paths = [
+    jax.tree_util.keystr(p, simple=True, separator='/')
+    for p, _ in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]
+  ]
+  assert paths and not [p for p in paths if re.search('bn|mean|var', p)]
+  assert sorted(state.batch_stats) == ['bn2', 'bn3', 'bn4', 'bn5']
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_the_running_averages_and_restore_params_reads_them(tmp_path):
+  config = small_config(model='alexnet_bn')
+  mesh = mesh_of(1, 1)
+  state, tx = train_state(config, mesh)
+  moved = jax.tree.map(lambda x: x + 0.25, state.batch_stats)
+  state = state.replace(step=state.step + 3, batch_stats=moved)
+  with checkpoints.create_manager(str(tmp_path)) as manager:
+    checkpoints.save(manager, state, force=True)
+    manager.wait_until_finished()
+    target, _ = train_state(config, mesh, seed=1)
+    restored = checkpoints.restore_state(manager, target, 3)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+  variables, step = checkpoints.restore_params(config, str(tmp_path), mesh_of(2, 2))
+  assert step == 3
+  np.testing.assert_array_equal(variables['bn4']['var'], moved['bn4']['var'])
+  np.testing.assert_array_equal(variables['conv4']['kernel'], state.params['conv4']['kernel'])
+
+
+def test_a_checkpoint_without_bn_is_as_before_batch_stats_existed(tmp_path):
+  """A model without BN saves no batch_stats: its checkpoints hold step, params and
+  opt_state, and one written as that tree (before the field existed) restores."""
+  params = {'conv1': {'kernel': jnp.ones((3, 3)), 'bias': jnp.zeros(3)}}
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  assert state.batch_stats == {}
+  with checkpoints.create_manager(str(tmp_path)) as manager:
+    old = {'step': state.step + 2, 'params': state.params, 'opt_state': state.opt_state}
+    manager.save(2, args=ocp.args.StandardSave(old))
+    checkpoints.save(manager, state.replace(step=state.step + 4), force=True)
+    manager.wait_until_finished()
+    for step in (2, 4):
+      assert set(manager.item_metadata(step)) == {'step', 'params', 'opt_state'}
+      restored = checkpoints.restore_state(manager, state, step)
+      assert int(restored.step) == step and restored.batch_stats == {}
+
+
+def test_the_model_key_is_checked_and_fixes_the_shapes(tmp_path):
+  config = small_config(model='alexnet_owt')
+  with pytest.raises(ValueError, match="config.model='alexnet_owt'"):
+    steps.create_model(config, nnx.Rngs(params=0))
+  with pytest.raises(config_lib.ConfigError, match='config.model'):
+    config_lib.validate(small_config(model='resnet'))
+  saved = small_config()
+  with pytest.raises(config_lib.ConfigError, match="model: 'alexnet' -> 'alexnet_bn'"):
+    config_lib.check_model_shapes(saved, small_config(model='alexnet_bn'), str(tmp_path))
+  # A config.json written before the key existed is the paper's model.
+  old = saved.to_dict()
+  del old['model']
+  with open(os.path.join(tmp_path, config_lib.CONFIG_FILE), 'w') as f:
+    json.dump(old, f)
+  assert config_lib.load(str(tmp_path)).model == 'alexnet'
+
+
+@pytest.mark.slow
+def test_eval_logits_use_the_running_averages():
+  config = small_config(model='alexnet_bn', dropout_rate=0.0, init='he')
+  mesh = mesh_of(1, 1)
+  state, _ = train_state(config, mesh)
+  train_graphdef, eval_graphdef = steps.graphdefs(config)
+  variables = steps.model_variables(state.params, state.batch_stats)
+  images = jnp.asarray(batch()['image'])
+  train_logits, _ = sharding.sharded_apply(train_graphdef, variables, mesh)(
+    variables, images, jax.random.key(0)
+  )
+  eval_logits = steps.eval_apply(mesh, eval_graphdef, variables)(variables, images)
+  # Running averages (0, 1) leave the activations unnormalised: another function.
+  assert not np.allclose(eval_logits, train_logits, rtol=1e-2)
+  model = nnx.merge(eval_graphdef, variables)
+  stats = {name: (np.zeros(c), np.ones(c)) for name, c in (('bn2', 96), ('bn3', 256))}
+  stats |= {name: (np.zeros(384), np.ones(384)) for name in ('bn4', 'bn5')}
+  pool5 = features_reference(model, images, stats).reshape(8, -1)
+  fc7 = jax.nn.relu(model.fc7(jax.nn.relu(model.fc6(pool5))))
+  np.testing.assert_allclose(eval_logits, model.fc8(fc7), rtol=1e-4, atol=1e-4)
