@@ -45,7 +45,8 @@ RERUN_MAY_CHANGE = (
   'eval_batch_size',
   'eval_crops',
   # The same batch's mean gradient, only in other micro-batches (memory); dropout's
-  # masks are drawn per micro-batch, the one difference.
+  # masks are drawn per micro-batch, and a BN model's statistics are each
+  # micro-batch's: the differences.
   'grad_accum_steps',
   'keep_checkpoints',
   *DURATIONS['log_every'],
