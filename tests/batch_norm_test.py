@@ -4,6 +4,7 @@ global batch's statistics on the mesh, running averages in eval mode and checkpo
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -264,3 +265,41 @@ def test_eval_logits_use_the_running_averages():
   pool5 = features_reference(model, images, stats).reshape(8, -1)
   fc7 = jax.nn.relu(model.fc7(jax.nn.relu(model.fc6(pool5))))
   np.testing.assert_allclose(eval_logits, model.fc8(fc7), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('fashion_mnist_as_is', 'one_device')
+def test_a_run_resumes_with_its_running_averages_and_evaluates_with_them(tmp_path):
+  """Train 6 steps (checkpoints at 3 and 6); a run resumed from step 3 ends with the
+  same parameters and running averages, and `--mode=eval` of the checkpoint gives the
+  run's own last evaluation."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = small_config(model='alexnet_bn', eval_batch_size=12)
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  with tfds.testing.mock_data(num_examples=64):
+    results = train.train_and_evaluate(config, full)
+    shutil.copytree(
+      os.path.join(full, 'checkpoints', '3'), os.path.join(resumed, 'checkpoints', '3')
+    )
+    resumed_results = train.train_and_evaluate(config, resumed)
+    evaluated = evaluate.evaluate_checkpoint(config, full)
+
+  def saved(workdir):
+    with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+      tree = manager.restore(6)
+    return tree['params'], tree['batch_stats']
+
+  params, stats = saved(full)
+  assert not np.allclose(stats['bn3']['var'], 1.0)  # Moved by training.
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    (params, stats),
+    saved(resumed),
+  )
+  for key in ('top1', 'loss'):
+    assert results[f'test_{key}'] == pytest.approx(resumed_results[f'test_{key}'], rel=1e-6)
+    assert results[f'test_{key}'] == pytest.approx(evaluated[key], rel=1e-5)
