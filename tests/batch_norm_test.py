@@ -303,3 +303,23 @@ def test_a_run_resumes_with_its_running_averages_and_evaluates_with_them(tmp_pat
   for key in ('top1', 'loss'):
     assert results[f'test_{key}'] == pytest.approx(resumed_results[f'test_{key}'], rel=1e-6)
     assert results[f'test_{key}'] == pytest.approx(evaluated[key], rel=1e-5)
+
+
+def test_the_large_batch_config_is_you_et_al_s_recipe():
+  """configs/imagenet_large_batch.py against NVIDIA/caffe solver_8K.prototxt: batch 8192,
+  100 epochs = 15,600 iterations, ramp-up 600 iterations, poly power 2, LARS η 0.001."""
+  from configs import imagenet_large_batch  # pylint: disable=g-import-not-at-top
+
+  config = imagenet_large_batch.get_config()
+  config_lib.validate(config, num_devices=8)
+  steps_per_epoch = 1_281_167 // config.batch_size  # 156, the solver's "epoch = 156".
+  assert steps_per_epoch == 156
+  assert config_lib.steps(config, 'total', steps_per_epoch) == 15_600
+  # 600 iterations of the solver's exact epoch (1,281,167 / 8192 = 156.4 iterations).
+  assert 597 <= config_lib.steps(config, 'warmup', steps_per_epoch) <= 600
+  assert (config.model, config.optimizer, config.lr_schedule) == (
+    'alexnet_bn',
+    'lars',
+    'polynomial',
+  )
+  assert config.batch_size % (4 * config.grad_accum_steps) == 0  # 8 GPUs: 4 × 2 towers.
