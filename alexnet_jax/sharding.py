@@ -30,9 +30,10 @@ MODEL_AXIS = 'model'
 # first match wins. Every layer but fc8 splits its output units over the towers (conv
 # kernels are HWIO, dense kernels (in, out)); so do a BN model's per-channel running
 # averages (e.g. 'batch_stats/bn2/mean', `models.TowerBatchNorm`).
+_BATCH_STATS_RULE = r'(.*/)?bn[1-7]/(mean|var)'
 PARTITION_RULES = (
   (r'(.*/)?conv[1-5]/kernel', P(None, None, None, MODEL_AXIS)),
-  (r'(.*/)?bn[1-7]/(mean|var)', P(MODEL_AXIS)),
+  (_BATCH_STATS_RULE, P(MODEL_AXIS)),
   (r'(.*/)?(conv[1-5]|fc6|fc7)/bias', P(MODEL_AXIS)),
   (r'(.*/)?fc[67]/kernel', P(None, MODEL_AXIS)),
   (r'(.*/)?fc8/(kernel|bias)', P()),  # Fig. 2 draws fc8 whole: replicated.
@@ -40,7 +41,7 @@ PARTITION_RULES = (
 )
 _CATCH_ALL = PARTITION_RULES[-1][0]
 # Rules that only some models' trees match (a model without BN has no running averages).
-_OPTIONAL_RULES = (PARTITION_RULES[1][0],)
+_OPTIONAL_RULES = (_BATCH_STATS_RULE,)
 
 
 def _slurm_local_device_ids() -> list[int] | None:

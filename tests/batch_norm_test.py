@@ -323,3 +323,16 @@ def test_the_large_batch_config_is_you_et_al_s_recipe():
     'polynomial',
   )
   assert config.batch_size % (4 * config.grad_accum_steps) == 0  # 8 GPUs: 4 × 2 towers.
+
+
+def test_model_variables_join_params_and_running_averages_and_split_back():
+  params = {'conv2': {'kernel': 1, 'bias': 2}, 'fc8': {'kernel': 3}}
+  stats = {'bn2': {'mean': 4, 'var': 5}}
+  joined = steps.model_variables(params, stats)
+  assert joined == {'conv2': {'kernel': 1, 'bias': 2}, 'fc8': {'kernel': 3}, 'bn2': stats['bn2']}
+  assert steps.split_variables(joined, stats) == (params, stats)
+  assert steps.model_variables(params, {}) is params  # 'alexnet': the parameters as they are.
+  config = small_config(model='alexnet_bn')
+  shapes = jax.eval_shape(lambda: steps.init_variables(config, jax.random.key(0)))
+  specs = sharding.partition_specs(steps.model_variables(*shapes))
+  assert specs['bn2']['mean'] == specs['bn5']['var'] == jax.sharding.PartitionSpec('model')
