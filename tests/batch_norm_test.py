@@ -175,7 +175,7 @@ def test_lars_has_no_bn_parameter_to_adapt_and_leaves_the_running_averages_alone
 
 
 @pytest.mark.slow
-def test_checkpoints_keep_the_running_averages_and_restore_params_reads_them(tmp_path):
+def test_checkpoints_keep_the_running_averages_for_restore_params_and_init_from(tmp_path):
   config = small_config(model='alexnet_bn')
   mesh = mesh_of(1, 1)
   state, tx = train_state(config, mesh)
@@ -191,6 +191,18 @@ def test_checkpoints_keep_the_running_averages_and_restore_params_reads_them(tmp
   assert step == 3
   np.testing.assert_array_equal(variables['bn4']['var'], moved['bn4']['var'])
   np.testing.assert_array_equal(variables['conv4']['kernel'], state.params['conv4']['kernel'])
+  # A run started from it (init_from) takes the running averages with their layers,
+  # except those of a layer it reinitialises; the loop splits them back (train.py).
+  config_lib.save(config, str(tmp_path))
+  new = small_config(model='alexnet_bn', init_from=str(tmp_path), reinit=('fc8',))
+  initial, _ = train_state(new, mesh, seed=2)
+  started, _ = checkpoints.init_from(
+    new, steps.model_variables(initial.params, initial.batch_stats), mesh
+  )
+  params, stats = steps.split_variables(started, initial.batch_stats)
+  jax.tree.map(np.testing.assert_array_equal, stats, jax.device_get(moved))
+  np.testing.assert_array_equal(params['conv4']['kernel'], state.params['conv4']['kernel'])
+  np.testing.assert_array_equal(params['fc8']['kernel'], initial.params['fc8']['kernel'])
 
 
 def test_a_checkpoint_without_bn_is_as_before_batch_stats_existed(tmp_path):
