@@ -462,8 +462,11 @@ class AlexNet(nnx.Module):
     self.fc8 = dense('fc8', 4096, num_classes)
     self.dropout = Dropout(dropout_rate)
 
-  def features(self, images: jax.Array, *, model_axis: str | None = None) -> jax.Array:
+  def features(
+    self, images: jax.Array, *, data_axis: str | None = None, model_axis: str | None = None
+  ) -> jax.Array:
     """pool5 maps `[N, s, s, 256]` (s = 6 at 227 px) of both towers, tower 0 first."""
+    del data_axis  # No statistic of the batch here (see `AlexNetBN`).
     towers = _max_pool(_relu_lrn(self.conv1(images), self.lrn, model_axis))
     towers = _max_pool(_relu_lrn(self.conv2(towers), self.lrn, model_axis))
     towers = _relu(self.conv3(gather_towers(towers, model_axis)))
@@ -519,7 +522,7 @@ class AlexNet(nnx.Module):
     if layer not in FEATURE_LAYERS:
       raise ValueError(f'Unknown layer {layer!r}: use one of {", ".join(FEATURE_LAYERS)}.')
     dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis, model_axis=model_axis)
-    x = self.features(images, model_axis=model_axis)
+    x = self.features(images, data_axis=data_axis, model_axis=model_axis)
     # (h, w, c) order; Caffe's fc6 reads (c, h, w), so imported rows are permuted.
     x = x.reshape(x.shape[0], -1)
     if layer == 'pool5':
@@ -531,3 +534,143 @@ class AlexNet(nnx.Module):
     if layer == 'fc7':
       return x.astype(jnp.float32)
     return self.fc8(x).astype(jnp.float32)
+
+
+# You, Gitman & Ginsburg 2017's AlexNet-BN as their NVIDIA Caffe fork trains it with
+# LARS (models/alexnet_bn/train_val2.prototxt, which solver.prototxt and, as
+# train_val2_fp16.prototxt, solver_8K/16k/32k.prototxt run): every BatchNorm layer has
+# moving_average_fraction 0.9 and eps 1e-4.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-4
+
+
+class TowerBatchNorm(nnx.Module):
+  """Batch normalization without a learned scale or shift, per channel of the towers.
+
+  Train mode: y = (x - μ) / sqrt(σ² + eps), μ and σ² the mean and (biased) variance
+  of each channel over the batch and the spatial positions; the running averages move
+  as r <- momentum * r + (1 - momentum) * batch value (NVIDIA Caffe's
+  batch_norm_layer.cpp, `moving_average_fraction`). Eval mode (`model.eval()`, which
+  sets `use_running_average`): μ, σ² are the running averages. Inside `shard_map`
+  the statistics are pmean'd over `data_axis`: those of the global batch, as one
+  device computes them (the devices hold equal shares of it). A channel is normalised
+  on its own, so each tower's channels, on whatever device, need no other tower's.
+
+  Running averages start at mean 0 and variance 1 (as Flax's and PyTorch's BatchNorm;
+  NVIDIA Caffe copies the first batch's, and blends σ² + eps where this blends σ²).
+  They are `nnx.BatchStat`s named 'mean' and 'var', float32 `[C]`, tower 0's channels
+  first; the statistics are computed in float32 whatever the activations' dtype.
+  """
+
+  def __init__(
+    self, num_features: int, *, momentum: float = BN_MOMENTUM, epsilon: float = BN_EPSILON
+  ):
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.tower_features = num_features // NUM_TOWERS
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.use_running_average = False
+
+  def __call__(
+    self, towers: Sequence[jax.Array], *, data_axis: str | None = None
+  ) -> list[jax.Array]:
+    """`towers`: this device's towers `[N, H, W, C / 2]` each; returns them normalised."""
+    if self.use_running_average:
+      means, variances = self.mean[...], self.var[...]
+    else:
+      means, variances = _batch_moments(towers, data_axis)
+      m = self.momentum
+      self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(means)
+      self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(variances)
+    scale = jax.lax.rsqrt(variances + self.epsilon)
+    return [
+      ((x.astype(jnp.float32) - mean) * s).astype(x.dtype)
+      for x, mean, s in zip(
+        towers,
+        jnp.split(means, len(towers)),
+        jnp.split(scale, len(towers)),
+        strict=True,
+      )
+    ]
+
+
+def _batch_moments(
+  towers: Sequence[jax.Array], data_axis: str | None
+) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and biased variance of the towers' channels, float32 `[C]`,
+  over every axis but the last and, inside `shard_map`, over `data_axis` (two passes:
+  the variance is the mean of squared deviations from the global mean)."""
+
+  def global_mean(x):
+    mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))
+    return mean if data_axis is None else jax.lax.pmean(mean, data_axis)
+
+  towers = [x.astype(jnp.float32) for x in towers]
+  means = [global_mean(x) for x in towers]
+  variances = [global_mean(jnp.square(x - mean)) for x, mean in zip(towers, means, strict=True)]
+  return jnp.concatenate(means), jnp.concatenate(variances)
+
+
+# The layers of AlexNet-BN that read a batch-normalised input (see `AlexNetBN`).
+BN_LAYERS = ('conv2', 'conv3', 'conv4', 'conv5')
+
+
+class AlexNetBN(AlexNet):
+  """You, Gitman & Ginsburg 2017's AlexNet-BN ("Large Batch Training of Convolutional
+  Networks", arXiv:1708.03888: AlexNet with batch normalization in place of its LRN),
+  on the paper's two towers.
+
+  The paper does not say where the BN layers go; this follows the prototxt its
+  authors' LARS solvers train, NVIDIA/caffe models/alexnet_bn/train_val2.prototxt
+  (solver.prototxt; its fp16 twin for solver_8K/16k/32k.prototxt): no LRN, and a
+  BatchNorm without scale or shift (scale_bias: false) on the input of conv2, conv3,
+  conv4 and conv5 (`BN_LAYERS`): after pool1 (bn2), after pool2 (bn3), after conv3's
+  ReLU (bn4) and after conv4's ReLU (bn5); conv1 and the fc layers read no BN. The
+  same directory's train_val.prototxt, which no solver there uses, instead puts a BN
+  with scale and shift after each of conv1-conv5 (before the ReLU); not taken here.
+
+  conv1 → ReLU → pool1 → bn2 → conv2 → ReLU → pool2 → bn3 → conv3 → ReLU → bn4 →
+  conv4 → ReLU → bn5 → conv5 → ReLU → pool5 → fc6 → fc7 → fc8, dropout as `AlexNet`.
+  Its parameters are `AlexNet`'s (BN learns none); bn2...bn5 hold the running
+  averages (`TowerBatchNorm`, momentum 0.9, eps 1e-4 as the prototxt). The layers'
+  initial values follow `init` as for `AlexNet` (the prototxt's fillers differ).
+
+  Arguments as `AlexNet`'s, without `lrn`.
+  """
+
+  def __init__(
+    self,
+    num_classes: int = 1000,
+    *,
+    image_size: int = 227,
+    dropout_rate: float = 0.5,
+    init: str = 'paper',
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      num_classes,
+      image_size=image_size,
+      dropout_rate=dropout_rate,
+      init=init,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    del self.lrn
+    self.bn2 = TowerBatchNorm(96)
+    self.bn3 = TowerBatchNorm(256)
+    self.bn4 = TowerBatchNorm(384)
+    self.bn5 = TowerBatchNorm(384)
+
+  def features(
+    self, images: jax.Array, *, data_axis: str | None = None, model_axis: str | None = None
+  ) -> jax.Array:
+    """pool5 maps `[N, s, s, 256]`, as `AlexNet.features`; `data_axis` as `__call__`'s."""
+    towers = _max_pool(_relu(self.conv1(images)))
+    towers = _max_pool(_relu(self.conv2(self.bn2(towers, data_axis=data_axis))))
+    towers = self.bn3(towers, data_axis=data_axis)
+    towers = _relu(self.conv3(gather_towers(towers, model_axis)))
+    towers = _relu(self.conv4(self.bn4(towers, data_axis=data_axis)))
+    towers = _max_pool(_relu(self.conv5(self.bn5(towers, data_axis=data_axis))))
+    return gather_towers(towers, model_axis)

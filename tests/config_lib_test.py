@@ -12,6 +12,7 @@ from configs import cifar10
 from configs import default
 from configs import fashion_mnist
 from configs import imagenet
+from configs import imagenet_large_batch
 
 
 @pytest.mark.parametrize(
@@ -20,6 +21,7 @@ from configs import imagenet
     default.get_config,
     fashion_mnist.get_config,
     imagenet.get_config,
+    imagenet_large_batch.get_config,
     cifar10.get_config,
     caffe_bvlc_alexnet.get_config,
   ],
