@@ -53,7 +53,7 @@ RERUN_MAY_CHANGE = (
   *DURATIONS['checkpoint_every'],
 )
 # Keys that fix the parameters' shapes.
-MODEL_SHAPE_KEYS = ('num_classes', 'image_size')
+MODEL_SHAPE_KEYS = ('num_classes', 'image_size', 'model')
 # Keys that fix the function a checkpoint computes on an image file: its shapes, the
 # LRN arithmetic, and the test-time input (resize rule and size, normalisation). The
 # same parameters under other values give other logits, so evaluating, predicting or
@@ -148,6 +148,7 @@ RULES: dict[str, _Rule] = {
   'augment.pca_lighting_stddev': _number(0),
   'pixel_mean': _sequence(_number(0, 255), 3),
   'pixel_std': _sequence(_number(0, low_open=True), 3),
+  'model': _choice('alexnet', 'alexnet_bn', 'alexnet_owt'),
   'init': _choice('paper', 'he'),
   'lrn': _choice(*models.LRN_CONVENTIONS),
   'dropout_rate': _number(0, 1, high_open=True),

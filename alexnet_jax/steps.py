@@ -32,17 +32,34 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
-  """The AlexNet that `config` describes, its parameters drawn from `rngs`."""
-  return models.AlexNet(
-    config.num_classes,
+def create_model(
+  config: ml_collections.ConfigDict, rngs: nnx.Rngs
+) -> models.AlexNet | models.AlexNetOWT:
+  """The network `config.model` names, its parameters drawn from `rngs`: 'alexnet' (the
+  paper's two towers) or 'alexnet_owt' (torchvision's one column; `config.lrn` does
+  not apply to it).
+
+  Raises:
+    ValueError: for a model this module cannot build.
+  """
+  common = dict(
     image_size=config.image_size,
     dropout_rate=config.dropout_rate,
     init=config.init,
-    lrn=config.lrn,
     dtype=jnp.dtype(config.dtype),
     rngs=rngs,
   )
+  if config.model == 'alexnet':
+    return models.AlexNet(config.num_classes, lrn=config.lrn, **common)
+  if config.model == 'alexnet_owt':
+    return models.AlexNetOWT(config.num_classes, **common)
+  raise ValueError(f"config.model={config.model!r}: use 'alexnet' or 'alexnet_owt'.")
+
+
+def num_towers(config: ml_collections.ConfigDict) -> int:
+  """How many towers `config.model`'s layers have (2 for the paper's, 1 for torchvision's):
+  how conv1's kernels are drawn (`plots.conv1_filters`)."""
+  return 1 if config.model == 'alexnet_owt' else models.NUM_TOWERS
 
 
 def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
