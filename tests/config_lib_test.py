@@ -12,6 +12,7 @@ from configs import cifar10
 from configs import default
 from configs import fashion_mnist
 from configs import imagenet
+from configs import torchvision_alexnet
 
 
 @pytest.mark.parametrize(
@@ -22,6 +23,7 @@ from configs import imagenet
     imagenet.get_config,
     cifar10.get_config,
     caffe_bvlc_alexnet.get_config,
+    torchvision_alexnet.get_config,
   ],
 )
 def test_every_shipped_config_is_valid(get_config):
@@ -41,6 +43,7 @@ def test_every_shipped_config_is_valid(get_config):
     ('weight_decay', -5e-4, r'a number in \[0, inf\)'),
     ('image_size', 63, 'an integer >= 67'),
     ('init', 'xavier', "one of 'paper', 'he'"),
+    ('model', 'vgg16', "one of 'alexnet', 'alexnet_bn', 'alexnet_owt'"),
     ('lr_schedule', 'linear', "one of 'step', 'cosine', 'polynomial', 'constant'"),
     ('eval_crops', 5, 'one of 1, 2, 10'),
     ('lrn', 'pytorch', "one of 'cuda-convnet', 'paper-text', 'caffe'"),
@@ -145,6 +148,12 @@ def test_rerun_with_a_changed_config_is_refused_unless_allowed(tmp_path):
   other_shape.num_classes = 20
   with pytest.raises(config_lib.ConfigError, match='other parameter shapes'):
     config_lib.check_rerun(other_shape, workdir, allow_change=True)
+  other_model = fashion_mnist.get_config()
+  other_model.model = 'alexnet_owt'
+  with pytest.raises(
+    config_lib.ConfigError, match=r"other parameter shapes \(model: 'alexnet' -> 'alexnet_owt'\)"
+  ):
+    config_lib.check_rerun(other_model, workdir, allow_change=True)
 
 
 def test_config_for_a_workdir(tmp_path):

@@ -51,13 +51,13 @@ def seeded_torchvision_alexnet() -> torch.nn.Module:
 
 def torch_logits(net, images_nhwc: np.ndarray) -> np.ndarray:
   with torch.no_grad():
-    return net(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)).numpy()
+    return net(torch.from_numpy(np.array(images_nhwc)).permute(0, 3, 1, 2)).numpy()
 
 
 def torch_fc7(net, images_nhwc: np.ndarray) -> np.ndarray:
   """classifier[:6]: fc7 after its ReLU (eval mode: the dropouts are the identity)."""
   with torch.no_grad():
-    x = net.avgpool(net.features(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)))
+    x = net.avgpool(net.features(torch.from_numpy(np.array(images_nhwc)).permute(0, 3, 1, 2)))
     return net.classifier[:6](torch.flatten(x, 1)).numpy()
 
 
@@ -68,10 +68,21 @@ def assert_close(got, want, rtol=1e-4):
 
 
 @pytest.fixture(scope='module')
-def imported(tmp_path_factory, toy_image_folder):
+def net():
+  return seeded_torchvision_alexnet()
+
+
+@pytest.fixture(scope='module')
+def converted(net):
+  """(the state dict as `read_state_dict` gives it, its `torchvision_to_params`)."""
+  state_dict = {name: t.numpy() for name, t in net.state_dict().items()}
+  return state_dict, import_torchvision.torchvision_to_params(state_dict)
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory, toy_image_folder, net):
   """torchvision's AlexNet saved with `torch.save(state_dict)` and imported into a
   workdir whose config reads the 10-class toy image folder."""
-  net = seeded_torchvision_alexnet()
   root = tmp_path_factory.mktemp('torchvision')
   path = str(root / 'alexnet.pth')
   torch.save(net.state_dict(), path)
@@ -93,6 +104,20 @@ def images(size, n=2, seed=1):
   return np.random.RandomState(seed).randn(n, size, size, 3).astype(np.float32)
 
 
+def test_converted_params_compute_torchvisions_forward(net, converted):
+  """torchvision's weights in `AlexNetOWT` give its logits at 224 px, on one device."""
+  config = torchvision_alexnet.get_config()
+  config.num_classes = NUM_CLASSES
+  x = images(224)
+  logits = steps.eval_apply(mesh_of(1, 1), steps.graphdefs(config)[1], converted[1])(
+    converted[1], x
+  )
+  want = torch_logits(net, x)
+  assert_close(logits, want)
+  assert np.abs(want).max() > 1  # Logits that the weights move, not only the biases.
+
+
+@pytest.mark.slow
 def test_imported_logits_are_torchvisions_forward(imported):
   """The import, restored from its workdir, computes torchvision's logits at 224 px."""
   assert imported['summary']['parameters'] == 61_100_840 - 4096 * 990 - 990  # 10 classes.
@@ -103,9 +128,7 @@ def test_imported_logits_are_torchvisions_forward(imported):
   assert step == 0
   x = images(224)
   logits = steps.eval_apply(mesh, steps.graphdefs(config)[1], params)(params, x)
-  want = torch_logits(imported['net'], x)
-  assert_close(logits, want)
-  assert np.abs(want).max() > 1  # Logits that the weights move, not only the biases.
+  assert_close(logits, torch_logits(imported['net'], x))
 
 
 @pytest.mark.slow
@@ -145,6 +168,7 @@ def test_eval_view_is_torchvisions_transform(tmp_path, shape):
   assert levels.max() <= 1.0 + 1e-3 and levels.mean() < 0.5
 
 
+@pytest.mark.slow
 def test_predict_and_features_of_a_file_are_torchvisions(imported, tmp_path, one_device):
   """predict's top-5 and features' fc7 of an image file are torchvision's on its view."""
   path = write_photo(tmp_path / 'photo.png')
@@ -184,26 +208,23 @@ def test_eval_of_the_imported_workdir_is_torchvisions(imported, one_device):
   assert result['top1'] == pytest.approx(top1)
 
 
-def test_init_from_the_imported_workdir_copies_every_layer_but_a_new_fc8(imported):
+@pytest.mark.slow
+def test_init_from_the_imported_workdir_copies_every_layer_but_a_new_fc8(imported, converted):
   """A fine-tune on 5 classes starts from the imported conv1-fc7; fc8 from config.init."""
   config = imported['config'].copy_and_resolve_references()
   config.update(num_classes=5, init_from=imported['workdir'])
-  mesh = mesh_of(1, 1)
-  initial = jax.device_get(steps.init_params(config, jax.random.key(3)))
-  params, step = checkpoints.init_from(config, steps.init_params(config, jax.random.key(3)), mesh)
+  initial = steps.init_params(config, jax.random.key(3))
+  params, step = checkpoints.init_from(config, initial, mesh_of(1, 1))
   assert step == 0
-  state_dict = import_torchvision.read_state_dict(imported['path'])
-  want = import_torchvision.torchvision_to_params(state_dict)
   for layer in ('conv1', 'conv5', 'fc6', 'fc7'):
-    np.testing.assert_array_equal(params[layer]['kernel'], want[layer]['kernel'])
-  np.testing.assert_array_equal(params['fc8']['kernel'], initial['fc8']['kernel'])
+    np.testing.assert_array_equal(params[layer]['kernel'], converted[1][layer]['kernel'])
+  assert params['fc8']['kernel'] is initial['fc8']['kernel']
 
 
-def test_conversion_follows_pytorchs_layouts(imported):
+def test_conversion_follows_pytorchs_layouts(converted):
   """Conv kernels OIHW → HWIO, Linear (out, in) → (in, out), fc6's rows from
   torchvision's (c, h, w) flatten to the model's (h, w, c)."""
-  state_dict = import_torchvision.read_state_dict(imported['path'])
-  params = import_torchvision.torchvision_to_params(state_dict)
+  state_dict, params = converted
   conv2 = state_dict['features.3.weight']  # (192, 64, 5, 5).
   np.testing.assert_array_equal(params['conv2']['kernel'][1, 2, 3, 4], conv2[4, 3, 1, 2])
   fc6 = state_dict['classifier.1.weight']  # (4096, 256 · 6 · 6), inputs (c, h, w).
@@ -214,23 +235,23 @@ def test_conversion_follows_pytorchs_layouts(imported):
   np.testing.assert_array_equal(params['fc8']['kernel'], state_dict['classifier.6.weight'].T)
 
 
-def test_errors_are_one_line_and_nothing_is_written(imported, tmp_path, monkeypatch):
-  path, config = imported['path'], imported['config']
+def test_errors_are_one_line_and_nothing_is_written(converted, tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
   with pytest.raises(
     config_lib.ConfigError,
     match=r"config.model='alexnet' \(torchvision: 'alexnet_owt'\); "
     r'config.image_size=227 \(torchvision: 224\); config.pixel_mean=',
   ):
-    import_torchvision.import_state_dict(path, str(workdir), imagenet.get_config())
-  with pytest.raises(ValueError, match=r'10 classes \(classifier.6\) .* --config.num_classes=10'):
-    import_torchvision.import_state_dict(path, str(workdir), torchvision_alexnet.get_config())
+    import_torchvision.import_state_dict('absent.pth', str(workdir), imagenet.get_config())
   with pytest.raises(FileNotFoundError, match='absent.pth does not exist'):
     import_torchvision.read_state_dict(tmp_path / 'absent.pth')
   (tmp_path / 'junk.pth').write_bytes(b'not a zip or a pickle')
   with pytest.raises(ValueError, match='junk.pth is not a PyTorch state dict'):
     import_torchvision.read_state_dict(tmp_path / 'junk.pth')
-  state_dict = import_torchvision.read_state_dict(path)
+  torch.save({'step': 3}, tmp_path / 'counter.pth')
+  with pytest.raises(ValueError, match=r'counter.pth is not a PyTorch state dict \(a dict of'):
+    import_torchvision.read_state_dict(tmp_path / 'counter.pth')
+  state_dict = converted[0]
   renamed = {k.replace('classifier.6', 'classifier.7'): v for k, v in state_dict.items()}
   with pytest.raises(
     ValueError,
@@ -241,11 +262,21 @@ def test_errors_are_one_line_and_nothing_is_written(imported, tmp_path, monkeypa
   with pytest.raises(ValueError, match=r'features.3.weight: expected shape \(192, 64, 5, 5\)'):
     import_torchvision.torchvision_to_params(wrong)
   assert not workdir.exists()
-  with pytest.raises(ValueError, match='is not empty: import into a new --workdir'):
-    import_torchvision.import_state_dict(path, imported['workdir'], config)
   monkeypatch.setitem(sys.modules, 'torch', None)  # As if not installed.
   with pytest.raises(ImportError, match=r'pip install -r requirements-bench.txt'):
-    import_torchvision.read_state_dict(path)
+    import_torchvision.read_state_dict(tmp_path / 'junk.pth')
+
+
+@pytest.mark.slow
+def test_an_import_needs_a_new_workdir_and_the_files_class_count(imported, tmp_path):
+  path = imported['path']
+  with pytest.raises(ValueError, match=r'10 classes \(classifier.6\) .* --config.num_classes=10'):
+    import_torchvision.import_state_dict(
+      path, str(tmp_path / 'run'), torchvision_alexnet.get_config()
+    )
+  assert not (tmp_path / 'run').exists()
+  with pytest.raises(ValueError, match='is not empty: import into a new --workdir'):
+    import_torchvision.import_state_dict(path, imported['workdir'], imported['config'])
 
 
 @pytest.mark.slow
