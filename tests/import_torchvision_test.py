@@ -25,6 +25,9 @@ from configs import torchvision_alexnet
 import helpers
 from helpers import mesh_of
 
+# One worker builds the module's 61M-weight fixtures (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('torchvision_alexnet')
+
 NUM_CLASSES = 10
 # torchvision/transforms/_presets.py ImageClassification(crop_size=224), written out.
 TORCHVISION_EVAL = transforms.Compose(
@@ -213,7 +216,9 @@ def test_init_from_the_imported_workdir_copies_every_layer_but_a_new_fc8(importe
   """A fine-tune on 5 classes starts from the imported conv1-fc7; fc8 from config.init."""
   config = imported['config'].copy_and_resolve_references()
   config.update(num_classes=5, init_from=imported['workdir'])
-  initial = steps.init_params(config, jax.random.key(3))
+  # A new run's initial parameters; zeros, as drawing 57M numbers would cost seconds.
+  shapes = jax.eval_shape(lambda: steps.init_params(config, jax.random.key(3)))
+  initial = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   params, step = checkpoints.init_from(config, initial, mesh_of(1, 1))
   assert step == 0
   for layer in ('conv1', 'conv5', 'fc6', 'fc7'):
