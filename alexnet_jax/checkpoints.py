@@ -328,8 +328,8 @@ def check_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if source is None:
     raise config_lib.ConfigError(
       f'config.init_from={source_dir!r}: no training run there (no '
-      f'{config_lib.CONFIG_FILE}); name the --workdir of a finished run or of an '
-      'import_caffe import.'
+      f'{config_lib.CONFIG_FILE}); name the --workdir of a finished run or of an import '
+      '(import_caffe, import_torchvision).'
     )
   steps = (
     sorted(int(n) for n in os.listdir(directory(source_dir)) if n.isdigit())

@@ -64,7 +64,7 @@ def torch_fc7(net, images_nhwc: np.ndarray) -> np.ndarray:
     return net.classifier[:6](torch.flatten(x, 1)).numpy()
 
 
-def assert_close(got, want, rtol=1e-4):
+def assert_close(got, want, rtol=2e-5):
   """Equal within float32 rounding, relative to the largest value."""
   got, want = np.asarray(got), np.asarray(want)
   np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
