@@ -404,13 +404,19 @@ def _to_python(value):
   return value
 
 
+# Keys that change the parameters' shapes, added after runs were saved without them:
+# the value that every earlier run had, so its workdir still evaluates and resumes.
+_BEFORE_THE_KEY = {'model': 'alexnet'}
+
+
 def load(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config saved in `workdir/config.json` by its training run; None if absent."""
+  """The config saved in `workdir/config.json` by its training run; None if absent.
+  A config.json older than a key of `_BEFORE_THE_KEY` gets that key's earlier value."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return ml_collections.ConfigDict(_to_python(json.load(f)))
+    return ml_collections.ConfigDict({**_BEFORE_THE_KEY, **_to_python(json.load(f))})
 
 
 def save(config: ml_collections.ConfigDict, workdir: str):

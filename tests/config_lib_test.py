@@ -156,6 +156,15 @@ def test_rerun_with_a_changed_config_is_refused_unless_allowed(tmp_path):
     config_lib.check_rerun(other_model, workdir, allow_change=True)
 
 
+def test_a_run_saved_before_config_model_is_the_papers_network(tmp_path):
+  """config.json files written before the key existed resume and evaluate as 'alexnet'."""
+  config = fashion_mnist.get_config()
+  older = {key: value for key, value in config.to_dict().items() if key != 'model'}
+  (tmp_path / config_lib.CONFIG_FILE).write_text(json.dumps(older))
+  assert config_lib.load(str(tmp_path)).model == 'alexnet'
+  assert config_lib.check_rerun(config, str(tmp_path)) == {}
+
+
 def test_config_for_a_workdir(tmp_path):
   workdir = str(tmp_path)
   with pytest.raises(config_lib.ConfigError, match='pass --config'):
