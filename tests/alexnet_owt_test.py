@@ -13,15 +13,16 @@ from alexnet_jax import plots
 from alexnet_jax import sharding
 from alexnet_jax import steps
 from configs import fashion_mnist
+import helpers
 from helpers import mesh_of
 from helpers import train_state
+
+torchvision = helpers.import_torchvision()
 
 
 def test_parameter_count_and_shapes_are_torchvisions():
   """61,100,840 parameters at 1000 classes: torchvision's AlexNet_Weights `num_params`;
   each layer's shape is its torchvision tensor's, transposed."""
-  import torchvision  # pylint: disable=g-import-not-at-top
-
   model = nnx.eval_shape(lambda: models.AlexNetOWT(1000, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert sum(x.size for x in jax.tree.leaves(params)) == 61_100_840
@@ -52,8 +53,6 @@ def test_adaptive_avg_pool_is_pytorchs(in_size, out_size):
 @pytest.mark.parametrize('image_size, expected', [(224, 6), (227, 6), (160, 4), (63, 1), (99, 2)])
 def test_last_pooled_maps_are_torchvisions(image_size, expected):
   """The side of torchvision's `features` output (before its adaptive pool)."""
-  import torchvision  # pylint: disable=g-import-not-at-top
-
   assert models.owt_pool5_size(image_size) == expected
   with torch.device('meta'):
     out = torchvision.models.alexnet().features(torch.empty(1, 3, image_size, image_size))

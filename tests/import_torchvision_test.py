@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 import torch
-import torchvision
-from torchvision import transforms
 
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
@@ -24,6 +22,9 @@ from configs import imagenet
 from configs import torchvision_alexnet
 import helpers
 from helpers import mesh_of
+
+torchvision = helpers.import_torchvision()
+transforms = torchvision.transforms
 
 # One worker builds the module's 61M-weight fixtures (pyproject.toml: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group('torchvision_alexnet')
