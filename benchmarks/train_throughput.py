@@ -140,7 +140,7 @@ def main(argv):
   peak = matmul_peak_gflops(jnp.dtype(config.dtype)) * len(jax.devices())
   print(
     f'devices: {jax.device_count()} × {jax.devices()[0].device_kind}, mesh '
-    f'{dict(mesh.shape)}, batch {config.batch_size}, {config.image_size} px, '
+    f'{dict(mesh.shape)}, model {config.model}, batch {config.batch_size}, {config.image_size} px, '
     f'{config.dtype}, optimizer {config.optimizer}, {config.grad_accum_steps} micro-batch(es)'
   )
   print(
