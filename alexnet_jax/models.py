@@ -3,6 +3,8 @@
 The two GPU "towers" of the paper (Sec. 3.2, Fig. 2) are kept explicit: every layer's
 output channels are split in two halves; the tower-local layers (conv2, conv4, conv5)
 run one convolution per tower rather than a grouped one (3× faster on XLA:CPU).
+`AlexNetOWT` is torchvision's one-column variant (Krizhevsky 2014), config.model
+'alexnet_owt'.
 """
 
 from collections.abc import Sequence
