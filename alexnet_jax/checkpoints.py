@@ -11,7 +11,9 @@ import functools
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 from absl import logging
@@ -279,6 +281,47 @@ def save_params(workdir: str, params: dict[str, Any], step: int = 0):
     manager.wait_until_finished()
 
 
+def check_import_workdir(workdir: str):
+  """Refuses to import into a `workdir` that holds anything (importers ask before
+  reading their file).
+
+  Raises:
+    ValueError: if `workdir` exists and is not empty.
+  """
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise ValueError(f'{workdir} is not empty: import into a new --workdir.')
+
+
+def write_imported_workdir(
+  workdir: str, params: dict[str, Any], config: ml_collections.ConfigDict
+) -> str:
+  """Writes imported weights as checkpoint 0 of a new `workdir`, with `config.json`, so
+  that `--mode=eval`, predict, features, plots and `config.init_from` read it like a
+  trained run's (parameters only: no optimizer state to resume training from).
+
+  The workdir is written whole or not at all: built in a sibling temporary directory,
+  then renamed, so a killed import leaves no config.json without its checkpoint.
+
+  Returns:
+    The workdir's absolute path.
+
+  Raises:
+    ValueError: if `workdir` exists and is not empty (`check_import_workdir`).
+  """
+  check_import_workdir(workdir)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.', dir=os.path.dirname(workdir))
+  try:
+    save_params(partial, params)
+    config_lib.save(config, partial)
+    os.replace(partial, workdir)  # Atomic; replaces an empty directory.
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  return workdir
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds a finished checkpoint (Orbax's temporary ones don't count)."""
   checkpoint_dir = directory(workdir)
@@ -299,8 +342,8 @@ def check_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if source is None:
     raise config_lib.ConfigError(
       f'config.init_from={source_dir!r}: no training run there (no '
-      f'{config_lib.CONFIG_FILE}); name the --workdir of a finished run or of an '
-      'import_caffe import.'
+      f'{config_lib.CONFIG_FILE}); name the --workdir of a finished run or of an import '
+      '(import_caffe, import_torchvision).'
     )
   steps = (
     sorted(int(n) for n in os.listdir(directory(source_dir)) if n.isdigit())

@@ -405,17 +405,19 @@ def _to_python(value):
   return value
 
 
+# Keys that change the parameters' shapes, added after runs were saved without them:
+# the value that every earlier run had, so its workdir still evaluates and resumes.
+_BEFORE_THE_KEY = {'model': 'alexnet'}
+
+
 def load(workdir: str) -> ml_collections.ConfigDict | None:
   """The config saved in `workdir/config.json` by its training run; None if absent.
-  One without `model` (written before the key existed) gets 'alexnet'."""
+  A config.json older than a key of `_BEFORE_THE_KEY` gets that key's earlier value."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    saved = _to_python(json.load(f))
-  # A run saved before config.model existed trained the paper's network.
-  saved.setdefault('model', 'alexnet')
-  return ml_collections.ConfigDict(saved)
+    return ml_collections.ConfigDict({**_BEFORE_THE_KEY, **_to_python(json.load(f))})
 
 
 def save(config: ml_collections.ConfigDict, workdir: str):

@@ -39,10 +39,13 @@ class TrainState:
 MODELS = ('alexnet', 'alexnet_bn', 'alexnet_owt')
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
+def create_model(
+  config: ml_collections.ConfigDict, rngs: nnx.Rngs
+) -> models.AlexNet | models.AlexNetOWT:
   """The network `config.model` names, its parameters drawn from `rngs`: 'alexnet'
-  (`models.AlexNet`, the paper's) or 'alexnet_bn' (`models.AlexNetBN`, You et al.
-  2017's; `config.lrn` unused).
+  (`models.AlexNet`, the paper's two towers), 'alexnet_bn' (`models.AlexNetBN`, You et
+  al. 2017's) or 'alexnet_owt' (`models.AlexNetOWT`, torchvision's one column);
+  `config.lrn` applies to 'alexnet' only.
 
   Raises:
     ValueError: for another `config.model`.
@@ -58,9 +61,15 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.Al
     return models.AlexNet(config.num_classes, lrn=config.lrn, **common)
   if config.model == 'alexnet_bn':
     return models.AlexNetBN(config.num_classes, **common)
-  raise ValueError(
-    f"config.model={config.model!r} is not built by this version: use 'alexnet' or 'alexnet_bn'."
-  )
+  if config.model == 'alexnet_owt':
+    return models.AlexNetOWT(config.num_classes, **common)
+  raise ValueError(f'config.model={config.model!r}: use one of {", ".join(MODELS)}.')
+
+
+def num_towers(config: ml_collections.ConfigDict) -> int:
+  """How many towers `config.model`'s layers have (2 for the paper's, 1 for torchvision's):
+  how conv1's kernels are drawn (`plots.conv1_filters`)."""
+  return 1 if config.model == 'alexnet_owt' else models.NUM_TOWERS
 
 
 def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:

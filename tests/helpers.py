@@ -91,6 +91,20 @@ def save_checkpoint(config, workdir: str, step: int, seed: int = 5):
   return jax.device_get(state.params)
 
 
+def import_torchvision():
+  """torchvision, for the tests that take it as the reference, without Triton.
+
+  torchvision.ops imports torch._dynamo, which loads Triton (the GPU compiler of torch's
+  CUDA wheel) if installed; Triton's LLVM then crashes the process (a segfault) when
+  TensorFlow's was loaded first, as in any test process that collected a module using
+  tf.data. torch runs on CPU here, where Triton is never used: it is left unimportable.
+  """
+  sys.modules.setdefault('triton', None)  # `import triton` raises ImportError.
+  import torchvision  # pylint: disable=g-import-not-at-top
+
+  return torchvision
+
+
 NUM_FOLDER_TEST_IMAGES = 37  # Not a multiple of any batch: the last batches are padded.
 
 
