@@ -1,7 +1,6 @@
 """Tests of the command line, run as a user would run it (separate processes)."""
 
 import os
-import re
 import signal
 import time
 
@@ -14,7 +13,6 @@ from configs import fashion_mnist
 from helpers import TIMEOUT
 from helpers import folder_flags
 from helpers import logged_train_rows
-from helpers import on_devices
 from helpers import processes
 from helpers import run_module
 from helpers import tensorboard_steps
@@ -89,39 +87,6 @@ def test_eval_mode_without_a_checkpoint_says_what_to_do(tmp_path):
   assert last_line(result.stderr).startswith(
     f'ConfigError: The run in {tmp_path / "run"} has other parameter shapes (image_size: 67 -> 227; num_classes: 10 -> 1000)'
   )
-
-
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_75_then_the_rerun_finishes(
-  toy_image_folder, tmp_path, monkeypatch, caplog
-):
-  """main's own SIGTERM handler (one process): the current step is checkpointed, the
-  exit status is 75 (EX_TEMPFAIL: launch/sweep.py's SLURM script requeues), and a rerun
-  resumes and finishes (here in this process; multiprocess_test reruns the command)."""
-  workdir = tmp_path / 'run'
-  args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder, num_train_steps=12)]
-  log_dir = tmp_path / 'logs'
-  os.makedirs(log_dir)
-  log = log_dir / 'process0.log'
-  with processes(1, 1, args, log_dir) as [trainer]:
-    deadline = time.time() + TIMEOUT
-    while '] [2] ' not in log.read_text():
-      assert time.time() < deadline and trainer.poll() is None, log.read_text()[-3000:]
-      time.sleep(0.2)
-    trainer.send_signal(signal.SIGTERM)
-    assert wait_all([trainer]) == [os.EX_TEMPFAIL], log.read_text()[-3000:]
-  stopped = int(re.search(r'Stopped on request \(SIGTERM\) after step (\d+)', log.read_text())[1])
-  assert stopped < 12 and str(stopped) in os.listdir(workdir / 'checkpoints')
-  assert not (workdir / 'results.json').exists()
-
-  on_devices(monkeypatch, 1)
-  caplog.set_level('INFO')
-  config = config_lib.for_workdir(str(workdir), None, {})
-  results = main.train_and_plot(config, str(workdir), draw=False)
-  assert f'Resumed from step {stopped}' in caplog.text
-  assert results['step'] == 12
-  logged = [row['step'] for row in logged_train_rows(workdir)]
-  assert logged == list(range(1, 13))  # Each step once: nothing lost or repeated.
 
 
 def stored_order(root) -> list[str]:
