@@ -30,7 +30,9 @@
 #   RUNS="alexnet_sgd_128 ..."   a subset of the five (default all, in the order above);
 #   SGD_RATE, LARS_RATE          the rates of the 4,096 runs (defaults 0.04 per 128, 10);
 #   STEPS=N                      a smoke test: N steps a run, one central-crop test, in
-#                                runs/large_batch_smoke by default.
+#                                runs/large_batch_smoke by default;
+#   EXTRA="--config.KEY=VALUE ..."  flags added to every run (e.g. a smaller batch for a
+#                                quick smoke test).
 set -euo pipefail
 py=${PYTHON:-.venv/bin/python}
 steps=${STEPS:-}
@@ -44,6 +46,7 @@ if [[ -n $steps ]]; then
   base+=(--config.num_train_steps="$steps" --config.eval_every_steps="$steps"
     --config.eval_crops=1 --config.log_every_steps=1)
 fi
+read -r -a extra_all <<<"${EXTRA:-}"
 large=(--config.batch_size=4096 --config.grad_accum_steps=32 --config.warmup_steps=8
   --config.checkpoint_every_steps=14)
 sgd=(--config.learning_rate="$sgd_rate" --config.lr_reference_batch=128)
@@ -68,7 +71,7 @@ for name in $runs; do
   [[ -f $workdir/results.json ]] && continue
   mkdir -p "$workdir"
   "$py" -m alexnet_jax.main --workdir="$workdir" --noplots "${base[@]}" "${extra[@]}" \
-    2>&1 | tee -a "$workdir/train.log"
+    "${extra_all[@]}" 2>&1 | tee -a "$workdir/train.log"
   # The settings that differ between runs, as launch.sweep records its overrides, for
   # launch.results' columns; from the config the run used.
   "$py" - "$workdir" <<'PY'
