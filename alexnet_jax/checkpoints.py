@@ -4,13 +4,16 @@ trainer per workdir.
 """
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import functools
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 from absl import logging
@@ -141,9 +144,18 @@ def create_manager(
   )
 
 
+def _checkpointed(state: steps_lib.TrainState) -> dict[str, Any]:
+  """The tree a checkpoint holds: `state`'s fields, without `batch_stats` when empty (a
+  model without BN), so such checkpoints are those written before the field existed."""
+  tree = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+  if not tree['batch_stats']:
+    del tree['batch_stats']
+  return tree
+
+
 def save(manager: ocp.CheckpointManager, state: steps_lib.TrainState, *, force: bool = False):
   """Starts an asynchronous save of `state` at its step (every process calls it)."""
-  manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+  manager.save(int(state.step), args=ocp.args.StandardSave(_checkpointed(state)), force=force)
 
 
 def restore_state(
@@ -155,7 +167,8 @@ def restore_state(
     FileNotFoundError: if a process does not see the checkpoint (`_check_present`).
   """
   _check_present(manager.directory, step)
-  return manager.restore(step, args=ocp.args.StandardRestore(target))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(_checkpointed(target)))
+  return target.replace(**restored)
 
 
 def _check_present(checkpoint_dir, step: int):
@@ -214,10 +227,12 @@ def _missing(checkpoint_dir: str) -> FileNotFoundError:
 def restore_params(
   config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, step: int | None = None
 ) -> tuple[dict[str, Any], int]:
-  """(params, step) of a checkpoint in `workdir/checkpoints`, without the optimizer.
+  """(variables, step) of a checkpoint in `workdir/checkpoints`, without the optimizer.
 
-  Only the parameters are read (Orbax partial restore), placed on `mesh` by
-  `sharding.PARTITION_RULES` whatever mesh wrote the checkpoint.
+  Only the parameters and a BN model's running averages are read (Orbax partial
+  restore), as one dict of layers (`steps.model_variables`; the parameters alone
+  without BN), placed on `mesh` by `sharding.PARTITION_RULES` whatever mesh wrote the
+  checkpoint.
 
   Args:
     config: the run's config (it fixes the parameter shapes).
@@ -232,7 +247,8 @@ def restore_params(
   checkpoint_dir = directory(workdir)
   if not os.path.isdir(checkpoint_dir):  # CheckpointManager would create it.
     raise _missing(checkpoint_dir)
-  target = {'params': steps_lib.abstract_params(config, mesh)}
+  params, batch_stats = steps_lib.abstract_variables(config, mesh)
+  target = {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
   with ocp.CheckpointManager(checkpoint_dir) as manager:
     saved = manager.all_steps()
     if step is None:
@@ -254,7 +270,7 @@ def restore_params(
         partial_restore=True,
       ),
     )
-  return restored['params'], step
+  return steps_lib.model_variables(restored['params'], restored.get('batch_stats', {})), step
 
 
 def save_params(workdir: str, params: dict[str, Any], step: int = 0):
@@ -263,6 +279,47 @@ def save_params(workdir: str, params: dict[str, Any], step: int = 0):
   with create_manager(workdir) as manager:
     manager.save(step, args=ocp.args.StandardSave({'params': params}), force=True)
     manager.wait_until_finished()
+
+
+def check_import_workdir(workdir: str):
+  """Refuses to import into a `workdir` that holds anything (importers ask before
+  reading their file).
+
+  Raises:
+    ValueError: if `workdir` exists and is not empty.
+  """
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise ValueError(f'{workdir} is not empty: import into a new --workdir.')
+
+
+def write_imported_workdir(
+  workdir: str, params: dict[str, Any], config: ml_collections.ConfigDict
+) -> str:
+  """Writes imported weights as checkpoint 0 of a new `workdir`, with `config.json`, so
+  that `--mode=eval`, predict, features, plots and `config.init_from` read it like a
+  trained run's (parameters only: no optimizer state to resume training from).
+
+  The workdir is written whole or not at all: built in a sibling temporary directory,
+  then renamed, so a killed import leaves no config.json without its checkpoint.
+
+  Returns:
+    The workdir's absolute path.
+
+  Raises:
+    ValueError: if `workdir` exists and is not empty (`check_import_workdir`).
+  """
+  check_import_workdir(workdir)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.', dir=os.path.dirname(workdir))
+  try:
+    save_params(partial, params)
+    config_lib.save(config, partial)
+    os.replace(partial, workdir)  # Atomic; replaces an empty directory.
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  return workdir
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -285,8 +342,8 @@ def check_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if source is None:
     raise config_lib.ConfigError(
       f'config.init_from={source_dir!r}: no training run there (no '
-      f'{config_lib.CONFIG_FILE}); name the --workdir of a finished run or of an '
-      'import_caffe import.'
+      f'{config_lib.CONFIG_FILE}); name the --workdir of a finished run or of an import '
+      '(import_caffe, import_torchvision).'
     )
   steps = (
     sorted(int(n) for n in os.listdir(directory(source_dir)) if n.isdigit())
@@ -319,13 +376,15 @@ def check_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def init_from(
   config: ml_collections.ConfigDict, params: dict[str, Any], mesh: jax.sharding.Mesh
 ) -> tuple[dict[str, Any], int]:
-  """(`params` (a new run's initial ones, on `mesh`) with the layers of the checkpoint
-  `config.init_from` names copied in, by layer name (as Caffe's CopyTrainedLayersFrom);
-  that checkpoint's step: `config.init_from_step`, or the source's latest when None).
+  """(`params` (a new run's initial variables, `steps.model_variables`, on `mesh`) with
+  the layers of the checkpoint `config.init_from` names copied in, by layer name (as
+  Caffe's CopyTrainedLayersFrom), BN running averages with their layer; that
+  checkpoint's step: `config.init_from_step`, or the source's latest when None).
 
   Layers matching a `config.reinit` pattern keep their initial values, as does fc8 when
-  only the class count differs; every other layer is copied bit for bit. The copied
-  and reinitialised layers are logged.
+  only the class count differs, and a layer the source lacks (a BN layer, when
+  `model` changes by `init_from_allowed_changes`); every other layer is copied bit for
+  bit. The copied and reinitialised layers are logged.
 
   Raises:
     config_lib.ConfigError: as `check_init_from`, or for a layer whose shapes differ
@@ -335,12 +394,13 @@ def init_from(
   source, step = restore_params(source_config, config.init_from, mesh, config.init_from_step)
   result, copied, reinitialised = {}, [], []
   for layer, initial in params.items():
-    shapes = {kind: (source[layer][kind].shape, x.shape) for kind, x in initial.items()}
     other_classes = layer == 'fc8' and source_config.num_classes != config.num_classes
-    if any(re.fullmatch(pattern, layer) for pattern in config.reinit) or other_classes:
+    reinit = any(re.fullmatch(pattern, layer) for pattern in config.reinit)
+    if reinit or other_classes or layer not in source:
       result[layer] = initial
       reinitialised.append(layer)
       continue
+    shapes = {kind: (source[layer][kind].shape, x.shape) for kind, x in initial.items()}
     for kind, (there, here) in shapes.items():
       if there != here:
         raise config_lib.ConfigError(

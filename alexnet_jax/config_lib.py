@@ -45,15 +45,16 @@ RERUN_MAY_CHANGE = (
   'eval_batch_size',
   'eval_crops',
   # The same batch's mean gradient, only in other micro-batches (memory); dropout's
-  # masks are drawn per micro-batch, the one difference.
+  # masks are drawn per micro-batch, and a BN model's statistics are each
+  # micro-batch's: the differences.
   'grad_accum_steps',
   'keep_checkpoints',
   *DURATIONS['log_every'],
   *DURATIONS['eval_every'],
   *DURATIONS['checkpoint_every'],
 )
-# Keys that fix the parameters' shapes.
-MODEL_SHAPE_KEYS = ('num_classes', 'image_size')
+# Keys that fix the parameters' shapes (and, for `model`, the network itself).
+MODEL_SHAPE_KEYS = ('model', 'num_classes', 'image_size')
 # Keys that fix the function a checkpoint computes on an image file: its shapes, the
 # LRN arithmetic, and the test-time input (resize rule and size, normalisation). The
 # same parameters under other values give other logits, so evaluating, predicting or
@@ -148,6 +149,7 @@ RULES: dict[str, _Rule] = {
   'augment.pca_lighting_stddev': _number(0),
   'pixel_mean': _sequence(_number(0, 255), 3),
   'pixel_std': _sequence(_number(0, low_open=True), 3),
+  'model': _choice('alexnet', 'alexnet_bn', 'alexnet_owt'),
   'init': _choice('paper', 'he'),
   'lrn': _choice(*models.LRN_CONVENTIONS),
   'dropout_rate': _number(0, 1, high_open=True),
@@ -403,13 +405,19 @@ def _to_python(value):
   return value
 
 
+# Keys that change the parameters' shapes, added after runs were saved without them:
+# the value that every earlier run had, so its workdir still evaluates and resumes.
+_BEFORE_THE_KEY = {'model': 'alexnet'}
+
+
 def load(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config saved in `workdir/config.json` by its training run; None if absent."""
+  """The config saved in `workdir/config.json` by its training run; None if absent.
+  A config.json older than a key of `_BEFORE_THE_KEY` gets that key's earlier value."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return ml_collections.ConfigDict(_to_python(json.load(f)))
+    return ml_collections.ConfigDict({**_BEFORE_THE_KEY, **_to_python(json.load(f))})
 
 
 def save(config: ml_collections.ConfigDict, workdir: str):

@@ -5,9 +5,7 @@ at import) and converts its blobs into `AlexNet(lrn='caffe')` parameters, shapes
 """
 
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 from absl import app
@@ -32,6 +30,7 @@ _CONV_LAYERS = LAYERS[:5]
 # (configs/caffe_bvlc_alexnet.py takes them from here). Any other value gives other
 # logits from the same weights, so `import_caffemodel` refuses it.
 CAFFE_CONVENTIONS = {
+  'model': 'alexnet',
   # deploy.prototxt norm1/norm2: LRN across channels, local_size 5, alpha 1e-4 (divided
   # by local_size, lrn_layer.cpp), beta 0.75, k 1; one GPU: across all maps.
   'lrn': 'caffe',
@@ -380,26 +379,16 @@ def import_caffemodel(
       count differs from `config.num_classes`, or a workdir that is not empty.
   """
   check_caffe_conventions(config)
-  if os.path.exists(workdir) and os.listdir(workdir):
-    raise ValueError(f'{workdir} is not empty: import into a new --workdir.')
+  checkpoints.check_import_workdir(workdir)
   params = caffe_to_params(read_caffemodel(caffemodel), image_size=config.image_size)
   num_classes = params['fc8']['bias'].shape[0]
   if num_classes != config.num_classes:
     raise ValueError(
       f'{caffemodel} has {num_classes} classes (fc8) but config.num_classes={config.num_classes}.'
     )
-  workdir = os.path.abspath(workdir)
-  os.makedirs(os.path.dirname(workdir), exist_ok=True)
-  partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.', dir=os.path.dirname(workdir))
-  try:
-    checkpoints.save_params(partial, params)
-    config_lib.save(config, partial)
-    os.replace(partial, workdir)  # Atomic; replaces an empty directory.
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise
+  workdir = checkpoints.write_imported_workdir(workdir, params, config)
   return {
-    'workdir': os.path.abspath(workdir),
+    'workdir': workdir,
     'num_classes': num_classes,
     'parameters': sum(x.size for p in params.values() for x in p.values()),
   }

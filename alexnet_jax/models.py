@@ -3,6 +3,8 @@
 The two GPU "towers" of the paper (Sec. 3.2, Fig. 2) are kept explicit: every layer's
 output channels are split in two halves; the tower-local layers (conv2, conv4, conv5)
 run one convolution per tower rather than a grouped one (3× faster on XLA:CPU).
+`AlexNetBN` is You et al. 2017's AlexNet-BN (config.model 'alexnet_bn'), `AlexNetOWT`
+torchvision's one-column variant (Krizhevsky 2014), config.model 'alexnet_owt'.
 """
 
 from collections.abc import Sequence
@@ -462,8 +464,11 @@ class AlexNet(nnx.Module):
     self.fc8 = dense('fc8', 4096, num_classes)
     self.dropout = Dropout(dropout_rate)
 
-  def features(self, images: jax.Array, *, model_axis: str | None = None) -> jax.Array:
+  def features(
+    self, images: jax.Array, *, data_axis: str | None = None, model_axis: str | None = None
+  ) -> jax.Array:
     """pool5 maps `[N, s, s, 256]` (s = 6 at 227 px) of both towers, tower 0 first."""
+    del data_axis  # No statistic of the batch here (see `AlexNetBN`).
     towers = _max_pool(_relu_lrn(self.conv1(images), self.lrn, model_axis))
     towers = _max_pool(_relu_lrn(self.conv2(towers), self.lrn, model_axis))
     towers = _relu(self.conv3(gather_towers(towers, model_axis)))
@@ -519,7 +524,7 @@ class AlexNet(nnx.Module):
     if layer not in FEATURE_LAYERS:
       raise ValueError(f'Unknown layer {layer!r}: use one of {", ".join(FEATURE_LAYERS)}.')
     dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis, model_axis=model_axis)
-    x = self.features(images, model_axis=model_axis)
+    x = self.features(images, data_axis=data_axis, model_axis=model_axis)
     # (h, w, c) order; Caffe's fc6 reads (c, h, w), so imported rows are permuted.
     x = x.reshape(x.shape[0], -1)
     if layer == 'pool5':
@@ -528,6 +533,352 @@ class AlexNet(nnx.Module):
     if layer == 'fc6':
       return x.astype(jnp.float32)
     x = gather_towers([dropout(jax.nn.relu(self.fc7(x)))], model_axis)
+    if layer == 'fc7':
+      return x.astype(jnp.float32)
+    return self.fc8(x).astype(jnp.float32)
+
+
+# You, Gitman & Ginsburg 2017's AlexNet-BN as their NVIDIA Caffe fork trains it with
+# LARS (models/alexnet_bn/train_val2.prototxt, which solver.prototxt and, as
+# train_val2_fp16.prototxt, solver_8K/16k/32k.prototxt run): every BatchNorm layer has
+# moving_average_fraction 0.9 and eps 1e-4.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-4
+
+
+class TowerBatchNorm(nnx.Module):
+  """Batch normalization without a learned scale or shift, per channel of the towers.
+
+  Train mode: y = (x - μ) / sqrt(σ² + eps), μ and σ² the mean and (biased) variance
+  of each channel over the batch and the spatial positions; the running averages move
+  as r <- momentum * r + (1 - momentum) * batch value (NVIDIA Caffe's
+  batch_norm_layer.cpp, `moving_average_fraction`). Eval mode (`model.eval()`, which
+  sets `use_running_average`): μ, σ² are the running averages. Inside `shard_map`
+  the statistics are pmean'd over `data_axis`: those of the global batch, as one
+  device computes them (the devices hold equal shares of it). A channel is normalised
+  on its own, so each tower's channels, on whatever device, need no other tower's.
+
+  Running averages start at mean 0 and variance 1 (as Flax's and PyTorch's BatchNorm;
+  NVIDIA Caffe copies the first batch's, and blends σ² + eps where this blends σ²).
+  They are `nnx.BatchStat`s named 'mean' and 'var', float32 `[C]`, tower 0's channels
+  first; the statistics are computed in float32 whatever the activations' dtype.
+  """
+
+  def __init__(
+    self, num_features: int, *, momentum: float = BN_MOMENTUM, epsilon: float = BN_EPSILON
+  ):
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.tower_features = num_features // NUM_TOWERS
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.use_running_average = False
+
+  def __call__(
+    self, towers: Sequence[jax.Array], *, data_axis: str | None = None
+  ) -> list[jax.Array]:
+    """`towers`: this device's towers `[N, H, W, C / 2]` each; returns them normalised."""
+    if self.use_running_average:
+      means, variances = self.mean[...], self.var[...]
+    else:
+      means, variances = _batch_moments(towers, data_axis)
+      m = self.momentum
+      self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(means)
+      self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(variances)
+    scale = jax.lax.rsqrt(variances + self.epsilon)
+    return [
+      ((x.astype(jnp.float32) - mean) * s).astype(x.dtype)
+      for x, mean, s in zip(
+        towers,
+        jnp.split(means, len(towers)),
+        jnp.split(scale, len(towers)),
+        strict=True,
+      )
+    ]
+
+
+def _batch_moments(
+  towers: Sequence[jax.Array], data_axis: str | None
+) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and biased variance of the towers' channels, float32 `[C]`,
+  over every axis but the last and, inside `shard_map`, over `data_axis` (two passes:
+  the variance is the mean of squared deviations from the global mean)."""
+
+  def global_mean(x):
+    mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))
+    return mean if data_axis is None else jax.lax.pmean(mean, data_axis)
+
+  towers = [x.astype(jnp.float32) for x in towers]
+  means = [global_mean(x) for x in towers]
+  variances = [global_mean(jnp.square(x - mean)) for x, mean in zip(towers, means, strict=True)]
+  return jnp.concatenate(means), jnp.concatenate(variances)
+
+
+# The layers of AlexNet-BN that read a batch-normalised input (see `AlexNetBN`).
+BN_LAYERS = ('conv2', 'conv3', 'conv4', 'conv5')
+
+
+class AlexNetBN(AlexNet):
+  """You, Gitman & Ginsburg 2017's AlexNet-BN ("Large Batch Training of Convolutional
+  Networks", arXiv:1708.03888: AlexNet with batch normalization in place of its LRN),
+  on the paper's two towers.
+
+  The paper does not say where the BN layers go; this follows the prototxt its
+  authors' LARS solvers train, NVIDIA/caffe models/alexnet_bn/train_val2.prototxt
+  (solver.prototxt; its fp16 twin for solver_8K/16k/32k.prototxt): no LRN, and a
+  BatchNorm without scale or shift (scale_bias: false) on the input of conv2, conv3,
+  conv4 and conv5 (`BN_LAYERS`): after pool1 (bn2), after pool2 (bn3), after conv3's
+  ReLU (bn4) and after conv4's ReLU (bn5); conv1 and the fc layers read no BN. The
+  same directory's train_val.prototxt, which no solver there uses, instead puts a BN
+  with scale and shift after each of conv1-conv5 (before the ReLU); not taken here.
+
+  conv1 → ReLU → pool1 → bn2 → conv2 → ReLU → pool2 → bn3 → conv3 → ReLU → bn4 →
+  conv4 → ReLU → bn5 → conv5 → ReLU → pool5 → fc6 → fc7 → fc8, dropout as `AlexNet`.
+  Its parameters are `AlexNet`'s (BN learns none); bn2...bn5 hold the running
+  averages (`TowerBatchNorm`, momentum 0.9, eps 1e-4 as the prototxt). The layers'
+  initial values follow `init` as for `AlexNet` (the prototxt's fillers differ).
+
+  Arguments as `AlexNet`'s, without `lrn`.
+  """
+
+  def __init__(
+    self,
+    num_classes: int = 1000,
+    *,
+    image_size: int = 227,
+    dropout_rate: float = 0.5,
+    init: str = 'paper',
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      num_classes,
+      image_size=image_size,
+      dropout_rate=dropout_rate,
+      init=init,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    del self.lrn
+    self.bn2 = TowerBatchNorm(96)
+    self.bn3 = TowerBatchNorm(256)
+    self.bn4 = TowerBatchNorm(384)
+    self.bn5 = TowerBatchNorm(384)
+
+  def features(
+    self, images: jax.Array, *, data_axis: str | None = None, model_axis: str | None = None
+  ) -> jax.Array:
+    """pool5 maps `[N, s, s, 256]`, as `AlexNet.features`; `data_axis` as `__call__`'s."""
+    towers = _max_pool(_relu(self.conv1(images)))
+    towers = _max_pool(_relu(self.conv2(self.bn2(towers, data_axis=data_axis))))
+    towers = self.bn3(towers, data_axis=data_axis)
+    towers = _relu(self.conv3(gather_towers(towers, model_axis)))
+    towers = _relu(self.conv4(self.bn4(towers, data_axis=data_axis)))
+    towers = _max_pool(_relu(self.conv5(self.bn5(towers, data_axis=data_axis))))
+    return gather_towers(towers, model_axis)
+
+
+# torchvision's AlexNet (torchvision/models/alexnet.py): Krizhevsky 2014, "One weird trick
+# for parallelizing convolutional neural networks", one column, 224 px.
+# (output channels, kernel, stride, padding) of conv1..conv5; maxpool 3/2 after conv1,
+# conv2 and conv5.
+OWT_CONVS = {
+  'conv1': (64, 11, 4, 2),
+  'conv2': (192, 5, 1, 2),
+  'conv3': (384, 3, 1, 1),
+  'conv4': (256, 3, 1, 1),
+  'conv5': (256, 3, 1, 1),
+}
+# nn.AdaptiveAvgPool2d((6, 6)) before the classifier: fc6 reads 256 · 6 · 6 = 9216 inputs
+# at any image size.
+OWT_POOL5_SIZE = 6
+
+
+def owt_pool5_size(image_size: int) -> int:
+  """Side of torchvision AlexNet's last max-pooled maps for `image_size` px (6 at 224),
+  before the adaptive average pool brings them to 6 × 6.
+
+  Raises:
+    ValueError: below 63 pixels (torchvision's `min_size`), where they would be empty.
+  """
+  size = (image_size + 2 * 2 - 11) // 4 + 1  # conv1: stride 4, padding 2.
+  for _ in range(3):  # pool1, pool2, pool5; conv2..conv5 keep the size.
+    size = (size - 3) // 2 + 1
+  if size < 1:
+    raise ValueError(
+      f"image_size={image_size} is too small for torchvision's AlexNet: its last "
+      'pooled maps would be empty; use at least 63 pixels.'
+    )
+  return size
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> jax.Array:
+  """float32 `[out, in]`: row i averages inputs floor(i·in/out) .. ceil((i+1)·in/out) - 1,
+  PyTorch's AdaptiveAvgPool bins (aten/src/ATen/native/AdaptiveAveragePooling.cpp,
+  start_index / end_index); bins overlap when `in` is not a multiple of `out`."""
+  weights = [[0.0] * in_size for _ in range(out_size)]
+  for i in range(out_size):
+    start, end = (i * in_size) // out_size, -(-((i + 1) * in_size) // out_size)
+    for j in range(start, end):
+      weights[i][j] = 1.0 / (end - start)
+  return jnp.asarray(weights, jnp.float32)
+
+
+def adaptive_avg_pool(x: jax.Array, out_size: int) -> jax.Array:
+  """PyTorch's `nn.AdaptiveAvgPool2d(out_size)` on NHWC: `[N, H, W, C]` → `[N, out_size,
+  out_size, C]`, each output the mean of its rectangular bin (`_adaptive_pool_matrix`:
+  rows then columns, which averages the same rectangle). The identity when H = W =
+  out_size (224 px for torchvision's AlexNet). Computed in float32 at full precision
+  (no TF32 or bfloat16 passes), returned in `x`'s dtype."""
+  _, height, width, _ = x.shape
+  if height == width == out_size:
+    return x
+  highest = jax.lax.Precision.HIGHEST
+  y = jnp.einsum(
+    'ih,nhwc->niwc',
+    _adaptive_pool_matrix(height, out_size),
+    x.astype(jnp.float32),
+    precision=highest,
+  )
+  y = jnp.einsum('jw,niwc->nijc', _adaptive_pool_matrix(width, out_size), y, precision=highest)
+  return y.astype(x.dtype)
+
+
+class AlexNetOWT(nnx.Module):
+  """torchvision's AlexNet (`torchvision.models.alexnet`), the one-column network of
+  Krizhevsky 2014 ("One weird trick for parallelizing convolutional neural networks").
+
+  conv1 64@11×11/4 pad 2 → ReLU → maxpool 3/2 → conv2 192@5×5 pad 2 → ReLU → maxpool
+  → conv3 384@3×3 → conv4 256@3×3 → conv5 256@3×3 (each pad 1, ReLU) → maxpool →
+  adaptive average pool to 6×6 → dropout → fc6 4096 → ReLU → dropout → fc7 4096 →
+  ReLU → fc8. Unlike `AlexNet`: no LRN, no towers (every layer reads all maps of the
+  one below), fewer maps in conv1, conv2, conv4, dropout before fc6 and fc7 rather
+  than after, and 224-px inputs; 61,100,840 parameters at 1000 classes (torchvision's
+  `num_params`). Parameters are named as `AlexNet`'s (`LAYERS`), conv kernels HWIO,
+  dense kernels `(in, out)`, fc6's rows in (h, w, c) order (`import_torchvision`
+  converts torchvision's state dict).
+
+  On a mesh with 'model' of size 2 the layers' output maps are split over it by the
+  same `sharding.PARTITION_RULES` as `AlexNet`'s (tensor parallelism): each device
+  computes its half of a layer's maps from all of the layer's inputs, and the halves
+  are all-gathered after every layer, so it computes what one device computes.
+
+  Args:
+    num_classes: size of fc8.
+    image_size: input side in pixels (torchvision: 224; at least 63).
+    dropout_rate: torchvision's `dropout`, 0.5.
+    init: 'paper' (Sec. 5 of the 2012 paper) or 'he'; torchvision draws PyTorch's
+      layer defaults instead (not reproduced).
+    dtype: compute dtype; parameters are always float32, logits float32.
+    rngs: `nnx.Rngs` with a `params` stream.
+
+  Raises:
+    ValueError: for an unknown `init`, or an image below 63 pixels.
+  """
+
+  def __init__(
+    self,
+    num_classes: int = 1000,
+    *,
+    image_size: int = 224,
+    dropout_rate: float = 0.5,
+    init: str = 'paper',
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    owt_pool5_size(image_size)
+    in_features = 3
+    for name, (out_features, kernel_size, strides, padding) in OWT_CONVS.items():
+      # Not tower-local: every output map reads all inputs; its 'towers' are the
+      # halves of the maps that a 'model' axis of size 2 puts on each device.
+      conv = TowerConv(
+        in_features,
+        out_features,
+        kernel_size,
+        name=name,
+        strides=strides,
+        padding=padding,
+        init=init,
+        dtype=dtype,
+        rngs=rngs,
+      )
+      setattr(self, name, conv)
+      in_features = out_features
+
+    def dense(name, in_features, out_features):
+      kernel_init, bias_init = _initializers(init, name)
+      return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dtype=dtype,
+        rngs=rngs,
+      )
+
+    self.fc6 = dense('fc6', OWT_POOL5_SIZE**2 * in_features, 4096)
+    self.fc7 = dense('fc7', 4096, 4096)
+    self.fc8 = dense('fc8', 4096, num_classes)
+    self.dropout = Dropout(dropout_rate)
+
+  def features(
+    self, images: jax.Array, *, data_axis: str | None = None, model_axis: str | None = None
+  ) -> jax.Array:
+    """The adaptive pool's maps `[N, 6, 6, 256]`, whole on every device (`data_axis`
+    unused: no layer reads other devices' rows)."""
+    del data_axis
+    x = images
+    for name in OWT_CONVS:
+      x = jax.nn.relu(gather_towers(getattr(self, name)(x), model_axis))
+      if name in ('conv1', 'conv2', 'conv5'):
+        x = max_pool(x)
+    return adaptive_avg_pool(x, OWT_POOL5_SIZE)
+
+  def __call__(
+    self,
+    images: jax.Array,
+    *,
+    rngs: nnx.Rngs | None = None,
+    data_axis: str | None = None,
+    model_axis: str | None = None,
+  ) -> jax.Array:
+    """Logits for a batch: as `AlexNet.__call__`, from `[N, H, W, 3]` images normalised
+    as torchvision's (RGB on [0, 1], ImageNet mean and std: configs/torchvision_alexnet.py)."""
+    return self.activations(images, 'fc8', rngs=rngs, data_axis=data_axis, model_axis=model_axis)
+
+  def activations(
+    self,
+    images: jax.Array,
+    layer: str,
+    *,
+    rngs: nnx.Rngs | None = None,
+    data_axis: str | None = None,
+    model_axis: str | None = None,
+  ) -> jax.Array:
+    """The output of `layer` (one of `FEATURE_LAYERS`), float32 `[N, D]`, whole on every
+    device; arguments as `AlexNet.activations`.
+
+    'pool5': the adaptive pool's 6×6×256 maps flattened in (h, w, c) order (D = 9216
+    at any image size; torchvision's `flatten` is (c, h, w)). 'fc6', 'fc7': after the
+    ReLU (torchvision's dropout comes before fc6 and fc7, so in train mode the pool5
+    and fc6 outputs that the next layer reads are dropped, not these). 'fc8': logits.
+
+    Raises:
+      ValueError: for another `layer`; in train mode without `rngs`.
+    """
+    if layer not in FEATURE_LAYERS:
+      raise ValueError(f'Unknown layer {layer!r}: use one of {", ".join(FEATURE_LAYERS)}.')
+    # The dropped arrays are whole on every device of 'model' (gathered): one mask for
+    # them all, drawn for the global batch (model_axis None).
+    dropout = functools.partial(self.dropout, rngs=rngs, data_axis=data_axis)
+    x = self.features(images, model_axis=model_axis)
+    x = x.reshape(x.shape[0], -1)
+    if layer == 'pool5':
+      return x.astype(jnp.float32)
+    x = jax.nn.relu(gather_towers([self.fc6(dropout(x))], model_axis))
+    if layer == 'fc6':
+      return x.astype(jnp.float32)
+    x = jax.nn.relu(gather_towers([self.fc7(dropout(x))], model_axis))
     if layer == 'fc7':
       return x.astype(jnp.float32)
     return self.fc8(x).astype(jnp.float32)

@@ -66,39 +66,45 @@ def learning_curves(train_rows: list[dict], test_rows: list[dict], title: str) -
   return fig
 
 
-def conv1_mosaic(kernel: np.ndarray, gap: int = 1, tower_gap: int = 4) -> np.ndarray:
+def conv1_mosaic(
+  kernel: np.ndarray, gap: int = 1, tower_gap: int = 4, towers: int = models.NUM_TOWERS
+) -> np.ndarray:
   """Lays out conv1's kernels as in the paper's Fig. 3.
 
   Args:
-    kernel: `[k, k, 3, C]` (AlexNet: 11, 11, 3, 96); output channels `[:C // 2]`
-      are tower 0, shown in the top half, tower 1's in the bottom half.
+    kernel: `[k, k, 3, C]` (AlexNet: 11, 11, 3, 96; torchvision's: 64); with two
+      towers output channels `[:C // 2]` are tower 0, shown in the top half, tower
+      1's in the bottom half.
     gap: background pixels between kernels.
     tower_gap: background pixels between the two towers' blocks.
+    towers: 2 for the paper's AlexNet, 1 for a one-column network (one block).
 
   Returns:
-    float32 RGB `[H, W, 3]` in [0, 1]: each tower's kernels in rows of 12, row by
-    row, each contrast-normalised to its own min..max; background 1 (white).
+    float32 RGB `[H, W, 3]` in [0, 1]: each tower's kernels in rows of 12 (8 for
+    one tower: torchvision's 64 as 8 × 8), row by row, each contrast-normalised to its
+    own min..max; background 1 (white).
 
   Raises:
-    ValueError: if `kernel` is not `[k, k, 3, C]` with C divisible by 2 × 12.
+    ValueError: if `kernel` is not `[k, k, 3, C]` with C divisible by `towers` × the
+      row length.
   """
   k, _, channels, count = kernel.shape
-  cols = 12
-  if kernel.shape[1] != k or channels != 3 or count % (models.NUM_TOWERS * cols):
+  cols = 12 if towers > 1 else 8
+  if kernel.shape[1] != k or channels != 3 or count % (towers * cols):
     raise ValueError(
-      f'Expected a [k, k, 3, C] kernel with C a multiple of '
-      f'{models.NUM_TOWERS * cols}, got {kernel.shape}.'
+      f'Expected a [k, k, 3, C] kernel with C a multiple of {towers * cols}, got {kernel.shape}.'
     )
-  rows = count // models.NUM_TOWERS // cols  # Per tower.
+  rows = count // towers // cols  # Per tower.
   kernel = np.asarray(kernel, np.float32)
   low = kernel.min(axis=(0, 1, 2), keepdims=True)
   high = kernel.max(axis=(0, 1, 2), keepdims=True)
   kernel = (kernel - low) / np.maximum(high - low, 1e-12)
   cell = k + gap
   tower_height = rows * cell + gap
-  mosaic = np.ones((models.NUM_TOWERS * tower_height + tower_gap, cols * cell + gap, 3), np.float32)
+  height = towers * tower_height + (towers - 1) * tower_gap
+  mosaic = np.ones((height, cols * cell + gap, 3), np.float32)
   for index in range(count):
-    tower, within = divmod(index, count // models.NUM_TOWERS)
+    tower, within = divmod(index, count // towers)
     row, col = divmod(within, cols)
     top = tower * (tower_height + tower_gap) + gap + row * cell
     left = gap + col * cell
@@ -106,15 +112,19 @@ def conv1_mosaic(kernel: np.ndarray, gap: int = 1, tower_gap: int = 4) -> np.nda
   return mosaic
 
 
-def conv1_filters(kernel: np.ndarray, title: str = '') -> Figure:
-  """conv1's kernels `[11, 11, 3, 96]` as in Fig. 3, tower 0 on top; 1200×900 px."""
-  mosaic = conv1_mosaic(kernel)
+def conv1_filters(kernel: np.ndarray, title: str = '', towers: int = models.NUM_TOWERS) -> Figure:
+  """conv1's kernels `[11, 11, 3, C]` as in Fig. 3 (`conv1_mosaic`), tower 0 on top;
+  1200×900 px."""
+  mosaic = conv1_mosaic(kernel, towers=towers)
   fig = Figure(figsize=(12, 9))
   ax = fig.add_axes((0.08, 0.02, 0.9, 0.9))
   ax.imshow(mosaic, interpolation='nearest')
   ax.set_xticks([])
-  half = mosaic.shape[0] / 2
-  ax.set_yticks([half / 2, half * 1.5], ['tower 0\n(GPU 1)', 'tower 1\n(GPU 2)'])
+  if towers == models.NUM_TOWERS:
+    half = mosaic.shape[0] / 2
+    ax.set_yticks([half / 2, half * 1.5], ['tower 0\n(GPU 1)', 'tower 1\n(GPU 2)'])
+  else:
+    ax.set_yticks([])
   for side in ax.spines.values():
     side.set_visible(False)
   fig.suptitle(
@@ -263,6 +273,7 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   mesh = sharding.create_mesh(config.mesh)
   params, step = checkpoints.restore_params(config, workdir, mesh)
   conv1 = sharding.fetch(params['conv1']['kernel'])
+  towers = steps_lib.num_towers(config)
   names = datasets.class_names(config)
   full = len(names) <= MAX_CONFUSION_CLASSES
   _, eval_graphdef = steps_lib.graphdefs(config)
@@ -275,10 +286,7 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     'learning_curves': learning_curves(
       *read_metrics(workdir), os.path.basename(os.path.normpath(workdir))
     ),
-    'conv1_filters': conv1_filters(
-      conv1,
-      f'conv1 filters at step {step}: tower 0 (top), tower 1 (bottom), each contrast-normalised',
-    ),
+    'conv1_filters': conv1_filters(conv1, _conv1_title(step, towers), towers),
     'predictions': predictions(images, labels, probs, names),
   }
   if full:
@@ -289,6 +297,11 @@ def write_all(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   for path in paths:
     logging.info('Wrote %s', path)
   return paths
+
+
+def _conv1_title(step: int, towers: int) -> str:
+  where = 'tower 0 (top), tower 1 (bottom), ' if towers > 1 else ''
+  return f'conv1 filters at step {step}: {where}each contrast-normalised'
 
 
 def _config(workdir: str) -> ml_collections.ConfigDict:

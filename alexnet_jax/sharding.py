@@ -28,15 +28,20 @@ MODEL_AXIS = 'model'
 # (regex, spec), matched with `re.fullmatch` on a leaf's path, e.g. 'params/conv2/kernel'
 # or 'opt_state/3/velocity/conv2/kernel' (optimizer state follows its parameter); the
 # first match wins. Every layer but fc8 splits its output units over the towers (conv
-# kernels are HWIO, dense kernels (in, out)).
+# kernels are HWIO, dense kernels (in, out)); so do a BN model's per-channel running
+# averages (e.g. 'batch_stats/bn2/mean', `models.TowerBatchNorm`).
+_BATCH_STATS_RULE = r'(.*/)?bn[1-7]/(mean|var)'
 PARTITION_RULES = (
   (r'(.*/)?conv[1-5]/kernel', P(None, None, None, MODEL_AXIS)),
+  (_BATCH_STATS_RULE, P(MODEL_AXIS)),
   (r'(.*/)?(conv[1-5]|fc6|fc7)/bias', P(MODEL_AXIS)),
   (r'(.*/)?fc[67]/kernel', P(None, MODEL_AXIS)),
   (r'(.*/)?fc8/(kernel|bias)', P()),  # Fig. 2 draws fc8 whole: replicated.
   (r'.*', P()),  # Step counters.
 )
 _CATCH_ALL = PARTITION_RULES[-1][0]
+# Rules that only some models' trees match (a model without BN has no running averages).
+_OPTIONAL_RULES = (_BATCH_STATS_RULE,)
 
 
 def _slurm_local_device_ids() -> list[int] | None:
@@ -248,14 +253,21 @@ def partition_specs(tree):
   """
   names = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
   rules = {name: _rule(name) for name in names}
-  unused = [p for p, _ in PARTITION_RULES[:-1] if p not in rules.values()]
+  unused = [
+    p for p, _ in PARTITION_RULES[:-1] if p not in rules.values() and p not in _OPTIONAL_RULES
+  ]
   if unused:
     raise ValueError(f'Partition rule(s) {unused} match no parameter of {sorted(names)}.')
   stray = [name for name, rule in rules.items() if rule == _CATCH_ALL and name.endswith('kernel')]
   if stray:
     raise ValueError(f'No partition rule for {stray}: add one to PARTITION_RULES.')
+  return _specs_by_rule(tree)
+
+
+def _specs_by_rule(tree):
+  """Each leaf's spec from the first rule matching its path, unchecked."""
   specs = dict(PARTITION_RULES)
-  return jax.tree_util.tree_map_with_path(lambda path, _: specs[rules[_path(path)]], tree)
+  return jax.tree_util.tree_map_with_path(lambda path, _: specs[_rule(_path(path))], tree)
 
 
 def describe_partitioning(params) -> str:
@@ -361,28 +373,36 @@ def fetch(tree):
 def sharded_apply(
   graphdef: nnx.GraphDef, params, mesh: jax.sharding.Mesh, layer: str = 'fc8'
 ) -> Callable:
-  """`f(params, images, dropout_key) -> logits`, run per device with `shard_map`.
+  """`f(params, images, dropout_key) -> (logits, batch_stats)`, run per device with
+  `shard_map`.
 
-  Each device holds its tower's parameters (or both towers when 'model' has size 1)
-  and its slice of the batch; `images` `[N, H, W, 3]` and the float32 logits
-  `[N, classes]` are split over 'data'. Gradients through it are summed over
-  'data' by `shard_map`'s transpose. On a one-device mesh it is the plain module.
-  Another `layer` (`models.FEATURE_LAYERS`) gives that layer's whole activations
-  `[N, D]` instead (`AlexNet.activations`).
+  `params` are the model's variables (`steps.model_variables`: the parameters and a
+  BN model's running averages). Each device holds its tower's (or both towers' when
+  'model' has size 1) and its slice of the batch; `images` `[N, H, W, 3]` and the
+  float32 logits `[N, classes]` are split over 'data'. `batch_stats` are the running
+  averages after the call (moved in train mode, as they were in eval mode; {} without
+  BN), placed like the parameters. Gradients through it are summed over 'data' by
+  `shard_map`'s transpose. On a one-device mesh it is the plain module. Another
+  `layer` (`models.FEATURE_LAYERS`) gives that layer's whole activations `[N, D]`
+  instead of the logits (`AlexNet.activations`).
   """
 
   def apply(params, images, dropout_key, **axes):
     model = nnx.merge(graphdef, params)
-    return model.activations(images, layer, rngs=nnx.Rngs(dropout=dropout_key), **axes)
+    out = model.activations(images, layer, rngs=nnx.Rngs(dropout=dropout_key), **axes)
+    return out, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
   if mesh.size == 1:
     # The plain module: shard_map would add a copy of every gradient (an all-reduce
     # over one device) that XLA:CPU does not remove.
     return apply
+  stats = jax.eval_shape(
+    lambda p: nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, p), nnx.BatchStat)), params
+  )
   per_device = functools.partial(apply, data_axis=DATA_AXIS, model_axis=MODEL_AXIS)
   return jax.shard_map(
     per_device,
     mesh=mesh,
     in_specs=(partition_specs(params), P(DATA_AXIS), P()),
-    out_specs=P(DATA_AXIS),
+    out_specs=(P(DATA_AXIS), _specs_by_rule(stats)),
   )

@@ -25,28 +25,56 @@ class TrainState:
   """Everything a checkpoint holds; data order and dropout keys derive from `step`.
 
   `params` is a plain dict, e.g. params['conv2']['kernel'] of shape (5, 5, 48, 256).
+  `batch_stats` holds a BN model's running averages (e.g. ['bn2']['mean'], float32
+  `[96]`), moved by `train_step` and used in eval mode; {} for a model without BN.
   """
 
   step: jax.Array
   params: dict[str, Any]
   opt_state: optax.OptState
+  batch_stats: dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> models.AlexNet:
-  """The AlexNet that `config` describes, its parameters drawn from `rngs`."""
-  return models.AlexNet(
-    config.num_classes,
+# config.model: the network each name builds.
+MODELS = ('alexnet', 'alexnet_bn', 'alexnet_owt')
+
+
+def create_model(
+  config: ml_collections.ConfigDict, rngs: nnx.Rngs
+) -> models.AlexNet | models.AlexNetOWT:
+  """The network `config.model` names, its parameters drawn from `rngs`: 'alexnet'
+  (`models.AlexNet`, the paper's two towers), 'alexnet_bn' (`models.AlexNetBN`, You et
+  al. 2017's) or 'alexnet_owt' (`models.AlexNetOWT`, torchvision's one column);
+  `config.lrn` applies to 'alexnet' only.
+
+  Raises:
+    ValueError: for another `config.model`.
+  """
+  common = dict(
     image_size=config.image_size,
     dropout_rate=config.dropout_rate,
     init=config.init,
-    lrn=config.lrn,
     dtype=jnp.dtype(config.dtype),
     rngs=rngs,
   )
+  if config.model == 'alexnet':
+    return models.AlexNet(config.num_classes, lrn=config.lrn, **common)
+  if config.model == 'alexnet_bn':
+    return models.AlexNetBN(config.num_classes, **common)
+  if config.model == 'alexnet_owt':
+    return models.AlexNetOWT(config.num_classes, **common)
+  raise ValueError(f'config.model={config.model!r}: use one of {", ".join(MODELS)}.')
+
+
+def num_towers(config: ml_collections.ConfigDict) -> int:
+  """How many towers `config.model`'s layers have (2 for the paper's, 1 for torchvision's):
+  how conv1's kernels are drawn (`plots.conv1_filters`)."""
+  return 1 if config.model == 'alexnet_owt' else models.NUM_TOWERS
 
 
 def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
-  """(train, eval) graphdefs of the model: the same network with dropout on or off."""
+  """(train, eval) graphdefs of the model: the same network with dropout on or off
+  (and BN on the batch's statistics or its running averages)."""
   model = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(params=0)))
   model.train()
   train_graphdef = nnx.graphdef(model)
@@ -54,19 +82,63 @@ def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.Grap
   return train_graphdef, nnx.graphdef(model)
 
 
+def init_variables(
+  config: ml_collections.ConfigDict, rng: jax.Array
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The model's initial (params, batch_stats) as plain dicts (batch_stats {} without BN)."""
+  model = create_model(config, nnx.Rngs(params=rng))
+  return (
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+  )
+
+
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
   """The model's initial parameters as a plain dict (e.g. ['conv1']['kernel'])."""
-  return nnx.to_pure_dict(nnx.state(create_model(config, nnx.Rngs(params=rng))))
+  return init_variables(config, rng)[0]
 
 
-def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """`jax.ShapeDtypeStruct`s of the parameters, with their shardings on `mesh`."""
-  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+def model_variables(params: dict[str, Any], batch_stats: dict[str, Any]) -> dict[str, Any]:
+  """`params` and `batch_stats` as one dict of layers (what the model in eval mode reads,
+  e.g. ['bn2']['mean'] beside ['conv2']['kernel']); `params` itself without BN."""
+  if not batch_stats:
+    return params
+  layers = {**params, **batch_stats}
+  return {layer: {**params.get(layer, {}), **batch_stats.get(layer, {})} for layer in layers}
+
+
+def split_variables(
+  variables: dict[str, Any], batch_stats: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`model_variables`' inverse: (params, batch_stats) of `variables`, the leaves of
+  `batch_stats`' structure taken as the running averages."""
+  stats = {
+    layer: {kind: variables[layer][kind] for kind in kinds} for layer, kinds in batch_stats.items()
+  }
+  params = {
+    layer: {kind: x for kind, x in leaves.items() if kind not in batch_stats.get(layer, {})}
+    for layer, leaves in variables.items()
+  }
+  return {layer: leaves for layer, leaves in params.items() if leaves}, stats
+
+
+def _with_shardings(shapes, mesh: jax.sharding.Mesh):
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     shapes,
     sharding.named_shardings(mesh, shapes),
   )
+
+
+def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """`jax.ShapeDtypeStruct`s of the parameters, with their shardings on `mesh`."""
+  return _with_shardings(jax.eval_shape(lambda: init_params(config, jax.random.key(0))), mesh)
+
+
+def abstract_variables(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """(params, batch_stats) as `abstract_params` gives the parameters."""
+  shapes = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+  return _with_shardings(shapes, mesh)
 
 
 def create_train_state(
@@ -82,8 +154,13 @@ def create_train_state(
   """
 
   def init():
-    params = init_params(config, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    params, batch_stats = init_variables(config, rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      batch_stats=batch_stats,
+    )
 
   shardings = sharding.named_shardings(mesh, jax.eval_shape(init))
   return jax.jit(init, out_shardings=shardings)()
@@ -117,22 +194,30 @@ def micro_batches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape(rows // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def _accumulated(grad_fn, params, batch: Batch, dropout_key: jax.Array, k: int):
-  """`grad_fn(params, batch, key)`'s ((loss, aux), grads) averaged over k micro-batches
-  of `batch`, one at a time (`lax.scan`: only N / k rows' activations live at once).
-  Micro-batch i draws its dropout from `fold_in(dropout_key, i)`."""
+def _accumulated(grad_fn, params, batch_stats, batch: Batch, dropout_key: jax.Array, k: int):
+  """`grad_fn(params, batch_stats, batch, key)`'s ((loss, (top1, top5, batch_stats)),
+  grads), the loss, accuracies and grads averaged over k micro-batches of `batch`, one
+  at a time (`lax.scan`: only N / k rows' activations live at once). Micro-batch i
+  draws its dropout from `fold_in(dropout_key, i)` and reads the batch_stats that
+  micro-batch i - 1 left (BN's running averages move once per micro-batch)."""
   micro = micro_batches(batch, k)
 
-  def add_micro_batch(sums, micro_batch_and_index):
+  def add_micro_batch(carry, micro_batch_and_index):
+    sums, stats = carry
     micro_batch, i = micro_batch_and_index
-    values = grad_fn(params, micro_batch, jax.random.fold_in(dropout_key, i))
-    return jax.tree.map(jnp.add, sums, values), None
+    (loss, (top1, top5, stats)), grads = grad_fn(
+      params, stats, micro_batch, jax.random.fold_in(dropout_key, i)
+    )
+    return (jax.tree.map(jnp.add, sums, ((loss, (top1, top5)), grads)), stats), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  shapes = jax.eval_shape(grad_fn, params, first, dropout_key)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  sums, _ = jax.lax.scan(add_micro_batch, zeros, (micro, jnp.arange(k)))
-  return jax.tree.map(lambda total: total / k, sums)
+  (loss, (top1, top5, _)), grads = jax.eval_shape(grad_fn, params, batch_stats, first, dropout_key)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((loss, (top1, top5)), grads))
+  (sums, batch_stats), _ = jax.lax.scan(
+    add_micro_batch, (zeros, batch_stats), (micro, jnp.arange(k))
+  )
+  ((loss, (top1, top5)), grads) = jax.tree.map(lambda total: total / k, sums)
+  return (loss, (top1, top5, batch_stats)), grads
 
 
 def train_step(
@@ -149,11 +234,16 @@ def train_step(
   (uint8 images, their 'flip' and 'lighting'; `augment.model_input` with
   `normalization`) or float32 model input `[N, H, W, 3]`.
 
-  `apply_fn(params, images, dropout_key) -> logits` is the model in train mode,
-  e.g. `sharding.sharded_apply(train_graphdef, ...)`. With `grad_accum_steps` k > 1
-  the gradient is the mean of those of k micro-batches of N / k rows
-  (`micro_batches`), computed one after another: Caffe's iter_size, one update of N
-  examples in the memory of N / k (the rows on each device must divide by k).
+  `apply_fn(variables, images, dropout_key) -> (logits, batch_stats)` is the model in
+  train mode (`variables`: `model_variables`), e.g. `sharding.sharded_apply(
+  train_graphdef, ...)`; a BN model's running averages move once per call and come
+  back as `batch_stats`. With `grad_accum_steps` k > 1 the gradient is the mean of
+  those of k micro-batches of N / k rows (`micro_batches`), computed one after
+  another: Caffe's iter_size, one update of N examples in the memory of N / k (the
+  rows on each device must divide by k). BN then normalises each micro-batch by its
+  own statistics (of its N / k rows over all devices), and its running averages move
+  k times per step, as Caffe's BatchNorm does under iter_size: not the statistics of
+  the whole batch.
   Returns the new state and the batch's mean loss, top-1 and top-5 accuracy (over
   all N rows), and `finite`: 1.0 when the loss and every gradient are finite (the
   loop's NaN check; the gradients' sum carries any NaN or Inf among them at the cost
@@ -162,19 +252,22 @@ def train_step(
   """
   dropout_key = jax.random.fold_in(dropout_rng, state.step)
 
-  def loss_fn(params, batch, dropout_key):
-    logits = apply_fn(params, augment.model_input(batch, normalization), dropout_key)
+  def loss_fn(params, batch_stats, batch, dropout_key):
+    images = augment.model_input(batch, normalization)
+    logits, batch_stats = apply_fn(model_variables(params, batch_stats), images, dropout_key)
     labels = batch['label']
     top1 = correct_topk(logits, labels, 1).mean()
     top5 = correct_topk(logits, labels, 5).mean()
-    return cross_entropy_loss(logits, labels).mean(), (top1, top5)
+    return cross_entropy_loss(logits, labels).mean(), (top1, top5, batch_stats)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
-    (loss, (top1, top5)), grads = grad_fn(state.params, batch, dropout_key)
+    (loss, (top1, top5, batch_stats)), grads = grad_fn(
+      state.params, state.batch_stats, batch, dropout_key
+    )
   else:
-    (loss, (top1, top5)), grads = _accumulated(
-      grad_fn, state.params, batch, dropout_key, grad_accum_steps
+    (loss, (top1, top5, batch_stats)), grads = _accumulated(
+      grad_fn, state.params, state.batch_stats, batch, dropout_key, grad_accum_steps
     )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -185,7 +278,10 @@ def train_step(
     'top5': top5,
     'finite': (jnp.isfinite(loss) & jnp.isfinite(grad_sum)).astype(jnp.float32),
   }
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  new_state = state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+  )
+  return new_state, metrics
 
 
 @jax.jit
@@ -197,12 +293,13 @@ def all_finite(tree) -> jax.Array:
 def crop_averaged_logits(apply_fn, params, crops: jax.Array) -> jax.Array:
   """log of the softmax averaged over crops (Sec. 4.1's 10-crop test), `[N, classes]`.
 
+  `apply_fn(params, images, key) -> (logits, batch_stats)` as `sharding.sharded_apply`;
   `crops` `[N, C, H, W, 3]` run as one batch of N·C images. The result is a valid
   logit vector: its softmax is the averaged softmax, so cross-entropy and top-k
   follow from it unchanged.
   """
   n, c = crops.shape[:2]
-  logits = apply_fn(params, crops.reshape(n * c, *crops.shape[2:]), jax.random.key(0))
+  logits, _ = apply_fn(params, crops.reshape(n * c, *crops.shape[2:]), jax.random.key(0))
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(n, c, -1)
   return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(c)
 
@@ -230,7 +327,9 @@ def eval_logits_fn(
 ) -> Callable[[Any, jax.Array], jax.Array]:
   """The model in eval mode for `mesh`, unjitted: `logits(params, images)`.
 
-  `images` is `[N, H, W, 3]` float32 split over 'data' (N divisible by its size),
+  `params` here and in the eval functions below are the model's variables
+  (`model_variables`: the parameters, and a BN model's running averages, which eval
+  mode normalises with); `restore_params` gives them. `images` is `[N, H, W, 3]` float32 split over 'data' (N divisible by its size),
   or `[N, C, H, W, 3]` for the softmax averaged over C crops
   (`crop_averaged_logits`); float32 logits `[N, classes]`.
   """
@@ -239,7 +338,7 @@ def eval_logits_fn(
   def logits(params, images):
     if images.ndim == 5:
       return crop_averaged_logits(apply, params, images)
-    return apply(params, images, jax.random.key(0))  # Eval mode: the key is unused.
+    return apply(params, images, jax.random.key(0))[0]  # Eval mode: the key is unused.
 
   return logits
 
@@ -265,7 +364,7 @@ def eval_features(
   from `images` `[N, H, W, 3]` float32 split over 'data'."""
   apply = sharding.sharded_apply(eval_graphdef, params, mesh, layer)
   return jax.jit(
-    lambda params, images: apply(params, images, jax.random.key(0)),  # Eval mode: unused key.
+    lambda params, images: apply(params, images, jax.random.key(0))[0],  # Eval mode: unused key.
     out_shardings=sharding.replicated(mesh),
     compiler_options=compiler_options(),
   )
@@ -303,7 +402,8 @@ def jit_train_step(
   'data', metrics come back replicated. `normalization`: (config.pixel_mean,
   config.pixel_std) for the input pipeline's uint8 batches; `grad_accum_steps`:
   config.grad_accum_steps."""
-  train_apply = sharding.sharded_apply(train_graphdef, state.params, mesh)
+  variables = model_variables(state.params, state.batch_stats)
+  train_apply = sharding.sharded_apply(train_graphdef, variables, mesh)
   return jax.jit(
     functools.partial(
       train_step,

@@ -138,7 +138,7 @@ def _save(manager, state, step: int, unchecked, config, checkpoint_dir: str):
     FloatingPointError: for non-finite values (`_nonfinite_error`).
   """
   _check_finite(unchecked, config, checkpoint_dir)
-  if not steps_lib.all_finite(state.params):
+  if not steps_lib.all_finite((state.params, state.batch_stats)):
     raise _nonfinite_error(
       step,
       'finite loss and gradients, but NaN or Inf parameters after the update',
@@ -364,8 +364,11 @@ def _restore(
     state = checkpoints.restore_state(manager, state, latest)
     logging.info('Resumed from step %d in %s.', int(state.step), checkpoints.directory(workdir))
   elif config.init_from:
-    params, source_step = checkpoints.init_from(config, state.params, setup.mesh)
-    state = state.replace(params=params)
+    variables, source_step = checkpoints.init_from(
+      config, steps_lib.model_variables(state.params, state.batch_stats), setup.mesh
+    )
+    params, batch_stats = steps_lib.split_variables(variables, state.batch_stats)
+    state = state.replace(params=params, batch_stats=batch_stats)
     config = _with_init_from_step(config, source_step)
   _record_config(config, workdir, changes, int(state.step))
   return state, config
@@ -389,7 +392,9 @@ class _Loop:
     self.train_step = steps_lib.jit_train_step(
       mesh, setup.train_graphdef, state, setup.tx, normalization, config.grad_accum_steps
     )
-    self.eval_step = steps_lib.jit_eval_step(mesh, setup.eval_graphdef, state.params, normalization)
+    self.eval_step = steps_lib.jit_eval_step(
+      mesh, setup.eval_graphdef, self.variables(), normalization
+    )
     self.metrics_log = _MetricsLog(os.path.join(workdir, 'metrics.jsonl'), self.initial_step)
     self.report_progress = periodic_actions.ReportProgress(
       num_train_steps=self.num_steps, writer=writer, every_steps=setup.every['log_every']
@@ -399,6 +404,10 @@ class _Loop:
     self.test = None  # The last evaluation's.
     if self.initial_step == 0:
       writer.write_hparams(config_lib.flatten(config))
+
+  def variables(self):
+    """The model's variables in eval mode: the parameters and any BN running averages."""
+    return steps_lib.model_variables(self.state.params, self.state.batch_stats)
 
   def test_batches(self, crops: int):
     return (
@@ -454,7 +463,7 @@ class _Loop:
     # (results.json) is config.eval_crops' test.
     crops = self.config.eval_crops if step == self.num_steps else 1
     with self.chrono.paused(), self.report_progress.timed('eval'):
-      self.test = evaluate.evaluate(self.eval_step, self.state.params, self.test_batches(crops))
+      self.test = evaluate.evaluate(self.eval_step, self.variables(), self.test_batches(crops))
     test_metrics = {f'test_{k}': v for k, v in self.test.items() if k != 'count'}
     test_metrics['test_crops'] = crops
     self.writer.write_scalars(step, test_metrics)
@@ -519,7 +528,7 @@ class _Loop:
     """
     if self.test is None:
       self.test = evaluate.evaluate(
-        self.eval_step, self.state.params, self.test_batches(self.config.eval_crops)
+        self.eval_step, self.variables(), self.test_batches(self.config.eval_crops)
       )
     if not all(np.isfinite(self.test[k]) for k in ('loss', 'top1', 'top5')):
       raise FloatingPointError(

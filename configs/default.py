@@ -49,7 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.pixel_mean = (123.68, 116.78, 103.94)
   config.pixel_std = (1.0, 1.0, 1.0)
 
-  # Model (Sec. 3, 5).
+  # Model (Sec. 3, 5): 'alexnet', the paper's two towers; 'alexnet_bn', You et al.
+  # 2017's AlexNet-BN (BN in place of LRN); 'alexnet_owt', torchvision's one column
+  # (Krizhevsky 2014; configs/torchvision_alexnet.py). README, "Models".
+  config.model = 'alexnet'
   config.init = 'paper'  # N(0, 0.01), some biases 1; or 'he'.
   # Sec. 3.3's LRN with cuda-convnet2's arithmetic (alpha / n, k = 2, per tower;
   # cuda-convnet2 is the 2014 code release, not the paper's own code); or 'paper-text'

@@ -15,6 +15,8 @@ from configs import default
 from configs import fashion_mnist
 from configs import finetune
 from configs import imagenet
+from configs import imagenet_large_batch
+from configs import torchvision_alexnet
 
 
 @pytest.mark.parametrize(
@@ -23,8 +25,10 @@ from configs import imagenet
     default.get_config,
     fashion_mnist.get_config,
     imagenet.get_config,
+    imagenet_large_batch.get_config,
     cifar10.get_config,
     caffe_bvlc_alexnet.get_config,
+    torchvision_alexnet.get_config,
   ],
 )
 def test_every_shipped_config_is_valid(get_config):
@@ -44,6 +48,7 @@ def test_every_shipped_config_is_valid(get_config):
     ('weight_decay', -5e-4, r'a number in \[0, inf\)'),
     ('image_size', 63, 'an integer >= 67'),
     ('init', 'xavier', "one of 'paper', 'he'"),
+    ('model', 'vgg16', "one of 'alexnet', 'alexnet_bn', 'alexnet_owt'"),
     ('lr_schedule', 'linear', "one of 'step', 'cosine', 'polynomial', 'constant'"),
     ('eval_crops', 5, 'one of 1, 2, 10'),
     ('lrn', 'pytorch', "one of 'cuda-convnet', 'paper-text', 'caffe'"),
@@ -173,6 +178,21 @@ def test_rerun_with_a_changed_config_is_refused_unless_allowed(tmp_path):
   other_shape.num_classes = 20
   with pytest.raises(config_lib.ConfigError, match='other parameter shapes'):
     config_lib.check_rerun(other_shape, workdir, allow_change=True)
+  other_model = fashion_mnist.get_config()
+  other_model.model = 'alexnet_owt'
+  with pytest.raises(
+    config_lib.ConfigError, match=r"other parameter shapes \(model: 'alexnet' -> 'alexnet_owt'\)"
+  ):
+    config_lib.check_rerun(other_model, workdir, allow_change=True)
+
+
+def test_a_run_saved_before_config_model_is_the_papers_network(tmp_path):
+  """config.json files written before the key existed resume and evaluate as 'alexnet'."""
+  config = fashion_mnist.get_config()
+  older = {key: value for key, value in config.to_dict().items() if key != 'model'}
+  (tmp_path / config_lib.CONFIG_FILE).write_text(json.dumps(older))
+  assert config_lib.load(str(tmp_path)).model == 'alexnet'
+  assert config_lib.check_rerun(config, str(tmp_path)) == {}
 
 
 def test_config_for_a_workdir(tmp_path):

@@ -56,3 +56,23 @@ def toy_image_folder(tmp_path_factory):
   root = tmp_path_factory.mktemp('image_folder')
   write_image_folder(str(root))
   return str(root)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def xdist_groups_kept(request):
+  """Fails every test where `--dist loadgroup` would not keep an `xdist_group` on one worker.
+
+  pytest-xdist tags grouped tests' node ids at collection; pytest 9.2 moved node ids where
+  xdist 3.8's tag is lost, and each worker then built every module fixture again (the
+  SLURM scenarios ran twice). requirements.txt pins a pair that works.
+  """
+  if not getattr(request.config.option, 'loadgroup', False):
+    return
+  items = request.session.items
+  lost = [i.nodeid for i in items if i.get_closest_marker('xdist_group') and '@' not in i.nodeid]
+  if lost:
+    pytest.fail(
+      f'pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more): this pytest '
+      f'({pytest.__version__}) and pytest-xdist pair ignores xdist_group. Install '
+      'requirements.txt (.ci/setup.sh).'
+    )

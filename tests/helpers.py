@@ -91,6 +91,20 @@ def save_checkpoint(config, workdir: str, step: int, seed: int = 5):
   return jax.device_get(state.params)
 
 
+def import_torchvision():
+  """torchvision, for the tests that take it as the reference, without Triton.
+
+  torchvision.ops imports torch._dynamo, which loads Triton (the GPU compiler of torch's
+  CUDA wheel) if installed; Triton's LLVM then crashes the process (a segfault) when
+  TensorFlow's was loaded first, as in any test process that collected a module using
+  tf.data. torch runs on CPU here, where Triton is never used: it is left unimportable.
+  """
+  sys.modules.setdefault('triton', None)  # `import triton` raises ImportError.
+  import torchvision  # pylint: disable=g-import-not-at-top
+
+  return torchvision
+
+
 NUM_FOLDER_TEST_IMAGES = 37  # Not a multiple of any batch: the last batches are padded.
 
 
@@ -223,6 +237,27 @@ def as_host(name: str, hosts_file, binds=()) -> list[str]:
     + [f'mount --bind {shlex.quote(str(a))} {shlex.quote(str(b))}' for a, b in mounts]
   )
   return ['unshare', '--uts', '--mount', 'sh', '-c', f'{setup} && exec "$@"', 'sh']
+
+
+# Host names whose crc32 is ≥ 2^31, which a 32-bit host id once wrapped (hosts_test).
+HOSTS = ('gpu-node-017', 'node-b')
+
+
+def hosts_file(tmp_path) -> str:
+  """An /etc/hosts that maps `HOSTS` to 127.0.0.1 (gloo resolves its own host's name)."""
+  path = tmp_path / 'hosts'
+  path.write_text('127.0.0.1 localhost\n' + ''.join(f'127.0.0.1 {h}\n' for h in HOSTS))
+  return str(path)
+
+
+def wait_for(path, running, log_dir):
+  """Until `path` exists; fails with the logs if a process ends or TIMEOUT passes first."""
+  deadline = time.time() + TIMEOUT
+  while not os.path.exists(path):
+    assert time.time() < deadline and all(p.poll() is None for p in running), '\n'.join(
+      log.read_text()[-3000:] for log in sorted(log_dir.iterdir())
+    )
+    time.sleep(0.2)
 
 
 def wait_all(running, timeout=TIMEOUT) -> list[int]:

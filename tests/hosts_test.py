@@ -6,7 +6,6 @@ and `node-b`. The arithmetic of thread counts and cgroup quotas is checked on
 written-out masks and `cpu.max` files.
 """
 
-import json
 import os
 import re
 import shutil
@@ -23,29 +22,22 @@ from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
 from alexnet_jax import input_pipeline
 from alexnet_jax import sharding
+from helpers import HOSTS
 from helpers import REPO
 from helpers import TIMEOUT
 from helpers import as_host
 from helpers import folder_flags
 from helpers import free_port
+from helpers import hosts_file
 from helpers import namespaces_permitted
 from helpers import processes
-from helpers import run_module
 from helpers import save_checkpoint
 from helpers import small_config
 from helpers import wait_all
 
-HOSTS = ('gpu-node-017', 'node-b')
 needs_namespaces = pytest.mark.skipif(
   not namespaces_permitted(), reason='unshare --uts --mount is not permitted here (needs root)'
 )
-
-
-def hosts_file(tmp_path) -> str:
-  """An /etc/hosts that maps `HOSTS` to 127.0.0.1 (gloo resolves its own host's name)."""
-  path = tmp_path / 'hosts'
-  path.write_text('127.0.0.1 localhost\n' + ''.join(f'127.0.0.1 {h}\n' for h in HOSTS))
-  return str(path)
 
 
 def test_the_host_names_are_those_a_32_bit_id_wrapped():
@@ -158,58 +150,6 @@ def run_scripts(code: str, prefixes) -> list[str]:
       p.kill()
   assert [p.returncode for p in running] == [0] * len(running), outputs
   return outputs
-
-
-def wait_for(path, running, log_dir):
-  """Until `path` exists; fails with the logs if a process ends or TIMEOUT passes first."""
-  deadline = time.time() + TIMEOUT
-  while not os.path.exists(path):
-    assert time.time() < deadline and all(p.poll() is None for p in running), '\n'.join(
-      log.read_text()[-3000:] for log in sorted(log_dir.iterdir())
-    )
-    time.sleep(0.2)
-
-
-@pytest.mark.slow
-@needs_namespaces
-def test_a_job_on_one_host_trains_and_a_second_trainer_on_its_workdir_exits_at_once(
-  toy_image_folder, tmp_path
-):
-  """Two processes on host gpu-node-017 (the 32-bit host id divided by zero here) share
-  its cores and train; their workdir is held for the job. A second trainer started on
-  it meanwhile exits at once naming the job's process 0, and the job finishes."""
-  workdir = tmp_path / 'run'
-  args = [f'--workdir={workdir}', '--noplots', *folder_flags(toy_image_folder)]
-  log_dir = tmp_path / 'logs'
-  log_dir.mkdir()
-  on_host = as_host(HOSTS[0], hosts_file(tmp_path))
-  with processes(2, 1, args, log_dir, prefixes=[on_host] * 2) as job:
-    wait_for(workdir / checkpoints.HOLDER_FILE, job, log_dir)
-    for p in job:  # Held still: the second trainer meets the job mid-run, not its end.
-      os.kill(p.pid, signal.SIGSTOP)
-    try:
-      second = run_module('alexnet_jax.main', *args)
-    finally:
-      for p in job:
-        os.kill(p.pid, signal.SIGCONT)
-    codes = wait_all(job)
-  logs = [(log_dir / f'process{i}.log').read_text() for i in range(2)]
-  assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
-  last_line = second.stderr.strip().splitlines()[-1]
-  assert second.returncode == 1 and re.fullmatch(
-    rf'WorkdirInUse: {workdir} is in use by another trainer: pid {job[0].pid} on host '
-    rf'{HOSTS[0]}, started \S+ \(lock {workdir / checkpoints.LOCK_FILE}\)\. Wait for it '
-    r'to end or stop it, or use another --workdir\.',
-    last_line,
-  ), second.stderr[-3000:]
-  assert 'Decode threads' not in second.stderr  # Refused before reading any data.
-  with open(workdir / 'results.json') as f:
-    assert json.load(f)['step'] == 4
-  assert not (workdir / checkpoints.HOLDER_FILE).exists()
-  threads = max(1, len(os.sched_getaffinity(0)) // 2)
-  for log in logs:
-    assert f'Decode threads: {threads} (' in log
-    assert f'shared by 2 process(es) of this job on host {HOSTS[0]})' in log
 
 
 _HOLD = """

@@ -9,26 +9,34 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
 from alexnet_jax import evaluate
 from alexnet_jax import train
+from helpers import HOSTS
 from helpers import NUM_FOLDER_TEST_IMAGES as NUM_TEST_IMAGES
 from helpers import REPO
 from helpers import TIMEOUT
+from helpers import as_host
 from helpers import folder_flags
 from helpers import free_port
+from helpers import hosts_file
 from helpers import logged_train_rows
+from helpers import namespaces_permitted
 from helpers import on_devices
 from helpers import processes
 from helpers import run
+from helpers import run_module
 from helpers import train_losses
 from helpers import wait_all
+from helpers import wait_for
 
 pytestmark = pytest.mark.slow  # Every test starts several trainers.
 
@@ -47,10 +55,44 @@ def test_two_processes_train_alike_and_evaluate_as_one(toy_image_folder, tmp_pat
   rows. Same step and metrics in both logs, and as one process with the towers on two
   devices; every test image counted once; plots drawn without leaving process 1
   waiting. Checkpoints restore across layouts: one process's on a 2 × 2 job of two
-  processes (`--mode=eval`), the two processes' on one device."""
+  processes (`--mode=eval`), the two processes' on one device.
+
+  Where namespaces are permitted the job runs on host gpu-node-017 (a 32-bit host id
+  divided by zero there): its processes share its cores. Its workdir is held for the
+  job: a second trainer started on it meanwhile exits at once naming process 0."""
   workdir = tmp_path / 'run'
   args = [f'--workdir={workdir}', *folder_flags(toy_image_folder)]
-  logs = run(2, 1, args, tmp_path / 'logs')
+  log_dir = tmp_path / 'logs'
+  log_dir.mkdir()
+  on_host = namespaces_permitted()
+  host = HOSTS[0] if on_host else socket.gethostname()
+  prefixes = [as_host(host, hosts_file(tmp_path))] * 2 if on_host else None
+  with processes(2, 1, args, log_dir, prefixes=prefixes) as job:
+    wait_for(workdir / checkpoints.HOLDER_FILE, job, log_dir)
+    for p in job:  # Held still: the second trainer meets the job mid-run, not its end.
+      os.kill(p.pid, signal.SIGSTOP)
+    try:
+      second = run_module('alexnet_jax.main', *args)
+    finally:
+      for p in job:
+        os.kill(p.pid, signal.SIGCONT)
+    codes = wait_all(job)
+  logs = [(log_dir / f'process{i}.log').read_text() for i in range(2)]
+  assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
+  last_line = second.stderr.strip().splitlines()[-1]
+  assert second.returncode == 1 and re.fullmatch(
+    rf'WorkdirInUse: {workdir} is in use by another trainer: pid {job[0].pid} on host '
+    rf'{host}, started \S+ \(lock {workdir / checkpoints.LOCK_FILE}\)\. Wait for it '
+    r'to end or stop it, or use another --workdir\.',
+    last_line,
+  ), second.stderr[-3000:]
+  assert 'Decode threads' not in second.stderr  # Refused before reading any data.
+  assert not (workdir / checkpoints.HOLDER_FILE).exists()
+  threads = max(1, len(os.sched_getaffinity(0)) // 2)
+  for log in logs:
+    assert f'Decode threads: {threads} (' in log
+    assert f'shared by 2 process(es) of this job on host {host})' in log
+
   assert "mesh {'data': 1, 'model': 2} over 2 process(es)" in logs[0]
   assert 'per process 8 (1 part(s) of the data)' in logs[0]  # Replicas: identical rows.
   losses = [train_losses(log) for log in logs]
