@@ -121,7 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bias_lr_multiplier = 2.0
   config.bias_weight_decay = 0.0
   # Durations (see alexnet_jax/config_lib.py): *_steps, when set, overrides *_epochs.
-  config.num_epochs = 90
+  config.num_epochs = 90.0  # A float: fractional epochs are fine (configs/finetune.py: 62.5).
   config.num_train_steps = ml_collections.config_dict.placeholder(int)
 
   # Devices (see alexnet_jax/sharding.py): 'model' = 2 puts the paper's two towers

@@ -4,13 +4,16 @@ import json
 import re
 
 import ml_collections
+import numpy as np
 import pytest
 
 from alexnet_jax import config_lib
+from alexnet_jax import optimizers
 from configs import caffe_bvlc_alexnet
 from configs import cifar10
 from configs import default
 from configs import fashion_mnist
+from configs import finetune
 from configs import imagenet
 from configs import imagenet_large_batch
 from configs import torchvision_alexnet
@@ -114,6 +117,31 @@ def test_durations_in_steps_or_epochs():
   config.eval_every_epochs = None
   with pytest.raises(config_lib.ConfigError, match='eval_every_steps and config.eval_every'):
     config_lib.steps(config, 'eval_every', 10)
+
+
+def test_a_finetune_lasts_caffes_epochs_of_its_own_data_not_the_bases_steps():
+  """Caffe's finetune_flickr_style: 100,000 iterations of 50 on 80,000 images, /10 every
+  20,000; i.e. 62.5 epochs, decays at epochs 12.5, 25, 37.5, 50, rate 0.001 at batch 50."""
+  config = finetune.get_config('caffe_bvlc_alexnet')  # The base: 450,000 steps of 256.
+  steps_per_epoch = 80_000 // 256  # 312: Flickr Style's 80,000 images at batch 256.
+  num_steps = config_lib.steps(config, 'total', steps_per_epoch)
+  assert num_steps == 19_500  # 62.5 * 312; not 450,000.
+  assert config_lib.steps(config, 'lr_decay', steps_per_epoch) == [3_900, 7_800, 11_700, 15_600]
+  schedule = optimizers.create_learning_rate_schedule(config, steps_per_epoch, num_steps)
+  rate = 0.001 * 256 / 50  # Caffe's rate at batch 50, scaled linearly to 256.
+  steps = [0, 3_899, 3_900, 7_799, 7_800, 11_700, 15_599, 15_600, 19_499]
+  expected = [rate, rate, rate / 10, rate / 10, rate / 100, rate / 1e3, rate / 1e3]
+  expected += [rate / 1e4, rate / 1e4]
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-5)
+
+  # README's fine-tune: 5 classes of 50 images at Caffe's batch of 50, 5 steps an epoch.
+  config = finetune.get_config('fashion_mnist')
+  config.batch_size = 50
+  assert config_lib.steps(config, 'total', 5) == 312  # 62.5 * 5 = 312.5, to even.
+  assert config_lib.steps(config, 'lr_decay', 5) == [62, 125, 188, 250]
+  assert config_lib.steps(config, 'eval_every', 5) == 62
+  schedule = optimizers.create_learning_rate_schedule(config, 5, 312)
+  assert float(schedule(0)) == pytest.approx(0.001, rel=1e-6)
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -1,0 +1,89 @@
+#!/bin/bash
+# The large-batch experiment of README "Large batches": the main command's run
+# (configs/fashion_mnist.py, 10 epochs, seed 0) at batch 128, then at batch 4,096 as
+# You, Gitman & Ginsburg 2017 ("Large Batch Training of Convolutional Networks") compare
+# them on ImageNet, for the paper's model and AlexNet-BN:
+#   alexnet_sgd_128     the baseline, the main command as it is (lr 0.04, cosine, 300
+#                       warm-up steps);
+#   alexnet_sgd_4096    Goyal et al. 2017: the same rate per 128 examples, scaled linearly
+#                       (lr_reference_batch 128: 0.04 x 32 = 1.28), warmed up for 5/90
+#                       of the run as their 5 of 90 epochs: 0.56 of these 10 epochs, 8 of
+#                       the 140 steps (60,000 // 4,096 = 14 a epoch); cosine as the baseline;
+#   alexnet_lars_4096   LARS as You et al. ran AlexNet at 4K (borisgin/nvcaffe, B. Ginsburg's
+#                       Caffe, models/bvlc_alexnet/solver.prototxt at 08cad115, lines 12-21:
+#                       base_lr 10 "# B=4096", local_lr_auto, local_gw_ratio 0.001, a
+#                       linear ramp-up, poly power 2): rate 10, trust coefficient 0.001,
+#                       'polynomial' power 2, the same 8 warm-up steps (theirs: 1,250 of
+#                       31,300 iterations, 4% of the run; 8 of 140 is 5.7%);
+#   alexnet_bn_sgd_4096, alexnet_bn_lars_4096   the same two with --config.model=alexnet_bn.
+# Each batch of 4,096 is taken 128 at a time (grad_accum_steps 32): the memory of the
+# baseline's batch, one update of 4,096. Under LARS the biases are not adapted (as
+# SimCLR's LARS, alexnet_jax/optimizers.py): they step at the rate itself (x2, Caffe's
+# bias lr_mult), 20, where Caffe's LARS scaled them too. If a rate does not carry over to
+# this data, pick it with a short sweep (README) and rerun with SGD_RATE / LARS_RATE.
+#
+#   bash launch/large_batch_experiment.sh [OUT_DIR]     (default runs/large_batch)
+#
+# Finished runs are skipped and unfinished ones resume from their last checkpoint (one an
+# epoch), so a rerun resumes; the table (launch.results: test top-1/top-5/loss, steps, wall
+# seconds of each run's last invocation) goes to OUT_DIR/results.md. Environment:
+#   RUNS="alexnet_sgd_128 ..."   a subset of the five (default all, in the order above);
+#   SGD_RATE, LARS_RATE          the rates of the 4,096 runs (defaults 0.04 per 128, 10);
+#   STEPS=N                      a smoke test: N steps a run, one central-crop test, in
+#                                runs/large_batch_smoke by default;
+#   EXTRA="--config.KEY=VALUE ..."  flags added to every run (e.g. a smaller batch for a
+#                                quick smoke test).
+set -euo pipefail
+py=${PYTHON:-.venv/bin/python}
+steps=${STEPS:-}
+out=${1:-runs/large_batch${steps:+_smoke}}
+runs=${RUNS:-alexnet_sgd_128 alexnet_sgd_4096 alexnet_lars_4096 alexnet_bn_sgd_4096 alexnet_bn_lars_4096}
+sgd_rate=${SGD_RATE:-0.04}
+lars_rate=${LARS_RATE:-10}
+
+base=(--config=configs/fashion_mnist.py --config.seed=0)
+if [[ -n $steps ]]; then
+  base+=(--config.num_train_steps="$steps" --config.eval_every_steps="$steps"
+    --config.eval_crops=1 --config.log_every_steps=1)
+fi
+read -r -a extra_all <<<"${EXTRA:-}"
+large=(--config.batch_size=4096 --config.grad_accum_steps=32 --config.warmup_steps=8
+  --config.checkpoint_every_steps=14)
+sgd=(--config.learning_rate="$sgd_rate" --config.lr_reference_batch=128)
+lars=(--config.optimizer=lars --config.learning_rate="$lars_rate"
+  --config.lars_trust_coefficient=0.001 --config.lr_schedule=polynomial
+  --config.lr_poly_power=2.0)
+
+flags_of() {  # The run's flags on top of the baseline's.
+  case $1 in
+    alexnet_sgd_128) ;;
+    alexnet_sgd_4096) echo "${large[@]} ${sgd[@]}" ;;
+    alexnet_lars_4096) echo "${large[@]} ${lars[@]}" ;;
+    alexnet_bn_sgd_4096) echo "--config.model=alexnet_bn ${large[@]} ${sgd[@]}" ;;
+    alexnet_bn_lars_4096) echo "--config.model=alexnet_bn ${large[@]} ${lars[@]}" ;;
+    *) echo "Unknown run '$1' in RUNS." >&2; return 1 ;;
+  esac
+}
+
+for name in $runs; do
+  read -r -a extra <<<"$(flags_of "$name")"
+  workdir=$out/$name
+  [[ -f $workdir/results.json ]] && continue
+  mkdir -p "$workdir"
+  "$py" -m alexnet_jax.main --workdir="$workdir" --noplots "${base[@]}" "${extra[@]}" \
+    "${extra_all[@]}" 2>&1 | tee -a "$workdir/train.log"
+  # The settings that differ between runs, as launch.sweep records its overrides, for
+  # launch.results' columns; from the config the run used.
+  "$py" - "$workdir" <<'PY'
+import json, os, sys
+from alexnet_jax import files
+with open(os.path.join(sys.argv[1], 'config.json')) as f:
+  config = json.load(f)
+keys = ('model', 'batch_size', 'grad_accum_steps', 'optimizer', 'learning_rate',
+        'lr_reference_batch', 'lr_schedule', 'warmup_steps')
+overrides = {key: config.get(key, 'alexnet' if key == 'model' else None) for key in keys}
+files.write_text(os.path.join(sys.argv[1], 'overrides.json'), json.dumps(overrides) + '\n')
+PY
+done
+
+"$py" -m launch.results "$out"
