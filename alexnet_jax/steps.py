@@ -199,7 +199,15 @@ def _accumulated(grad_fn, params, batch_stats, batch: Batch, dropout_key: jax.Ar
   grads), the loss, accuracies and grads averaged over k micro-batches of `batch`, one
   at a time (`lax.scan`: only N / k rows' activations live at once). Micro-batch i
   draws its dropout from `fold_in(dropout_key, i)` and reads the batch_stats that
-  micro-batch i - 1 left (BN's running averages move once per micro-batch)."""
+  micro-batch i - 1 left (BN's running averages move once per micro-batch).
+
+  On CPU the scan is unrolled: XLA:CPU rewrites convolutions into the forms its Eigen
+  kernels take only in the top-level computation (xla/service/cpu/conv_canonicalization.h),
+  so in a while loop's body the kernel gradients run a naive loop (a 67-px batch of 64
+  as 2 × 32: 2.8 s a step in the loop, 0.63 s unrolled, 0.38 s whole;
+  benchmarks/README.md). Unrolled, XLA:CPU sums the k gradients only at the end, so
+  they are all live at once (+64 MiB a micro-batch at 67 px, fc7's kernel): host
+  memory, where the activations of N / k rows still hold on accelerators."""
   micro = micro_batches(batch, k)
 
   def add_micro_batch(carry, micro_batch_and_index):
@@ -214,7 +222,10 @@ def _accumulated(grad_fn, params, batch_stats, batch: Batch, dropout_key: jax.Ar
   (loss, (top1, top5, _)), grads = jax.eval_shape(grad_fn, params, batch_stats, first, dropout_key)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((loss, (top1, top5)), grads))
   (sums, batch_stats), _ = jax.lax.scan(
-    add_micro_batch, (zeros, batch_stats), (micro, jnp.arange(k))
+    add_micro_batch,
+    (zeros, batch_stats),
+    (micro, jnp.arange(k)),
+    unroll=jax.default_backend() == 'cpu',
   )
   ((loss, (top1, top5)), grads) = jax.tree.map(lambda total: total / k, sums)
   return (loss, (top1, top5, batch_stats)), grads
