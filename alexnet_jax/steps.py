@@ -194,15 +194,33 @@ def micro_batches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape(rows // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def _after(tree, sums):
+  """`tree` with its values unchanged (x + 0 · Σ sums) but computed only once every leaf
+  of `sums` is: XLA cannot start work on it before. A non-finite sum makes it NaN (the
+  step is then non-finite anyway)."""
+  zero = 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(sums))
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+
+
 def _accumulated(grad_fn, params, batch_stats, batch: Batch, dropout_key: jax.Array, k: int):
   """`grad_fn(params, batch_stats, batch, key)`'s ((loss, (top1, top5, batch_stats)),
   grads), the loss, accuracies and grads averaged over k micro-batches of `batch`, one
-  at a time (`lax.scan`: only N / k rows' activations live at once). Micro-batch i
-  draws its dropout from `fold_in(dropout_key, i)` and reads the batch_stats that
-  micro-batch i - 1 left (BN's running averages move once per micro-batch)."""
+  at a time (only N / k rows' activations live at once). Micro-batch i draws its
+  dropout from `fold_in(dropout_key, i)` and reads the batch_stats that micro-batch
+  i - 1 left (BN's running averages move once per micro-batch).
+
+  A `lax.scan`, except on CPU: XLA:CPU rewrites convolutions into the forms its fast
+  (Eigen) kernels take only in the top-level computation
+  (xla/service/cpu/conv_canonicalization.h), so in a loop's body the kernel gradients
+  run a naive loop (batch 256 at 67 px as 2 × 128: 31.6 s a step, 1.1 s whole). There
+  the micro-batches are unrolled, each reading the parameters `_after` the previous
+  sums: unrolled without that, XLA runs them side by side and sums at the end (batch
+  4,096 at 67 px as 32 × 128, XLA's temporaries: 5,273 MiB; 3,384 whole, 502 in the
+  scan, 899 so; benchmarks/README.md).
+  """
   micro = micro_batches(batch, k)
 
-  def add_micro_batch(carry, micro_batch_and_index):
+  def add_micro_batch(carry, micro_batch_and_index, params=params):
     sums, stats = carry
     micro_batch, i = micro_batch_and_index
     (loss, (top1, top5, stats)), grads = grad_fn(
@@ -213,9 +231,14 @@ def _accumulated(grad_fn, params, batch_stats, batch: Batch, dropout_key: jax.Ar
   first = jax.tree.map(lambda x: x[0], micro)
   (loss, (top1, top5, _)), grads = jax.eval_shape(grad_fn, params, batch_stats, first, dropout_key)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((loss, (top1, top5)), grads))
-  (sums, batch_stats), _ = jax.lax.scan(
-    add_micro_batch, (zeros, batch_stats), (micro, jnp.arange(k))
-  )
+  carry = (zeros, batch_stats)
+  if jax.default_backend() == 'cpu':
+    for i in range(k):
+      micro_batch = jax.tree.map(lambda x, i=i: x[i], micro)
+      carry, _ = add_micro_batch(carry, (micro_batch, i), _after(params, carry[0]))
+  else:
+    carry, _ = jax.lax.scan(add_micro_batch, carry, (micro, jnp.arange(k)))
+  sums, batch_stats = carry
   ((loss, (top1, top5)), grads) = jax.tree.map(lambda total: total / k, sums)
   return (loss, (top1, top5, batch_stats)), grads
 
