@@ -202,6 +202,11 @@ def _after(tree, sums):
   return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
+def _unrolls_micro_batches() -> bool:
+  """Whether `_accumulated` unrolls its micro-batches (on CPU) rather than scanning them."""
+  return jax.default_backend() == 'cpu'
+
+
 def _accumulated(grad_fn, params, batch_stats, batch: Batch, dropout_key: jax.Array, k: int):
   """`grad_fn(params, batch_stats, batch, key)`'s ((loss, (top1, top5, batch_stats)),
   grads), the loss, accuracies and grads averaged over k micro-batches of `batch`, one
@@ -232,7 +237,7 @@ def _accumulated(grad_fn, params, batch_stats, batch: Batch, dropout_key: jax.Ar
   (loss, (top1, top5, _)), grads = jax.eval_shape(grad_fn, params, batch_stats, first, dropout_key)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((loss, (top1, top5)), grads))
   carry = (zeros, batch_stats)
-  if jax.default_backend() == 'cpu':
+  if _unrolls_micro_batches():
     for i in range(k):
       micro_batch = jax.tree.map(lambda x, i=i: x[i], micro)
       carry, _ = add_micro_batch(carry, (micro_batch, i), _after(params, carry[0]))

@@ -147,10 +147,13 @@ def assert_close_updates(got, want):
 
 
 @pytest.mark.slow
-def test_accumulated_micro_batches_make_the_whole_batch_update():
+@pytest.mark.parametrize('unrolled', [True, False], ids=['unrolled', 'scan'])
+def test_accumulated_micro_batches_make_the_whole_batch_update(unrolled, monkeypatch):
   """4 micro-batches' mean gradient is the whole batch's (dropout off, paper model,
   paper SGD): the same first update (the momentum, -lr (g + wd w)); the metrics are
-  the whole batch's, not the last micro-batch's. sharding_test does 2 on a 2×2 mesh."""
+  the whole batch's, not the last micro-batch's. sharding_test does 2 on a 2×2 mesh.
+  Both ways of running them: unrolled (as on CPU) and the `lax.scan` of accelerators."""
+  monkeypatch.setattr(steps, '_unrolls_micro_batches', lambda: unrolled)
   config = small_config(dropout_rate=0.0)
   mesh = mesh_of(1, 1)
   state, tx = train_state(config, mesh)
