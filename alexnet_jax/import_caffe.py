@@ -21,6 +21,7 @@ import numpy as np
 
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
+from alexnet_jax import layouts
 from alexnet_jax import models
 
 # deploy.prototxt's parameter layers, in order: two blobs each, weights and bias.
@@ -318,22 +319,15 @@ def caffe_to_params(
       weights = _caffe_shape(name, blobs[name][0], (o, i, h, w), 'weights')
       if name == 'conv1':
         weights = weights[:, ::-1]  # BGR → RGB.
-      kernel = weights.transpose(2, 3, 1, 0)
+      kernel = layouts.conv_kernel(weights)
     else:
       fan_in, fan_out = kernel_shape
       weights = _caffe_shape(name, blobs[name][0], (fan_out, fan_in), 'weights')
-      if name == 'fc6':
-        side = models.pool5_size(image_size)
-        weights = weights.reshape(fan_out, fan_in // side**2, side, side)
-        # (out, c, h, w) → (h, w, c, out): rows in the model's flatten order.
-        kernel = weights.transpose(2, 3, 1, 0).reshape(fan_in, fan_out)
-      else:
-        kernel = weights.T
+      kernel = layouts.dense_kernel(
+        weights, models.pool5_size(image_size) if name == 'fc6' else None
+      )
     bias = _caffe_shape(name, blobs[name][1], target[name]['bias'].shape, 'bias')
-    params[name] = {
-      'kernel': np.ascontiguousarray(kernel, np.float32),
-      'bias': np.ascontiguousarray(bias, np.float32),
-    }
+    params[name] = {'kernel': kernel, 'bias': np.ascontiguousarray(bias, np.float32)}
   return params
 
 
@@ -343,16 +337,9 @@ def check_caffe_conventions(config: ml_collections.ConfigDict):
   Raises:
     config_lib.ConfigError: naming each key of `CAFFE_CONVENTIONS` that differs.
   """
-  wrong = [
-    f'config.{key}={config[key]!r} (bvlc_alexnet: {value!r})'
-    for key, value in CAFFE_CONVENTIONS.items()
-    if (tuple(config[key]) if isinstance(value, tuple) else config[key]) != value
-  ]
-  if wrong:
-    raise config_lib.ConfigError(
-      f'bvlc_alexnet weights compute another function under {"; ".join(wrong)}: import '
-      'with --config=configs/caffe_bvlc_alexnet.py (or a config built on it).'
-    )
+  layouts.check_conventions(
+    config, CAFFE_CONVENTIONS, 'bvlc_alexnet', 'configs/caffe_bvlc_alexnet.py'
+  )
 
 
 def import_caffemodel(

@@ -18,6 +18,7 @@ import numpy as np
 
 from alexnet_jax import checkpoints
 from alexnet_jax import config_lib
+from alexnet_jax import layouts
 from alexnet_jax import models
 
 # torchvision/models/alexnet.py: the state-dict prefix of each parameter layer (the
@@ -143,23 +144,14 @@ def torchvision_to_params(state_dict: dict[str, np.ndarray]) -> dict[str, dict[s
     weight_key = f'{prefix}.weight'
     if name in _CONV_LAYERS:
       h, w, i, o = kernel_shape
-      kernel = _torch_shape(weight_key, state_dict[weight_key], (o, i, h, w)).transpose(2, 3, 1, 0)
+      kernel = layouts.conv_kernel(_torch_shape(weight_key, state_dict[weight_key], (o, i, h, w)))
     else:
       fan_in, fan_out = kernel_shape
       weights = _torch_shape(weight_key, state_dict[weight_key], (fan_out, fan_in))
-      if name == 'fc6':
-        side = models.OWT_POOL5_SIZE
-        weights = weights.reshape(fan_out, fan_in // side**2, side, side)
-        # (out, c, h, w) → (h, w, c, out): rows in the model's flatten order.
-        kernel = weights.transpose(2, 3, 1, 0).reshape(fan_in, fan_out)
-      else:
-        kernel = weights.T
+      kernel = layouts.dense_kernel(weights, models.OWT_POOL5_SIZE if name == 'fc6' else None)
     bias_key = f'{prefix}.bias'
     bias = _torch_shape(bias_key, state_dict[bias_key], target[name]['bias'].shape)
-    params[name] = {
-      'kernel': np.ascontiguousarray(kernel, np.float32),
-      'bias': np.ascontiguousarray(bias, np.float32),
-    }
+    params[name] = {'kernel': kernel, 'bias': np.ascontiguousarray(bias, np.float32)}
   return params
 
 
@@ -169,16 +161,9 @@ def check_torchvision_conventions(config: ml_collections.ConfigDict):
   Raises:
     config_lib.ConfigError: naming each key of `TORCHVISION_CONVENTIONS` that differs.
   """
-  wrong = [
-    f'config.{key}={config[key]!r} (torchvision: {value!r})'
-    for key, value in TORCHVISION_CONVENTIONS.items()
-    if (tuple(config[key]) if isinstance(value, tuple) else config[key]) != value
-  ]
-  if wrong:
-    raise config_lib.ConfigError(
-      f'torchvision AlexNet weights compute another function under {"; ".join(wrong)}: '
-      'import with --config=configs/torchvision_alexnet.py (or a config built on it).'
-    )
+  layouts.check_conventions(
+    config, TORCHVISION_CONVENTIONS, 'torchvision', 'configs/torchvision_alexnet.py'
+  )
 
 
 def import_state_dict(
