@@ -405,9 +405,18 @@ def _to_python(value):
   return value
 
 
-# Keys that change the parameters' shapes, added after runs were saved without them:
-# the value that every earlier run had, so its workdir still evaluates and resumes.
-_BEFORE_THE_KEY = {'model': 'alexnet'}
+# Keys added after runs were saved without them (issue 28, 2026-12-04): what every
+# earlier run did, so its workdir still evaluates, and resumes without a "changed
+# config". The LARS and polynomial keys did nothing before (SGD, no polynomial
+# schedule): their defaults.
+_BEFORE_THE_KEY = {
+  'model': 'alexnet',
+  'optimizer': 'sgd',
+  'lars_trust_coefficient': 0.001,
+  'lr_reference_batch': None,
+  'lr_poly_power': 2.0,
+  'grad_accum_steps': 1,
+}
 
 
 def load(workdir: str) -> ml_collections.ConfigDict | None:

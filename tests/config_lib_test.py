@@ -186,13 +186,24 @@ def test_rerun_with_a_changed_config_is_refused_unless_allowed(tmp_path):
     config_lib.check_rerun(other_model, workdir, allow_change=True)
 
 
-def test_a_run_saved_before_config_model_is_the_papers_network(tmp_path):
-  """config.json files written before the key existed resume and evaluate as 'alexnet'."""
+# Keys that configs/default.py did not have before 2026-12-04 (commit 904ac60's parent).
+ADDED_SINCE = ('model', 'optimizer', 'lars_trust_coefficient', 'lr_reference_batch')
+ADDED_SINCE += ('lr_poly_power', 'grad_accum_steps')
+
+
+def test_a_run_saved_before_the_newer_keys_resumes_as_it_trained(tmp_path):
+  """config.json files written before those keys existed evaluate as 'alexnet' and
+  resume without a changed config (paper SGD, one micro-batch); another value of one
+  of them is still a change."""
   config = fashion_mnist.get_config()
-  older = {key: value for key, value in config.to_dict().items() if key != 'model'}
+  older = {key: value for key, value in config.to_dict().items() if key not in ADDED_SINCE}
   (tmp_path / config_lib.CONFIG_FILE).write_text(json.dumps(older))
-  assert config_lib.load(str(tmp_path)).model == 'alexnet'
+  saved = config_lib.load(str(tmp_path))
+  assert (saved.model, saved.optimizer, saved.grad_accum_steps) == ('alexnet', 'sgd', 1)
   assert config_lib.check_rerun(config, str(tmp_path)) == {}
+  config.optimizer = 'lars'
+  with pytest.raises(config_lib.ConfigError, match="optimizer: 'sgd' -> 'lars'"):
+    config_lib.check_rerun(config, str(tmp_path))
 
 
 def test_config_for_a_workdir(tmp_path):
