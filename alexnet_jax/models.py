@@ -240,6 +240,19 @@ def _initializers(init: str, name: str):
   raise ValueError(f"Unknown init {init!r}: use 'paper' (Sec. 5) or 'he'.")
 
 
+def _dense(name: str, in_features: int, out_features: int, *, init: str, dtype, rngs):
+  """fc6, fc7 or fc8: an `nnx.Linear` drawn as `init` draws layer `name`."""
+  kernel_init, bias_init = _initializers(init, name)
+  return nnx.Linear(
+    in_features,
+    out_features,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    rngs=rngs,
+  )
+
+
 def _axis_size(axis_name: str | None) -> int:
   return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
@@ -448,17 +461,7 @@ class AlexNet(nnx.Module):
     self.conv5 = conv(384, 256, 3, name='conv5', padding=1, tower_local=True)
     flat = pool5_size(image_size) ** 2 * 256
 
-    def dense(name, in_features, out_features):
-      kernel_init, bias_init = _initializers(init, name)
-      return nnx.Linear(
-        in_features,
-        out_features,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        dtype=dtype,
-        rngs=rngs,
-      )
-
+    dense = functools.partial(_dense, init=init, dtype=dtype, rngs=rngs)
     self.fc6 = dense('fc6', flat, 4096)
     self.fc7 = dense('fc7', 4096, 4096)
     self.fc8 = dense('fc8', 4096, num_classes)
@@ -805,17 +808,7 @@ class AlexNetOWT(nnx.Module):
       setattr(self, name, conv)
       in_features = out_features
 
-    def dense(name, in_features, out_features):
-      kernel_init, bias_init = _initializers(init, name)
-      return nnx.Linear(
-        in_features,
-        out_features,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        dtype=dtype,
-        rngs=rngs,
-      )
-
+    dense = functools.partial(_dense, init=init, dtype=dtype, rngs=rngs)
     self.fc6 = dense('fc6', OWT_POOL5_SIZE**2 * in_features, 4096)
     self.fc7 = dense('fc7', 4096, 4096)
     self.fc8 = dense('fc8', 4096, num_classes)
