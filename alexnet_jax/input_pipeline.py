@@ -37,6 +37,11 @@ IMAGENET_EIGVECS = (
   (-0.5836, -0.6948, 0.4203),
 )
 
+# tf.data traces this module's functions as they are written: they branch on tensors with
+# tf.cond, never with Python control flow, so AutoGraph's source conversion is skipped
+# (it cost ~1 s of CPU at the first trace of every process).
+as_written = tf.autograph.experimental.do_not_convert
+
 # --------------------------------------------------------------------------------------
 # Augmentation (per example, [H, W, 3] in 0-255: float32 while rescaled, uint8 crops).
 
@@ -407,7 +412,9 @@ def _part_labels(
   options = data_options()
   labels = []
   for part in range(num_parts):
-    ds = _read_part(builder, split, part, num_parts, read_config).map(lambda ex: ex['label'])
+    ds = _read_part(builder, split, part, num_parts, read_config).map(
+      as_written(lambda ex: ex['label'])
+    )
     batches = ds.batch(8192).with_options(options).as_numpy_iterator()
     labels.append(np.concatenate([np.zeros(0, np.int64), *batches]))
   return labels
@@ -463,10 +470,11 @@ def _select(
   """
   new_ids = tf.constant(new_ids, tf.int64)
   if quota is None:
-    ds = ds.filter(lambda ex: tf.gather(new_ids, ex['label']) >= 0)
+    ds = ds.filter(as_written(lambda ex: tf.gather(new_ids, ex['label']) >= 0))
   else:
     quota = tf.constant(quota, tf.int64)
 
+    @as_written
     def count(seen, ex):
       label = ex['label']
       done = tf.reduce_all(seen >= quota)  # Before this example: it is not needed.
@@ -474,9 +482,10 @@ def _select(
       return tf.tensor_scatter_nd_add(seen, [[label]], [1]), (ex, keep, done)
 
     ds = ds.scan(tf.zeros_like(quota), count)
-    ds = ds.take_while(lambda ex, keep, done: tf.logical_not(done))
-    ds = ds.filter(lambda ex, keep, done: keep).map(lambda ex, keep, done: ex)
-  return ds.map(lambda ex: {**ex, 'label': tf.gather(new_ids, ex['label'])})
+    ds = ds.take_while(as_written(lambda ex, keep, done: tf.logical_not(done)))
+    ds = ds.filter(as_written(lambda ex, keep, done: keep))
+    ds = ds.map(as_written(lambda ex, keep, done: ex))
+  return ds.map(as_written(lambda ex: {**ex, 'label': tf.gather(new_ids, ex['label'])}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -717,7 +726,7 @@ def _train_epochs(
   on: each epoch's examples shuffled by (config.seed, epoch), steps_per_epoch batches
   of them."""
   config = reader.config
-  pairs = lambda ds: ds.map(lambda ex: (ex['image'], ex['label']))
+  pairs = lambda ds: ds.map(as_written(lambda ex: (ex['image'], ex['label'])))
   source = pairs(train.examples)
   if config.cache:
     source = source.cache()
@@ -726,7 +735,7 @@ def _train_epochs(
   per_class = config.train_examples_per_class
   shuffle_files = not config.cache and per_class is None
 
-  @tf.autograph.experimental.do_not_convert
+  @as_written
   def epoch(index):
     # A distinct shuffle seed for every (config.seed < 1_000_003, epoch) pair.
     seed = tf.cast(index, tf.int64) * 1_000_003 + config.seed
@@ -903,7 +912,7 @@ def _check_decodes(train: tf.data.Dataset, config: ml_collections.ConfigDict):
   seed = tf.zeros([2], tf.int64)
   probe = (
     train.take(_DECODE_PROBE)
-    .map(lambda ex: preprocess_train(ex['image'], seed, config)['image'])
+    .map(as_written(lambda ex: preprocess_train(ex['image'], seed, config)['image']))
     .ignore_errors()
     .take(1)
   )
@@ -930,7 +939,7 @@ def _map_decodable(ds: tf.data.Dataset, fn: Callable, threads: int) -> tf.data.D
   datasets of their own, whose errors alone are ignored, `threads` chunks at once.
   """
   return ds.batch(_DECODE_CHUNK).interleave(
-    lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(fn).ignore_errors(),
+    as_written(lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(fn).ignore_errors()),
     cycle_length=threads,
     block_length=_DECODE_CHUNK,
     num_parallel_calls=threads,
@@ -947,7 +956,8 @@ def check_records(paths: list[str], lengths: list[int]):
   """
   for path, length in zip(paths, lengths, strict=True):
     try:
-      count = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
+      count = tf.data.TFRecordDataset(path).reduce(np.int64(0), as_written(lambda n, _: n + 1))
+      count = int(count)
     except tf.errors.OpError as e:
       raise ValueError(f'{path} is damaged ({e.message.splitlines()[0]}).') from e
     if count != length:

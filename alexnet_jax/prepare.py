@@ -375,7 +375,9 @@ class _Feed:
         tf.TensorSpec((), tf.int64),
       ),
     )
-    ds = ds.map(_stored(config), num_parallel_calls=cores, deterministic=True)
+    ds = ds.map(
+      input_pipeline.as_written(_stored(config)), num_parallel_calls=cores, deterministic=True
+    )
     options = input_pipeline.data_options(threads=cores)
     return ds.ignore_errors().prefetch(2 * cores).with_options(options)
 
