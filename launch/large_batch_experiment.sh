@@ -66,13 +66,20 @@ flags_of() {  # The run's flags on top of the baseline's.
   esac
 }
 
+failed=()
 for name in $runs; do
   read -r -a extra <<<"$(flags_of "$name")"
   workdir=$out/$name
   [[ -f $workdir/results.json ]] && continue
   mkdir -p "$workdir"
-  "$py" -m alexnet_jax.main --workdir="$workdir" --noplots "${base[@]}" "${extra[@]}" \
-    "${extra_all[@]}" 2>&1 | tee -a "$workdir/train.log"
+  # A run that fails (a rate that diverges stops with a non-finite loss) is reported and
+  # the next one starts: each run is a data point of the experiment.
+  if ! "$py" -m alexnet_jax.main --workdir="$workdir" --noplots "${base[@]}" "${extra[@]}" \
+    "${extra_all[@]}" 2>&1 | tee -a "$workdir/train.log"; then
+    echo "Run $name failed: the end of $workdir/train.log says why." >&2
+    failed+=("$name")
+    continue
+  fi
   # The settings that differ between runs, as launch.sweep records its overrides, for
   # launch.results' columns; from the config the run used.
   "$py" - "$workdir" <<'PY'
@@ -88,3 +95,7 @@ PY
 done
 
 "$py" -m launch.results "$out"
+if ((${#failed[@]})); then
+  echo "Failed: ${failed[*]}" >&2
+  exit 1
+fi

@@ -337,3 +337,31 @@ def test_results_table_ranks_runs_best_first(tmp_path, caplog):
 def test_results_of_an_empty_directory_raise(tmp_path):
   with pytest.raises(FileNotFoundError, match='No run'):
     results.write_results(str(tmp_path))
+
+
+_FAILING_TRAINER = """#!/bin/bash
+# Every trainer fails (as a diverged run does); launch.results prints its directory.
+if [[ $2 == alexnet_jax.main ]]; then echo "trainer $3 fails"; exit 1; fi
+if [[ $2 == launch.results ]]; then echo "table of $3"; fi
+"""
+
+
+def test_the_large_batch_experiment_reports_a_failed_run_and_goes_on(tmp_path):
+  python = tmp_path / 'python'
+  python.write_text(_FAILING_TRAINER)
+  python.chmod(0o755)
+  out = tmp_path / 'out'
+  completed = subprocess.run(
+    ['bash', 'launch/large_batch_experiment.sh', str(out)],
+    cwd=REPO,
+    env={**os.environ, 'PYTHON': str(python), 'RUNS': 'alexnet_sgd_128 alexnet_lars_4096'},
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
+  assert completed.returncode == 1
+  for name in ('alexnet_sgd_128', 'alexnet_lars_4096'):  # Both tried, in order.
+    assert (out / name / 'train.log').read_text() == f'trainer --workdir={out / name} fails\n'
+  assert completed.stdout.splitlines()[-1] == f'table of {out}'
+  assert completed.stderr.splitlines()[-1] == 'Failed: alexnet_sgd_128 alexnet_lars_4096'
