@@ -227,10 +227,13 @@ class _MetricsLog:
 def _nonfinite_error(
   step: int, what: str, config: ml_collections.ConfigDict, checkpoint_dir: str
 ) -> FloatingPointError:
-  causes = [
-    f'a learning rate too high for this run (config.learning_rate='
-    f'{config.learning_rate}; try a smaller one)'
-  ]
+  rate = f'config.learning_rate={config.learning_rate}'
+  if config.lr_reference_batch is not None:  # The rate the step used, scaled to the batch.
+    rate += (
+      f' x batch_size {config.batch_size} / lr_reference_batch {config.lr_reference_batch}'
+      f' = {optimizers.base_learning_rate(config):g}'
+    )
+  causes = [f'a learning rate too high for this run ({rate}; try a smaller one)']
   if config.dtype == 'float16':
     causes.append("float16's narrow range (use config.dtype='bfloat16')")
   if config.dropout_rate >= 0.9:

@@ -217,6 +217,14 @@ def test_divergence_keeps_the_last_good_checkpoint_and_a_rerun_resumes_from_it(t
   assert changes[0]['changes']['learning_rate'] == [0.04, 1e30]
 
 
+def test_a_non_finite_step_names_the_rate_it_used_when_scaled_to_the_batch():
+  config = small_config(learning_rate=0.04, batch_size=4096, lr_reference_batch=128)
+  message = str(train._nonfinite_error(8, 'train loss nan', config, '/ckpt'))
+  assert (
+    'config.learning_rate=0.04 x batch_size 4096 / lr_reference_batch 128 = 1.28; try a smaller one'
+  ) in message, message
+
+
 def test_itstime_every_n_steps_and_at_the_last():
   assert [s for s in range(1, 11) if train.itstime(s, 4, 10)] == [4, 8, 10]
 
