@@ -956,8 +956,8 @@ def check_records(paths: list[str], lengths: list[int]):
   """
   for path, length in zip(paths, lengths, strict=True):
     try:
-      count = tf.data.TFRecordDataset(path).reduce(np.int64(0), as_written(lambda n, _: n + 1))
-      count = int(count)
+      records = tf.data.TFRecordDataset(path)
+      count = int(records.reduce(np.int64(0), as_written(lambda n, _: n + 1)))
     except tf.errors.OpError as e:
       raise ValueError(f'{path} is damaged ({e.message.splitlines()[0]}).') from e
     if count != length:

@@ -18,10 +18,11 @@
 #   alexnet_bn_sgd_4096, alexnet_bn_lars_4096   the same two with --config.model=alexnet_bn.
 # Each batch of 4,096 is taken 128 at a time (grad_accum_steps 32): one update of 4,096
 # with the activations of 128 at a time (on CPU, where the micro-batches are unrolled
-# (steps._accumulated), 3.7 GB at peak against the baseline's 1.75). Under LARS the biases are not adapted (as
-# SimCLR's LARS, alexnet_jax/optimizers.py): they step at the rate itself (x2, Caffe's
-# bias lr_mult), 20, where Caffe's LARS scaled them too. If a rate does not carry over to
-# this data, pick it with a short sweep (README) and rerun with SGD_RATE / LARS_RATE.
+# (steps._accumulated), 3.7 GB at peak against the baseline's 1.75). Under LARS the
+# biases are not adapted (as SimCLR's LARS, alexnet_jax/optimizers.py): they step at the
+# rate itself (x2, Caffe's bias lr_mult), 20, where Caffe's LARS scaled them too. If a
+# rate does not carry over to this data, pick it with a short sweep (README) and rerun
+# with SGD_RATE / LARS_RATE.
 #
 #   bash launch/large_batch_experiment.sh [OUT_DIR]     (default runs/large_batch)
 #
