@@ -160,7 +160,10 @@ def _by_layer(value_of_layer):
 # LARS (lars_optimizer.py, `exclude_from_weight_decay` and
 # `exclude_from_layer_adaptation` = ['batch_normalization', 'bias'] in run.py) and
 # TF Model Garden's (official/modeling/optimization/lars_optimizer.py): a bias's or a
-# BN scale's norm says nothing of its step size, and a bias at 0 would never move.
+# BN scale's norm says nothing of the step it needs. NVIDIA/caffe's LARC, which You et
+# al.'s AlexNet runs used, adapts every blob, biases included (sgd_solver.cpp,
+# GetLocalRate: rate = (1 - momentum) * larc_eta * ||w|| / ||g||, 1 while ||w|| = 0,
+# in place of lr_mult); here a bias steps at the global rate times bias_lr_multiplier.
 NOT_ADAPTED = r'(.*/)?bias|(.*/)?[^/]*(bn|norm)[^/]*/.*'
 
 OPTIMIZERS = ('sgd', 'lars', 'lamb')
