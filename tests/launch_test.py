@@ -365,3 +365,58 @@ def test_the_large_batch_experiment_reports_a_failed_run_and_goes_on(tmp_path):
     assert (out / name / 'train.log').read_text() == f'trainer --workdir={out / name} fails\n'
   assert completed.stdout.splitlines()[-1] == f'table of {out}'
   assert completed.stderr.splitlines()[-1] == 'Failed: alexnet_sgd_128 alexnet_lars_4096'
+
+
+_RECORDING_TRAINER = """#!/bin/bash
+# Records each trainer's flags in its workdir's train.log (via the script's tee) and fails,
+# so that no run finishes and the script goes on to the next.
+if [[ $2 == alexnet_jax.main ]]; then echo "$@"; exit 1; fi
+"""
+
+
+def _without_rates(environ):
+  rates = ('SGD_RATE', 'BN_SGD_RATE', 'LARS_RATE', 'BN_LARS_RATE', 'PAPER_RATES')
+  return {key: value for key, value in environ.items() if key not in rates}
+
+
+def _learning_rates(tmp_path, **env):
+  """{run: its --config.learning_rate flag} of the 4,096 runs the script starts."""
+  tmp_path.mkdir()
+  python = tmp_path / 'python'
+  python.write_text(_RECORDING_TRAINER)
+  python.chmod(0o755)
+  out = tmp_path / 'out'
+  runs = ('alexnet_sgd_4096', 'alexnet_lars_4096', 'alexnet_bn_sgd_4096', 'alexnet_bn_lars_4096')
+  subprocess.run(
+    ['bash', 'launch/large_batch_experiment.sh', str(out)],
+    cwd=REPO,
+    env={**_without_rates(os.environ), 'PYTHON': str(python), 'RUNS': ' '.join(runs), **env},
+    capture_output=True,
+    timeout=60,
+    check=False,
+  )
+  rates = {}
+  for name in runs:
+    flags = shlex.split((out / name / 'train.log').read_text())
+    rates[name] = [flag for flag in flags if flag.startswith('--config.learning_rate=')]
+  return rates
+
+
+def test_the_large_batch_experiment_gives_each_model_its_own_rates(tmp_path):
+  set_rates = _learning_rates(
+    tmp_path / 'set', SGD_RATE='0.1', BN_SGD_RATE='0.2', LARS_RATE='3', BN_LARS_RATE='4'
+  )
+  assert set_rates == {
+    'alexnet_sgd_4096': ['--config.learning_rate=0.1'],
+    'alexnet_lars_4096': ['--config.learning_rate=3'],
+    'alexnet_bn_sgd_4096': ['--config.learning_rate=0.2'],
+    'alexnet_bn_lars_4096': ['--config.learning_rate=4'],
+  }
+  # The papers' rates: Goyal et al.'s 0.04 per 128 (the baseline's), You et al.'s LARS 10.
+  paper_rates = _learning_rates(tmp_path / 'paper', PAPER_RATES='1')
+  assert paper_rates == {
+    'alexnet_sgd_4096': ['--config.learning_rate=0.04'],
+    'alexnet_lars_4096': ['--config.learning_rate=10'],
+    'alexnet_bn_sgd_4096': ['--config.learning_rate=0.04'],
+    'alexnet_bn_lars_4096': ['--config.learning_rate=10'],
+  }
