@@ -346,20 +346,28 @@ if [[ $2 == launch.results ]]; then echo "table of $3"; fi
 """
 
 
-def test_the_large_batch_experiment_reports_a_failed_run_and_goes_on(tmp_path):
+def _run_experiment(tmp_path, trainer, runs, **env):
+  """launch/large_batch_experiment.sh with `trainer` as its python, into tmp_path/out."""
+  tmp_path.mkdir(exist_ok=True)
   python = tmp_path / 'python'
-  python.write_text(_FAILING_TRAINER)
+  python.write_text(trainer)
   python.chmod(0o755)
-  out = tmp_path / 'out'
-  completed = subprocess.run(
-    ['bash', 'launch/large_batch_experiment.sh', str(out)],
+  rates = ('SGD_RATE', 'BN_SGD_RATE', 'LARS_RATE', 'BN_LARS_RATE', 'PAPER_RATES')
+  environ = {key: value for key, value in os.environ.items() if key not in rates}
+  return subprocess.run(
+    ['bash', 'launch/large_batch_experiment.sh', str(tmp_path / 'out')],
     cwd=REPO,
-    env={**os.environ, 'PYTHON': str(python), 'RUNS': 'alexnet_sgd_128 alexnet_lars_4096'},
+    env={**environ, 'PYTHON': str(python), 'RUNS': ' '.join(runs), **env},
     capture_output=True,
     text=True,
     timeout=60,
     check=False,
   )
+
+
+def test_the_large_batch_experiment_reports_a_failed_run_and_goes_on(tmp_path):
+  out = tmp_path / 'out'
+  completed = _run_experiment(tmp_path, _FAILING_TRAINER, ('alexnet_sgd_128', 'alexnet_lars_4096'))
   assert completed.returncode == 1
   for name in ('alexnet_sgd_128', 'alexnet_lars_4096'):  # Both tried, in order.
     assert (out / name / 'train.log').read_text() == f'trainer --workdir={out / name} fails\n'
@@ -374,27 +382,11 @@ if [[ $2 == alexnet_jax.main ]]; then echo "$@"; exit 1; fi
 """
 
 
-def _without_rates(environ):
-  rates = ('SGD_RATE', 'BN_SGD_RATE', 'LARS_RATE', 'BN_LARS_RATE', 'PAPER_RATES')
-  return {key: value for key, value in environ.items() if key not in rates}
-
-
 def _learning_rates(tmp_path, **env):
   """{run: its --config.learning_rate flag} of the 4,096 runs the script starts."""
-  tmp_path.mkdir()
-  python = tmp_path / 'python'
-  python.write_text(_RECORDING_TRAINER)
-  python.chmod(0o755)
-  out = tmp_path / 'out'
   runs = ('alexnet_sgd_4096', 'alexnet_lars_4096', 'alexnet_bn_sgd_4096', 'alexnet_bn_lars_4096')
-  subprocess.run(
-    ['bash', 'launch/large_batch_experiment.sh', str(out)],
-    cwd=REPO,
-    env={**_without_rates(os.environ), 'PYTHON': str(python), 'RUNS': ' '.join(runs), **env},
-    capture_output=True,
-    timeout=60,
-    check=False,
-  )
+  _run_experiment(tmp_path, _RECORDING_TRAINER, runs, **env)
+  out = tmp_path / 'out'
   rates = {}
   for name in runs:
     flags = shlex.split((out / name / 'train.log').read_text())
