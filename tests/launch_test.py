@@ -1,4 +1,4 @@
-"""Tests of the sweep launcher, the SLURM script, preemption and the results table."""
+"""Tests of the sweep launcher, SLURM script, preemption, results table and experiment scripts."""
 
 import json
 import os
@@ -412,3 +412,64 @@ def test_the_large_batch_experiment_gives_each_model_its_own_rates(tmp_path):
     'alexnet_bn_sgd_4096': ['--config.learning_rate=0.04'],
     'alexnet_bn_lars_4096': ['--config.learning_rate=10'],
   }
+
+
+_TRANSFER_TRAINER = """#!/bin/bash
+# Records each call in $CALLS. A trainer writes its results.json and the probe its .npz,
+# with test top-1 0.5 + 0.1 × seed (trainers) or 0.4 + 0.1 × seed (probes); the table step
+# (python -) runs on the real Python.
+if [[ $1 == - ]]; then exec "$REAL_PYTHON" "$@"; fi
+printf '%q ' "$@" >> "$CALLS" && echo >> "$CALLS"
+[[ $* =~ seed=([0-9]+) ]] && seed=${BASH_REMATCH[1]}
+if [[ $2 == alexnet_jax.main ]]; then
+  workdir=${3#--workdir=}
+  mkdir -p "$workdir"
+  echo "{\\"test_top1\\": 0.$((5 + seed))}" > "$workdir/results.json"
+fi
+if [[ $2 == alexnet_jax.features ]]; then
+  for flag; do [[ $flag == --output=* ]] && output=${flag#--output=}; done
+  "$REAL_PYTHON" -c 'import sys, numpy; numpy.savez(sys.argv[1], probe_top1=float(sys.argv[2]))' \\
+    "$output" "0.$((4 + seed))"
+fi
+"""
+
+
+def _run_transfer_experiment(tmp_path):
+  """launch/transfer_experiment.sh with a recording trainer; its calls, one list each."""
+  python = tmp_path / 'python'
+  python.write_text(_TRANSFER_TRAINER)
+  python.chmod(0o755)
+  calls = tmp_path / 'calls.log'
+  calls.write_text('')
+  subprocess.run(
+    ['bash', 'launch/transfer_experiment.sh', str(tmp_path / 'out')],
+    cwd=REPO,
+    env={**os.environ, 'PYTHON': str(python), 'REAL_PYTHON': sys.executable, 'CALLS': str(calls)},
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  )
+  return [shlex.split(line) for line in calls.read_text().splitlines()]
+
+
+def test_the_transfer_experiment_freezes_fc7_without_dropout_tabulates_seeds_and_resumes(tmp_path):
+  calls = _run_transfer_experiment(tmp_path)
+  workdirs = [call[2] for call in calls if call[1] == 'alexnet_jax.main']
+  assert len(workdirs) == 3 * (1 + 2 * 3)  # Per seed: the source, then 3 methods × 2 sizes.
+  assert sum(call[1] == 'alexnet_jax.features' for call in calls) == 3 * 2
+  for call in calls:
+    if call[1] != 'alexnet_jax.main':
+      continue
+    frozen = '/frozen_' in call[2]
+    # fc8 alone learns, on the eval-mode features the probe reads: no dropout.
+    assert ("--config.lr_multipliers=(('fc8',500.0),('conv[1-5]|fc[67]',0.0))" in call) == frozen
+    assert ('--config.dropout_rate=0.0' in call) == frozen
+  # Mean and sample std over seeds 0-2: 0.5, 0.6, 0.7 → 0.6 ± 0.1; probes 0.4-0.6.
+  assert (tmp_path / 'out' / 'results.md').read_text().splitlines()[2:] == [
+    '| finetune | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) |',
+    '| frozen | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) |',
+    '| probe | 0.5000 ± 0.1000 (0.4000, 0.5000, 0.6000) | 0.5000 ± 0.1000 (0.4000, 0.5000, 0.6000) |',
+    '| scratch | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) |',
+  ]
+  assert _run_transfer_experiment(tmp_path) == []  # A rerun skips every finished run.
