@@ -453,7 +453,7 @@ def _run_transfer_experiment(tmp_path):
   return [shlex.split(line) for line in calls.read_text().splitlines()]
 
 
-def test_the_transfer_experiment_freezes_fc7_without_dropout_tabulates_seeds_and_resumes(tmp_path):
+def test_the_transfer_experiment_trains_fc8_alone_on_the_probes_features_and_resumes(tmp_path):
   calls = _run_transfer_experiment(tmp_path)
   workdirs = [call[2] for call in calls if call[1] == 'alexnet_jax.main']
   assert len(workdirs) == 3 * (1 + 2 * 3)  # Per seed: the source, then 3 methods × 2 sizes.
@@ -462,9 +462,16 @@ def test_the_transfer_experiment_freezes_fc7_without_dropout_tabulates_seeds_and
     if call[1] != 'alexnet_jax.main':
       continue
     frozen = '/frozen_' in call[2]
-    # fc8 alone learns, on the eval-mode features the probe reads: no dropout.
-    assert ("--config.lr_multipliers=(('fc8',500.0),('conv[1-5]|fc[67]',0.0))" in call) == frozen
-    assert ('--config.dropout_rate=0.0' in call) == frozen
+    # fc8 alone learns, on the features the probe reads (eval mode, no flips, one crop),
+    # with no weight decay.
+    only_fc8 = (
+      "--config.lr_multipliers=(('fc8',500.0),('conv[1-5]|fc[67]',0.0))",
+      '--config.dropout_rate=0.0',
+      '--config.augment.flip=False',
+      '--config.weight_decay=0.0',
+      '--config.eval_crops=1',
+    )
+    assert [flag in call for flag in only_fc8] == [frozen] * len(only_fc8)
   # Mean and sample std over seeds 0-2: 0.5, 0.6, 0.7 → 0.6 ± 0.1; probes 0.4-0.6.
   assert (tmp_path / 'out' / 'results.md').read_text().splitlines()[2:] == [
     '| finetune | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) |',
