@@ -416,20 +416,26 @@ def test_the_large_batch_experiment_gives_each_model_its_own_rates(tmp_path):
 
 _TRANSFER_TRAINER = """#!/bin/bash
 # Records each call in $CALLS. A trainer writes its results.json and the probe its .npz,
-# with test top-1 0.5 + 0.1 × seed (trainers) or 0.4 + 0.1 × seed (probes); the table step
-# (python -) runs on the real Python.
+# with test top-1 0.MNS: M the method (finetune 1, frozen 2, scratch 3, probe 4, source 9),
+# N the size (50 a class 1, 500 2) and S the seed. The table step (python -) runs on the
+# real Python.
 if [[ $1 == - ]]; then exec "$REAL_PYTHON" "$@"; fi
 printf '%q ' "$@" >> "$CALLS" && echo >> "$CALLS"
-[[ $* =~ seed=([0-9]+) ]] && seed=${BASH_REMATCH[1]}
+top1() {
+  local m=9 n=0
+  case $1 in */finetune_*) m=1 ;; */frozen_*) m=2 ;; */scratch_*) m=3 ;; */probe_*) m=4 ;; esac
+  case $1 in */*_50/*) n=1 ;; */*_500/*) n=2 ;; esac
+  [[ $1 =~ seed=([0-9]+) ]] && echo "0.$m$n${BASH_REMATCH[1]}"
+}
 if [[ $2 == alexnet_jax.main ]]; then
   workdir=${3#--workdir=}
   mkdir -p "$workdir"
-  echo "{\\"test_top1\\": 0.$((5 + seed))}" > "$workdir/results.json"
+  echo "{\\"test_top1\\": $(top1 "$workdir")}" > "$workdir/results.json"
 fi
 if [[ $2 == alexnet_jax.features ]]; then
   for flag; do [[ $flag == --output=* ]] && output=${flag#--output=}; done
   "$REAL_PYTHON" -c 'import sys, numpy; numpy.savez(sys.argv[1], probe_top1=float(sys.argv[2]))' \\
-    "$output" "0.$((4 + seed))"
+    "$output" "$(top1 "$output")"
 fi
 """
 
@@ -441,27 +447,32 @@ def _run_transfer_experiment(tmp_path):
   python.chmod(0o755)
   calls = tmp_path / 'calls.log'
   calls.write_text('')
-  subprocess.run(
+  completed = subprocess.run(
     ['bash', 'launch/transfer_experiment.sh', str(tmp_path / 'out')],
     cwd=REPO,
     env={**os.environ, 'PYTHON': str(python), 'REAL_PYTHON': sys.executable, 'CALLS': str(calls)},
     capture_output=True,
     text=True,
     timeout=60,
-    check=True,
+    check=False,
   )
+  assert completed.returncode == 0, completed.stderr
   return [shlex.split(line) for line in calls.read_text().splitlines()]
 
 
 def test_the_transfer_experiment_trains_fc8_alone_on_the_probes_features_and_resumes(tmp_path):
+  out = tmp_path / 'out'
   calls = _run_transfer_experiment(tmp_path)
-  workdirs = [call[2] for call in calls if call[1] == 'alexnet_jax.main']
-  assert len(workdirs) == 3 * (1 + 2 * 3)  # Per seed: the source, then 3 methods × 2 sizes.
+  trainers = [call for call in calls if call[1] == 'alexnet_jax.main']
+  assert len(trainers) == 3 * (1 + 2 * 3)  # Per seed: the source, then 3 methods × 2 sizes.
   assert sum(call[1] == 'alexnet_jax.features' for call in calls) == 3 * 2
-  for call in calls:
-    if call[1] != 'alexnet_jax.main':
+  for call in trainers:
+    method_size, seed = call[2].split('/')[-2:]  # E.g. 'frozen_50', 'seed=0'.
+    if method_size == 'source':
       continue
-    frozen = '/frozen_' in call[2]
+    method, size = method_size.split('_')
+    assert f'--config.train_examples_per_class={size}' in call
+    assert (f'--config.init_from={out}/source/{seed}' in call) == (method != 'scratch')
     # fc8 alone learns, on the features the probe reads (eval mode, no flips, one crop),
     # with no weight decay.
     only_fc8 = (
@@ -471,12 +482,12 @@ def test_the_transfer_experiment_trains_fc8_alone_on_the_probes_features_and_res
       '--config.weight_decay=0.0',
       '--config.eval_crops=1',
     )
-    assert [flag in call for flag in only_fc8] == [frozen] * len(only_fc8)
-  # Mean and sample std over seeds 0-2: 0.5, 0.6, 0.7 → 0.6 ± 0.1; probes 0.4-0.6.
-  assert (tmp_path / 'out' / 'results.md').read_text().splitlines()[2:] == [
-    '| finetune | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) |',
-    '| frozen | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) |',
-    '| probe | 0.5000 ± 0.1000 (0.4000, 0.5000, 0.6000) | 0.5000 ± 0.1000 (0.4000, 0.5000, 0.6000) |',
-    '| scratch | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) | 0.6000 ± 0.1000 (0.5000, 0.6000, 0.7000) |',
+    assert [flag in call for flag in only_fc8] == [method == 'frozen'] * len(only_fc8)
+  # Mean and sample std over seeds 0-2 of 0.MN0, 0.MN1, 0.MN2: 0.MN1 ± 0.001.
+  assert (out / 'results.md').read_text().splitlines()[2:] == [
+    '| finetune | 0.1110 ± 0.0010 (0.1100, 0.1110, 0.1120) | 0.1210 ± 0.0010 (0.1200, 0.1210, 0.1220) |',
+    '| frozen | 0.2110 ± 0.0010 (0.2100, 0.2110, 0.2120) | 0.2210 ± 0.0010 (0.2200, 0.2210, 0.2220) |',
+    '| probe | 0.4110 ± 0.0010 (0.4100, 0.4110, 0.4120) | 0.4210 ± 0.0010 (0.4200, 0.4210, 0.4220) |',
+    '| scratch | 0.3110 ± 0.0010 (0.3100, 0.3110, 0.3120) | 0.3210 ± 0.0010 (0.3200, 0.3210, 0.3220) |',
   ]
   assert _run_transfer_experiment(tmp_path) == []  # A rerun skips every finished run.
