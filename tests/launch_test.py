@@ -346,12 +346,18 @@ if [[ $2 == launch.results ]]; then echo "table of $3"; fi
 """
 
 
-def _run_experiment(tmp_path, trainer, runs, **env):
-  """launch/large_batch_experiment.sh with `trainer` as its python, into tmp_path/out."""
+def _fake_python(tmp_path, script):
+  """tmp_path/python, an executable holding `script`, for a launch script's PYTHON."""
   tmp_path.mkdir(exist_ok=True)
   python = tmp_path / 'python'
-  python.write_text(trainer)
+  python.write_text(script)
   python.chmod(0o755)
+  return python
+
+
+def _run_experiment(tmp_path, trainer, runs, **env):
+  """launch/large_batch_experiment.sh with `trainer` as its python, into tmp_path/out."""
+  python = _fake_python(tmp_path, trainer)
   rates = ('SGD_RATE', 'BN_SGD_RATE', 'LARS_RATE', 'BN_LARS_RATE', 'PAPER_RATES')
   environ = {key: value for key, value in os.environ.items() if key not in rates}
   return subprocess.run(
@@ -442,9 +448,7 @@ fi
 
 def _run_transfer_experiment(tmp_path):
   """launch/transfer_experiment.sh with a recording trainer; its calls, one list each."""
-  python = tmp_path / 'python'
-  python.write_text(_TRANSFER_TRAINER)
-  python.chmod(0o755)
+  python = _fake_python(tmp_path, _TRANSFER_TRAINER)
   calls = tmp_path / 'calls.log'
   calls.write_text('')
   completed = subprocess.run(
